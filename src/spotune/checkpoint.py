@@ -1,0 +1,150 @@
+"""The on-disk layout of training runs and checkpoints, and the code that reads and writes it.
+
+A run folder::
+
+    RUN/
+      config.yaml                  the resolved config the run started with
+      checkpoints/
+        iter-00000010/             one checkpoint, named by completed SPO iterations
+          state.json               counters, the config, what the weights are (format below)
+          lora.safetensors         finetune=lora: peft LoRA weights, diffusers module names
+                                   (``down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight``)
+          unet.safetensors         finetune=full: the whole UNet state dict
+          optimizer.safetensors    optimizer tensors (``state.<param index>.<name>``)
+          optimizer.json           optimizer param groups and scalar state
+          scheduler.json           learning-rate scheduler state
+          rng_rank<r>.safetensors  torch RNG states of process r; rng_rank<r>.json python/numpy states
+      logs/                        TensorBoard
+      samples/                     validation images
+
+Checkpoints are written into a temporary folder and renamed at the end, so a folder named
+``iter-*`` with a ``state.json`` is always complete. Nothing here is a pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+CHECKPOINT_FORMAT = "spotune-checkpoint-v1"
+_CKPT_RE = re.compile(r"^iter-(\d{8})$")
+
+
+class CheckpointError(RuntimeError):
+    """A run or checkpoint folder that is missing, incomplete, or not spotune's."""
+
+
+def checkpoint_name(iteration: int) -> str:
+    return f"iter-{iteration:08d}"
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (temporary or half-written folders are skipped)."""
+    folder = Path(run_dir) / "checkpoints"
+    if not folder.is_dir():
+        return []
+    found = []
+    for child in folder.iterdir():
+        match = _CKPT_RE.match(child.name)
+        if match and (child / "state.json").is_file():
+            found.append((int(match.group(1)), child))
+    return [path for _, path in sorted(found)]
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder itself, or the latest complete checkpoint of a run folder."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist (expected a run folder or a checkpoint folder)")
+    if (path / "state.json").is_file():
+        return path
+    checkpoints = list_checkpoints(path)
+    if not checkpoints:
+        raise CheckpointError(
+            f"{path} holds no complete checkpoint (expected {path}/checkpoints/iter-XXXXXXXX/state.json)"
+        )
+    return checkpoints[-1]
+
+
+def read_state(checkpoint: str | Path) -> dict[str, Any]:
+    """The parsed ``state.json`` of a checkpoint, checked for the format tag."""
+    file = Path(checkpoint) / "state.json"
+    try:
+        state = json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{file}: cannot read checkpoint state ({exc})") from exc
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{file}: not a spotune checkpoint (format={state.get('format')!r})")
+    return state
+
+
+def load_weights(checkpoint: str | Path) -> tuple[str, dict[str, torch.Tensor]]:
+    """Return ``("lora", peft state dict)`` or ``("full", unet state dict)`` of a checkpoint."""
+    checkpoint = Path(checkpoint)
+    state = read_state(checkpoint)
+    kind = state["finetune"]
+    file = checkpoint / ("lora.safetensors" if kind == "lora" else "unet.safetensors")
+    try:
+        return kind, load_file(str(file))
+    except Exception as exc:
+        raise CheckpointError(f"{file}: cannot read weights ({exc})") from exc
+
+
+# -- optimizer, scheduler and RNG state as safetensors + JSON (no pickles) --------------------------
+
+
+def optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split ``optimizer.state_dict()`` into tensors (for safetensors) and plain data (for JSON)."""
+    sd = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for index, values in sd["state"].items():
+        for name, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{index}.{name}"] = value
+            else:
+                scalars.setdefault(str(index), {})[name] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalar_state": scalars}
+
+
+def optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    """Inverse of :func:`optimizer_to_files`: a state dict for ``optimizer.load_state_dict``."""
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        _, index, name = key.split(".", 2)
+        state.setdefault(int(index), {})[name] = value
+    for index, values in meta.get("scalar_state", {}).items():
+        state.setdefault(int(index), {}).update(values)
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def rng_state_to_files() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Every RNG this process uses: torch CPU (and CUDA), python ``random`` and numpy."""
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"torch_cuda_{i}"] = s
+    np_state = np.random.get_state()
+    meta = {
+        "python": [list(x) if isinstance(x, tuple) else x for x in random.getstate()],
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+    }
+    return tensors, meta
+
+
+def restore_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    torch.set_rng_state(tensors["torch_cpu"])
+    cuda = sorted(k for k in tensors if k.startswith("torch_cuda_"))
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([tensors[k] for k in cuda])
+    version, internal, gauss = meta["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))

@@ -1,0 +1,30 @@
+"""Choosing the win/lose pair among the k candidates of one denoising step (SPO, Sec. 4)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def select_pair(scores: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick the best and worst of k candidates per prompt and say whether the pair is decisive.
+
+    The best and worst scores go through a two-way softmax; the pair is kept when
+    ``p_best - p_worst > threshold``, so near-ties (where the judge is guessing) are dropped.
+
+    Args:
+        scores: [k, b] preference scores of k candidates for each of b prompts.
+        threshold: minimum gap between the two softmax probabilities (SPO: 0.3 for SD1.5).
+    Returns:
+        indices: [2, b] long; row 0 the best candidate's index, row 1 the worst's.
+        valid: [b] bool; True where the pair is decisive enough to train on.
+    """
+    if scores.dim() != 2:
+        raise ValueError(f"scores must be [k, b], got shape {tuple(scores.shape)}")
+    if scores.shape[0] < 2:
+        raise ValueError(f"need at least 2 candidates per prompt to form a pair, got k={scores.shape[0]}")
+    order = torch.argsort(scores, dim=0, descending=True)  # [k, b]
+    best, worst = order[0], order[-1]  # [b], [b]
+    pair_scores = torch.stack([scores.gather(0, best[None])[0], scores.gather(0, worst[None])[0]])  # [2, b]
+    probs = torch.softmax(pair_scores.float(), dim=0)  # [2, b]
+    valid = (probs[0] - probs[1]) > threshold
+    return torch.stack([best, worst]), valid

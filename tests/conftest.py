@@ -1,0 +1,49 @@
+"""Shared fixtures: tiny SD1.5-architecture components and a tiny CLIP judge, built in code, seeded."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+# Tests never download and never use more threads than CI's two cores.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_dir(tmp_path_factory):
+    """A tiny SD1.5-architecture pipeline saved as a diffusers folder."""
+    from spotune.models.tiny import build_tiny_sd15_pipeline
+
+    folder = tmp_path_factory.mktemp("tiny-sd15")
+    build_tiny_sd15_pipeline().save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+@pytest.fixture()
+def tiny_pipeline():
+    """A fresh tiny SD1.5-architecture pipeline (fp32, CPU, DDIM), safe to modify."""
+    from spotune.models import BUILTIN_TINY_SD15, load_pipeline
+
+    return load_pipeline(BUILTIN_TINY_SD15)
+
+
+@pytest.fixture(scope="session")
+def tiny_clip():
+    """A tiny random CLIPModel and its tokenizer (do not modify: shared across tests)."""
+    from spotune.models.tiny import build_tiny_clip
+
+    return build_tiny_clip()
+
+
+@pytest.fixture(scope="session")
+def shared_data_dir():
+    path = os.path.abspath(SHARED_DATA)
+    if not os.path.isdir(path):
+        pytest.skip(f"shared data folder {path} not present")
+    return path

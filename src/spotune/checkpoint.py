@@ -23,6 +23,8 @@ Checkpoints are written into a temporary folder and renamed at the end, so a fol
 
 from __future__ import annotations
 
+from spotune.errors import SpotuneError
+
 import json
 import random
 import re
@@ -37,7 +39,7 @@ CHECKPOINT_FORMAT = "spotune-checkpoint-v1"
 _CKPT_RE = re.compile(r"^iter-(\d{8})$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(SpotuneError, RuntimeError):
     """A run or checkpoint folder that is missing, incomplete, or not spotune's."""
 
 

@@ -9,6 +9,8 @@ silently trains with a default.
 
 from __future__ import annotations
 
+from spotune.errors import SpotuneError
+
 import dataclasses
 import types
 import typing
@@ -20,7 +22,7 @@ import yaml
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(SpotuneError, ValueError):
     """A config file or override that cannot be turned into the recipe's config."""
 
 

@@ -11,6 +11,8 @@ Accepted sources, tried in this order:
 
 from __future__ import annotations
 
+from spotune.errors import SpotuneError
+
 import os
 from pathlib import Path
 
@@ -21,7 +23,7 @@ BUILTIN_TINY_SD15 = "builtin:tiny-sd15"
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin")
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(SpotuneError, RuntimeError):
     """A model source that does not exist, is incomplete, or cannot be read."""
 
 

@@ -1,0 +1,119 @@
+"""Prompt files: read captions (and their other columns) from the formats people keep them in.
+
+Accepted: ``.txt`` (one prompt per line, blank lines and ``#`` comments skipped), ``.json`` (a list of
+strings, or of objects with a caption field, e.g. the SPO 4k list ``[{"caption": ...}, ...]``),
+``.jsonl``, ``.csv`` / ``.tsv`` (a named column; PartiPrompts' ``Prompt`` is found on its own), and
+``.parquet``. Errors name the file and the row.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+from spotune.errors import SpotuneError
+
+# Column names tried, in order, when the caller does not name one.
+PROMPT_COLUMNS = ("prompt", "Prompt", "caption", "Caption", "text", "TEXT")
+
+
+class PromptFileError(SpotuneError, ValueError):
+    """A prompt file that is missing, empty, or not in a readable layout."""
+
+
+def _pick_column(columns: list[str], column: str | None, path: Path) -> str:
+    if column is not None:
+        if column not in columns:
+            raise PromptFileError(f"{path}: no column named '{column}' (columns: {columns})")
+        return column
+    for name in PROMPT_COLUMNS:
+        if name in columns:
+            return name
+    raise PromptFileError(
+        f"{path}: cannot tell which column holds the prompts (columns: {columns}); name one with the "
+        f"prompt column option (tried {list(PROMPT_COLUMNS)})"
+    )
+
+
+def _records_from_json_items(items: list[Any], column: str | None, path: Path, first_row: int) -> list[dict[str, Any]]:
+    records = []
+    key: str | None = None
+    for i, item in enumerate(items, start=first_row):
+        if isinstance(item, str):
+            records.append({"prompt": item})
+        elif isinstance(item, dict):
+            if key is None:
+                key = _pick_column(list(item), column, path)
+            if key not in item:
+                raise PromptFileError(f"{path}: row {i} has no '{key}' field (fields: {list(item)})")
+            records.append({**item, "prompt": item[key]})
+        else:
+            raise PromptFileError(f"{path}: row {i} is {type(item).__name__}, expected a string or an object")
+    return records
+
+
+def load_prompt_records(path: str | Path, column: str | None = None) -> list[dict[str, Any]]:
+    """Every row of a prompt file as a dict with at least ``"prompt"`` (other columns kept).
+
+    Args:
+        path: the prompt file.
+        column: the field holding the prompt (csv/tsv/json objects/parquet); guessed when ``None``.
+    Raises:
+        PromptFileError: missing file, unknown suffix, malformed content, empty prompts.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise PromptFileError(f"prompt file {path} does not exist")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".txt":
+            lines = path.read_text(encoding="utf-8").splitlines()
+            records = [{"prompt": ln.strip()} for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+        elif suffix == ".json":
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as exc:
+                raise PromptFileError(f"{path}: not valid JSON ({exc})") from None
+            if not isinstance(data, list):
+                raise PromptFileError(f"{path}: expected a JSON list of prompts or of objects, got {type(data).__name__}")
+            records = _records_from_json_items(data, column, path, first_row=0)
+        elif suffix == ".jsonl":
+            items = []
+            for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
+                if line.strip():
+                    try:
+                        items.append(json.loads(line))
+                    except json.JSONDecodeError as exc:
+                        raise PromptFileError(f"{path}: line {i + 1} is not valid JSON ({exc})") from None
+            records = _records_from_json_items(items, column, path, first_row=1)
+        elif suffix in (".csv", ".tsv"):
+            with open(path, newline="", encoding="utf-8") as fh:
+                reader = csv.DictReader(fh, delimiter="\t" if suffix == ".tsv" else ",")
+                key = _pick_column(list(reader.fieldnames or []), column, path)
+                records = [{**row, "prompt": row[key]} for row in reader]
+        elif suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(path)
+            key = _pick_column(table.column_names, column, path)
+            records = [{**row, "prompt": row[key]} for row in table.to_pylist()]
+        else:
+            raise PromptFileError(f"{path}: unknown prompt file type '{suffix}' (use .txt, .json, .jsonl, .csv, .tsv, .parquet)")
+    except UnicodeDecodeError as exc:
+        raise PromptFileError(f"{path}: not UTF-8 text ({exc})") from None
+    for i, record in enumerate(records):
+        prompt = record["prompt"]
+        if not isinstance(prompt, str):
+            raise PromptFileError(f"{path}: row {i} has a prompt of type {type(prompt).__name__}, expected text")
+        if not prompt.strip():
+            raise PromptFileError(f"{path}: row {i} has an empty prompt")
+    if not records:
+        raise PromptFileError(f"prompt file {path} holds no prompts")
+    return records
+
+
+def load_prompts(path: str | Path, column: str | None = None) -> list[str]:
+    """The prompts of a prompt file, in file order (see :func:`load_prompt_records`)."""
+    return [r["prompt"] for r in load_prompt_records(path, column)]

@@ -16,7 +16,6 @@ import sys
 
 COMMAND_MODULES = [
     "spotune.commands.train",
-    "spotune.commands.config_cmd",
 ]
 
 
@@ -65,5 +64,5 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # `accelerate launch -m spotune.cli train ...`
     sys.exit(main())

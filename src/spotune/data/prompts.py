@@ -19,6 +19,16 @@ from spotune.errors import SpotuneError
 PROMPT_COLUMNS = ("prompt", "Prompt", "caption", "Caption", "text", "TEXT")
 
 
+def _tiny_prompts() -> list[str]:
+    colours = ["red", "green", "blue", "yellow", "purple", "orange"]
+    shapes = ["circle", "square", "triangle"]
+    return [f"a {c} {s} on a {b} background" for c in colours for s in shapes for b in ("white", "black")]
+
+
+# Small prompt lists that ship with the package, for CPU runs that need no files.
+BUILTIN_PROMPT_SETS = {"builtin:tiny-prompts": _tiny_prompts}
+
+
 class PromptFileError(SpotuneError, ValueError):
     """A prompt file that is missing, empty, or not in a readable layout."""
 
@@ -63,6 +73,8 @@ def load_prompt_records(path: str | Path, column: str | None = None) -> list[dic
     Raises:
         PromptFileError: missing file, unknown suffix, malformed content, empty prompts.
     """
+    if str(path) in BUILTIN_PROMPT_SETS:
+        return [{"prompt": p} for p in BUILTIN_PROMPT_SETS[str(path)]()]
     path = Path(path)
     if not path.is_file():
         raise PromptFileError(f"prompt file {path} does not exist")

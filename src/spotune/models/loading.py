@@ -97,7 +97,8 @@ def load_pipeline(
                 f"checkpoint, a hub id, or {BUILTIN_TINY_SD15})"
             )
     pipe = _with_ddim(pipe)
-    pipe.to(dtype=dtype)
+    if pipe.unet.dtype != dtype or pipe.vae.dtype != dtype or pipe.text_encoder.dtype != dtype:
+        pipe.to(dtype=dtype)
     if device is not None:
         pipe.to(device)
     return pipe

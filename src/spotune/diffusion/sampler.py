@@ -1,0 +1,283 @@
+"""SPO's step-wise sampler: branch k candidates at every step, judge them, keep decisive pairs.
+
+Per batch of b prompts and a DDIM schedule t_0 > t_1 > ... > t_{N-1} (SD1.5: 951, 901, ..., 1):
+
+1. steps 0 .. divert_start_step-1 denoise normally from x_T;
+2. at every later step i, from the shared x_{t_i} draw k candidates x_{t_{i+1}}^j with the DDIM posterior
+   (one mean, k independent noises). Each candidate is judged on its own x0-prediction at its own
+   timestep t_{i+1}: the next guided UNet pass runs on all k candidates, each x0-prediction is decoded
+   and scored. That same pass provides the posterior of the candidate the chain continues from, so
+   branching costs no extra UNet calls. At the last step the candidates are final latents, judged at t = 0;
+3. ``select_pair`` keeps (x_{t_i}, best, worst, t_i, prompt) when the judge is decisive;
+4. the chain continues from a candidate drawn uniformly at random (not the winner), so later steps
+   see states from the model's own distribution rather than a judge-steered one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from diffusers import DDIMScheduler, UNet2DConditionModel
+
+from spotune.diffusion.ddim import ddim_step_with_logprob, predict_x0_and_eps, previous_timestep
+from spotune.preference.protocol import PreferenceModel
+from spotune.preference.select import select_pair
+
+
+def guided_noise_pred(
+    unet: UNet2DConditionModel,
+    latents: torch.Tensor,
+    timesteps: torch.Tensor,
+    cond_embeds: torch.Tensor,
+    uncond_embeds: torch.Tensor,
+    guidance_scale: float,
+) -> torch.Tensor:
+    """Classifier-free guided UNet output, one UNet call on the [uncond; cond] batch.
+
+    Args:
+        latents: [B, C, h, w] x_t.
+        timesteps: [B] long timesteps (or a scalar tensor).
+        cond_embeds: [B, L, D] prompt embeddings.
+        uncond_embeds: [1 or B, L, D] negative-prompt embeddings.
+        guidance_scale: w in ``uncond + w * (cond - uncond)``; 1.0 skips the unconditional half.
+    Returns:
+        [B, C, h, w] guided model output in the UNet's output dtype.
+    """
+    batch = latents.shape[0]
+    t = torch.as_tensor(timesteps, device=latents.device)
+    t = t.expand(batch) if t.dim() == 0 else t
+    if guidance_scale == 1.0:
+        return unet(latents, t, encoder_hidden_states=cond_embeds).sample
+    uncond = uncond_embeds.expand(batch, -1, -1)
+    out = unet(
+        torch.cat([latents, latents]),
+        torch.cat([t, t]),
+        encoder_hidden_states=torch.cat([uncond.to(cond_embeds.dtype), cond_embeds]),
+    ).sample
+    out_uncond, out_cond = out.chunk(2)
+    return out_uncond + guidance_scale * (out_cond - out_uncond)
+
+
+def decode_latents(vae, latents: torch.Tensor, chunk_size: int = 8) -> torch.Tensor:
+    """[B, 4, h, w] latents -> [B, 3, H, W] images in about [-1, 1], decoded in chunks to bound memory."""
+    scale = vae.config.scaling_factor
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    parts = []
+    for chunk in latents.split(chunk_size):
+        z = chunk.to(vae.dtype) / scale + shift
+        parts.append(vae.decode(z).sample)
+    return torch.cat(parts)
+
+
+@dataclass
+class StepPairs:
+    """Training tuples kept by the sampler, N of them.
+
+    Attributes:
+        latents: [N, C, h, w] the shared x_t.
+        win, lose: [N, C, h, w] the preferred and the rejected x_{t-1}.
+        timesteps: [N] long, t of x_t.
+        prompt_embeds: [N, L, D] embeddings of the tuple's prompt.
+        prompt_index: [N] long, index of the prompt in its sampling batch.
+        step_index: [N] long, index i of the denoising step.
+    """
+
+    latents: torch.Tensor
+    win: torch.Tensor
+    lose: torch.Tensor
+    timesteps: torch.Tensor
+    prompt_embeds: torch.Tensor
+    prompt_index: torch.Tensor
+    step_index: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.latents.shape[0]
+
+    def select(self, index: torch.Tensor) -> "StepPairs":
+        return StepPairs(**{k: v[index] for k, v in vars(self).items()})
+
+    def to(self, device: torch.device | str) -> "StepPairs":
+        return StepPairs(**{k: v.to(device) for k, v in vars(self).items()})
+
+    @staticmethod
+    def cat(parts: list["StepPairs"]) -> "StepPairs":
+        return StepPairs(**{k: torch.cat([getattr(p, k) for p in parts]) for k in vars(parts[0])})
+
+
+@dataclass
+class SamplingResult:
+    """What one SPO sampling round produced.
+
+    Attributes:
+        pairs: the decisive tuples (may be empty).
+        final_latents: [b, C, h, w] the end of the continued chain.
+        scores: [S, k, b] judge scores of every candidate at each of the S branching steps.
+        valid: [S, b] which pairs were decisive.
+        choices: [S, b] the candidate each chain continued from.
+        judge_calls: number of calls to ``judge.score``.
+        unet_calls: number of guided UNet passes (each on a batch of b or k*b latents).
+    """
+
+    pairs: StepPairs
+    final_latents: torch.Tensor
+    scores: torch.Tensor
+    valid: torch.Tensor
+    choices: torch.Tensor
+    judge_calls: int
+    unet_calls: int
+
+
+@torch.no_grad()
+def spo_sample(
+    unet: UNet2DConditionModel,
+    vae,
+    scheduler: DDIMScheduler,
+    judge: PreferenceModel,
+    prompts: list[str],
+    prompt_embeds: torch.Tensor,
+    negative_embeds: torch.Tensor,
+    latents: torch.Tensor,
+    *,
+    num_inference_steps: int = 20,
+    eta: float = 1.0,
+    guidance_scale: float = 5.0,
+    divert_start_step: int = 4,
+    num_candidates: int = 4,
+    threshold: float = 0.3,
+    generator: torch.Generator | None = None,
+    decode_chunk_size: int = 8,
+    progress: Callable[[int], None] | None = None,
+) -> SamplingResult:
+    """Run SPO's step-wise sampling for one batch of prompts (see the module docstring).
+
+    Args:
+        unet, vae, scheduler: the model being trained (in eval mode) and its DDIM scheduler.
+        judge: scores decoded x0-predictions, ``score(images [B,3,H,W], prompts, timesteps [B]) -> [B]``.
+        prompts: b captions.
+        prompt_embeds: [b, L, D] their text embeddings.
+        negative_embeds: [1, L, D] the negative prompt's embeddings.
+        latents: [b, C, h, w] initial noise x_T (already scaled by ``init_noise_sigma``).
+        num_candidates: k, candidates drawn per step (SPO SD1.5: 4).
+        threshold: ``select_pair`` threshold (SPO SD1.5: 0.3).
+        generator: drives all noise and the choice of the continued candidate.
+        progress: called with 1 after each denoising step.
+    """
+    if not 0 <= divert_start_step < num_inference_steps:
+        raise ValueError(f"divert_start_step must be in [0, {num_inference_steps}), got {divert_start_step}")
+    if num_candidates < 2:
+        raise ValueError(f"num_candidates must be >= 2 to form pairs, got {num_candidates}")
+    b, k = latents.shape[0], num_candidates
+    if len(prompts) != b or prompt_embeds.shape[0] != b:
+        raise ValueError(f"{b} latents but {len(prompts)} prompts and {prompt_embeds.shape[0]} embeddings")
+    device = latents.device
+    scheduler.set_timesteps(num_inference_steps, device=device)
+    timesteps = scheduler.timesteps
+    x = latents
+    noise_pred: torch.Tensor | None = None  # guided output at (x, t_i), when already known
+    kept: list[StepPairs] = []
+    all_scores, all_valid, all_choices = [], [], []
+    judge_calls = unet_calls = 0
+    cand_embeds = prompt_embeds.repeat(k, 1, 1)  # [k*b, L, D], candidate-major: row j*b + p
+    cand_prompts = list(prompts) * k
+
+    for i, t in enumerate(timesteps):
+        t_batch = t.expand(b)
+        if noise_pred is None:
+            noise_pred = guided_noise_pred(unet, x, t_batch, prompt_embeds, negative_embeds, guidance_scale)
+            unet_calls += 1
+        if i < divert_start_step:
+            x, _ = ddim_step_with_logprob(scheduler, noise_pred, t_batch, x, eta, generator=generator)
+            noise_pred = None
+            if progress:
+                progress(1)
+            continue
+
+        # Branch: k candidates x_{t_{i+1}} from the shared x_{t_i}, same mean, independent noise.
+        x_rep = x.repeat(k, 1, 1, 1)  # [k*b, C, h, w]
+        cands, _ = ddim_step_with_logprob(
+            scheduler, noise_pred.repeat(k, 1, 1, 1), t.expand(k * b), x_rep, eta, generator=generator
+        )
+        last = i == len(timesteps) - 1
+        if last:
+            x0 = cands.float()  # the candidates are final latents
+            judge_t = torch.zeros(k * b, dtype=torch.long, device=device)
+            cand_noise = None
+        else:
+            judge_t = previous_timestep(scheduler, t.expand(k * b))
+            cand_noise = guided_noise_pred(unet, cands, judge_t, cand_embeds, negative_embeds, guidance_scale)
+            unet_calls += 1
+            x0, _ = predict_x0_and_eps(scheduler, cand_noise, judge_t, cands)
+        images = decode_latents(vae, x0, decode_chunk_size)
+        scores = judge.score(images, cand_prompts, judge_t).float().view(k, b)  # [k, b]
+        judge_calls += 1
+        indices, valid = select_pair(scores, threshold)  # [2, b], [b]
+
+        cands_kb = cands.view(k, b, *cands.shape[1:])  # [k, b, C, h, w]
+        rows = torch.arange(b, device=device)
+        keep = valid.nonzero().squeeze(1)
+        if keep.numel():
+            kept.append(
+                StepPairs(
+                    latents=x[keep],
+                    win=cands_kb[indices[0, keep], keep],
+                    lose=cands_kb[indices[1, keep], keep],
+                    timesteps=t_batch[keep].long(),
+                    prompt_embeds=prompt_embeds[keep],
+                    prompt_index=keep,
+                    step_index=torch.full_like(keep, i),
+                )
+            )
+        # Continue from a uniformly random candidate, and reuse its already computed UNet output.
+        choice = torch.randint(0, k, (b,), generator=generator, device=generator.device if generator else "cpu").to(device)
+        x = cands_kb[choice, rows]
+        noise_pred = None if cand_noise is None else cand_noise.view(k, b, *cand_noise.shape[1:])[choice, rows]
+        all_scores.append(scores)
+        all_valid.append(valid)
+        all_choices.append(choice)
+        if progress:
+            progress(1)
+
+    if kept:
+        pairs = StepPairs.cat(kept)
+    else:
+        empty = x[:0]
+        pairs = StepPairs(
+            latents=empty, win=empty, lose=empty,
+            timesteps=torch.zeros(0, dtype=torch.long, device=device),
+            prompt_embeds=prompt_embeds[:0],
+            prompt_index=torch.zeros(0, dtype=torch.long, device=device),
+            step_index=torch.zeros(0, dtype=torch.long, device=device),
+        )
+    return SamplingResult(
+        pairs=pairs,
+        final_latents=x,
+        scores=torch.stack(all_scores),
+        valid=torch.stack(all_valid),
+        choices=torch.stack(all_choices),
+        judge_calls=judge_calls,
+        unet_calls=unet_calls,
+    )
+
+
+@torch.no_grad()
+def ddim_sample(
+    unet: UNet2DConditionModel,
+    scheduler: DDIMScheduler,
+    prompt_embeds: torch.Tensor,
+    negative_embeds: torch.Tensor,
+    latents: torch.Tensor,
+    *,
+    num_inference_steps: int = 20,
+    eta: float = 0.0,
+    guidance_scale: float = 5.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Plain guided DDIM sampling: [b, C, h, w] x_T -> [b, C, h, w] x_0 latents (validation images)."""
+    scheduler.set_timesteps(num_inference_steps, device=latents.device)
+    x = latents
+    for t in scheduler.timesteps:
+        noise_pred = guided_noise_pred(unet, x, t.expand(x.shape[0]), prompt_embeds, negative_embeds, guidance_scale)
+        x = scheduler.step(noise_pred, t, x, eta=eta, generator=generator).prev_sample
+    return x

@@ -1,0 +1,527 @@
+"""SPO training, written out: setup, then iterations of #### SAMPLING #### and #### TRAINING ####.
+
+One *iteration* = one sampling round over ``sample_batch_size`` prompts per process (which yields up to
+``(num_inference_steps - divert_start_step) * sample_batch_size`` win/lose tuples), followed by
+training on the kept tuples, shuffled across processes. Checkpoints are taken between iterations,
+so a resumed run continues exactly where the stopped one would have gone: every random draw of
+iteration i comes from generators seeded by (seed, i, process), not from a global stream.
+
+Runs on one process or many through ``accelerate launch`` (DDP); nothing project-specific to set up.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import shutil
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from spotune.checkpoint import (
+    CHECKPOINT_FORMAT,
+    checkpoint_name,
+    list_checkpoints,
+    load_weights,
+    optimizer_from_files,
+    optimizer_to_files,
+    read_state,
+    resolve_checkpoint,
+    restore_rng_state,
+    rng_state_to_files,
+)
+from spotune.config import config_to_dict, config_to_yaml
+from spotune.data.prompts import load_prompts
+from spotune.diffusion.ddim import ddim_step_with_logprob
+from spotune.diffusion.sampler import StepPairs, ddim_sample, decode_latents, guided_noise_pred, spo_sample
+from spotune.errors import SpotuneError
+from spotune.losses import spo_loss
+from spotune.models.loading import load_pipeline
+from spotune.models.lora import adapter_disabled, add_lora, load_lora_state_dict, lora_parameters, lora_state_dict
+from spotune.models.text import encode_prompts
+from spotune.recipes.train_spo_config import TrainSPOConfig
+from spotune.utils.io import atomic_directory, atomic_save_safetensors, atomic_write_json, atomic_write_text
+from spotune.utils.images import save_image_grid
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class RunFolderError(SpotuneError, FileExistsError):
+    """The output folder already holds a run and neither resume nor overwrite was asked for."""
+
+
+class NonFiniteLossError(SpotuneError, FloatingPointError):
+    """The loss became NaN or infinite; training stopped before the optimizer applied it."""
+
+
+def _seed_for(*parts: int) -> int:
+    """A 63-bit seed from integers, stable across runs and processes (no Python hash randomisation)."""
+    value = 0x9E3779B97F4A7C15
+    for part in parts:
+        value = (value ^ (part + 0x632BE59BD9B4E019 + (value << 6) + (value >> 2))) & 0xFFFFFFFFFFFFFFFF
+    return value & 0x7FFFFFFFFFFFFFFF
+
+
+class SPOTrainer:
+    """The SPO recipe: ``setup()``, ``train()``, ``save_checkpoint()``, ``cleanup()``.
+
+    Args:
+        config: a validated :class:`TrainSPOConfig`.
+    """
+
+    def __init__(self, config: TrainSPOConfig) -> None:
+        self.config = config
+        self.output_dir = Path(config.output_dir)
+        self.iteration = 0  # completed SPO iterations
+        self.optimizer_step = 0
+
+    # ============================================================================================
+    # setup
+    # ============================================================================================
+    def setup(self) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import ProjectConfiguration
+
+        cfg = self.config
+        resume_from = self._prepare_run_folder()
+        log_with = None if cfg.log_with == "none" else cfg.log_with
+        self.accelerator = Accelerator(
+            mixed_precision=cfg.mixed_precision,
+            log_with=log_with,
+            project_config=ProjectConfiguration(project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs")),
+        )
+        acc = self.accelerator
+        if acc.device.type == "cuda" and cfg.allow_tf32:
+            torch.backends.cuda.matmul.allow_tf32 = True
+        self.weight_dtype = _DTYPES[cfg.mixed_precision]
+
+        # -- prompts: every process reads the file; the order per epoch is seeded and shared --------
+        self.prompts = load_prompts(cfg.prompts, cfg.prompt_column)
+        per_round = cfg.sample_batch_size * acc.num_processes
+        self.iterations_per_epoch = len(self.prompts) // per_round
+        if self.iterations_per_epoch == 0:
+            raise SpotuneError(
+                f"{cfg.prompts}: {len(self.prompts)} prompts are fewer than one sampling round "
+                f"(sample_batch_size {cfg.sample_batch_size} x {acc.num_processes} processes)"
+            )
+        total = cfg.num_epochs * self.iterations_per_epoch
+        self.total_iterations = min(total, cfg.max_iterations) if cfg.max_iterations else total
+
+        # -- models ------------------------------------------------------------------------------
+        pipe = load_pipeline(cfg.pretrained_model, dtype=self.weight_dtype)
+        self.tokenizer, self.scheduler = pipe.tokenizer, pipe.scheduler
+        self.vae = pipe.vae.to(acc.device).requires_grad_(False).eval()
+        self.text_encoder = pipe.text_encoder.to(acc.device).requires_grad_(False).eval()
+        unet = pipe.unet.to(acc.device)
+        if cfg.finetune == "lora":
+            add_lora(unet, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.lora_init)
+            # Trained weights stay in fp32 under mixed precision; the frozen base keeps weight_dtype.
+            for p in lora_parameters(unet):
+                p.data = p.data.float()
+            self.reference_unet = None  # the adapter switched off is the reference
+        else:
+            self.reference_unet = copy.deepcopy(unet).requires_grad_(False).eval()
+            unet = unet.float().requires_grad_(True)
+        if cfg.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        params = [p for p in unet.parameters() if p.requires_grad]
+        if not params:
+            raise SpotuneError(f"nothing to train: no UNet module matches lora_targets {cfg.lora_targets}")
+        self.trainable = params
+
+        vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        resolution = cfg.resolution or self.vae.config.sample_size
+        if resolution % vae_scale:
+            raise SpotuneError(f"config: resolution {resolution} is not a multiple of the VAE's factor {vae_scale}")
+        self.latent_shape = (unet.config.in_channels, resolution // vae_scale, resolution // vae_scale)
+
+        from spotune.preference.factory import build_judge
+
+        self.judge = build_judge(
+            cfg.judge,
+            clip_path=cfg.judge_clip_path,
+            checkpoint=cfg.judge_checkpoint,
+            processor_path=cfg.judge_processor_path,
+            device=acc.device,
+            dtype=self.weight_dtype,
+        )
+
+        # -- optimizer and schedule --------------------------------------------------------------
+        optimizer = torch.optim.AdamW(
+            params,
+            lr=cfg.learning_rate,
+            betas=(cfg.adam_beta1, cfg.adam_beta2),
+            weight_decay=cfg.adam_weight_decay,
+            eps=cfg.adam_epsilon,
+        )
+        from diffusers.optimization import get_scheduler
+
+        steps_per_iteration = math.ceil(
+            cfg.num_inner_epochs
+            * (cfg.num_inference_steps - cfg.divert_start_step)
+            * cfg.sample_batch_size
+            / cfg.train_batch_size
+            / cfg.gradient_accumulation_steps
+        )
+        # The lr schedule is stepped once per optimizer step; this is its horizon (an upper bound,
+        # since only decisive pairs are trained on).
+        self.lr_scheduler = get_scheduler(
+            cfg.lr_scheduler,
+            optimizer=optimizer,
+            num_warmup_steps=cfg.lr_warmup_steps,
+            num_training_steps=max(1, self.total_iterations * steps_per_iteration),
+        )
+        self.unet, self.optimizer = acc.prepare(unet, optimizer)
+        self.negative_embeds = encode_prompts(self.tokenizer, self.text_encoder, [cfg.negative_prompt], acc.device)
+
+        if resume_from is not None:
+            self._load_checkpoint(resume_from)
+        if acc.is_main_process:
+            atomic_write_text(self.output_dir / "config.yaml", config_to_yaml(cfg))
+        if log_with:
+            tracker_cfg = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in config_to_dict(cfg).items()}
+            acc.init_trackers(cfg.tracker_project, config=tracker_cfg)
+        logger.info(
+            "SPO: %d prompts, %d iterations/epoch, %d iterations in total, %d trainable parameters, %d process(es)",
+            len(self.prompts), self.iterations_per_epoch, self.total_iterations,
+            sum(p.numel() for p in params), acc.num_processes,
+        )
+
+    def _prepare_run_folder(self) -> Path | None:
+        """Decide between a fresh run, a resume, or a refusal; return the checkpoint to resume from."""
+        cfg = self.config
+        existing = list_checkpoints(self.output_dir)
+        if cfg.resume:
+            if cfg.resume == "latest":
+                if not existing:
+                    raise SpotuneError(f"resume=latest: {self.output_dir} holds no complete checkpoint")
+                return existing[-1]
+            return resolve_checkpoint(cfg.resume)
+        if existing or (self.output_dir / "checkpoints").exists():
+            if not cfg.overwrite:
+                raise RunFolderError(
+                    f"{self.output_dir} already holds a run ({len(existing)} checkpoint(s)); pass resume=latest to "
+                    "continue it, overwrite=true to start afresh (deleting them), or choose another output_dir"
+                )
+            # Only the main process deletes; the others must not race it (no accelerator exists yet,
+            # so use accelerate's environment view of the rank).
+            from accelerate import PartialState
+
+            if PartialState().is_main_process:
+                for sub in ("checkpoints", "logs", "samples"):
+                    shutil.rmtree(self.output_dir / sub, ignore_errors=True)
+            PartialState().wait_for_everyone()
+        return None
+
+    # ============================================================================================
+    # the loop
+    # ============================================================================================
+    def train(self) -> dict[str, float]:
+        """Run iterations until ``total_iterations``; return the last iteration's metrics."""
+        cfg, acc = self.config, self.accelerator
+        bar = tqdm(
+            total=self.total_iterations, initial=self.iteration, desc="SPO iterations",
+            disable=not (cfg.progress and acc.is_local_main_process), dynamic_ncols=True,
+        )
+        metrics: dict[str, float] = {}
+        while self.iteration < self.total_iterations:
+            epoch, index_in_epoch = divmod(self.iteration, self.iterations_per_epoch)
+            prompts = self._prompts_for(epoch, index_in_epoch)
+
+            t0 = time.perf_counter()
+            result = self.sample(prompts)
+            t1 = time.perf_counter()
+            train_stats = self.train_on_pairs(result.pairs)
+            t2 = time.perf_counter()
+
+            self.iteration += 1
+            metrics = self._iteration_metrics(result, train_stats, t1 - t0, t2 - t1)
+            acc.log(metrics, step=self.iteration)
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4f}", pairs=int(metrics["pairs"]))
+
+            epoch_done = self.iteration % self.iterations_per_epoch == 0
+            run_done = self.iteration == self.total_iterations
+            every = cfg.checkpoint_every and self.iteration % cfg.checkpoint_every == 0
+            if epoch_done or run_done or every:
+                self.save_checkpoint()
+            if epoch_done and cfg.validate_every_epochs and (self.iteration // self.iterations_per_epoch) % cfg.validate_every_epochs == 0:
+                self.validate(self.iteration // self.iterations_per_epoch)
+        bar.close()
+        return metrics
+
+    def _prompts_for(self, epoch: int, index_in_epoch: int) -> list[str]:
+        """This process's prompts for one iteration: a seeded per-epoch permutation, split by rank."""
+        acc, bs = self.accelerator, self.config.sample_batch_size
+        order = torch.randperm(len(self.prompts), generator=torch.Generator().manual_seed(_seed_for(self.config.seed, epoch)))
+        start = (index_in_epoch * acc.num_processes + acc.process_index) * bs
+        return [self.prompts[i] for i in order[start : start + bs].tolist()]
+
+    # ============================================================================================
+    #### SAMPLING ####
+    # ============================================================================================
+    @torch.no_grad()
+    def sample(self, prompts: list[str]):
+        """Step-wise sampling with the current model; returns a :class:`SamplingResult`."""
+        cfg, acc = self.config, self.accelerator
+        unet = acc.unwrap_model(self.unet)
+        unet.eval()
+        generator = torch.Generator(acc.device).manual_seed(_seed_for(cfg.seed, self.iteration, acc.process_index, 1))
+        b = len(prompts)
+        prompt_embeds = encode_prompts(self.tokenizer, self.text_encoder, prompts, acc.device)  # [b, 77, D]
+        latents = torch.randn((b, *self.latent_shape), generator=generator, device=acc.device, dtype=self.weight_dtype)
+        latents = latents * self.scheduler.init_noise_sigma  # x_T: [b, 4, h, w]
+        with acc.autocast():
+            return spo_sample(
+                unet, self.vae, self.scheduler, self.judge, prompts, prompt_embeds, self.negative_embeds, latents,
+                num_inference_steps=cfg.num_inference_steps, eta=cfg.eta, guidance_scale=cfg.guidance_scale,
+                divert_start_step=cfg.divert_start_step, num_candidates=cfg.num_samples_per_step,
+                threshold=cfg.preference_threshold, generator=generator, decode_chunk_size=cfg.decode_chunk_size,
+            )
+
+    # ============================================================================================
+    #### TRAINING ####
+    # ============================================================================================
+    def _gather_and_shuffle(self, pairs: StepPairs) -> StepPairs:
+        """All processes' tuples, shuffled with a shared seed; this process's equal share of them.
+
+        Processes keep different numbers of decisive pairs, so counts are gathered first, tuples are
+        padded to the largest count for the collective, and the total is cut to a multiple of the
+        number of processes so every process runs the same number of micro-batches (DDP needs that).
+        """
+        acc = self.accelerator
+        if acc.num_processes > 1:
+            from accelerate.utils import gather, pad_across_processes
+
+            counts = gather(torch.tensor([len(pairs)], device=acc.device)).tolist()
+            padded = {k: pad_across_processes(v.contiguous(), dim=0) for k, v in vars(pairs).items()}
+            gathered = {k: gather(v) for k, v in padded.items()}
+            width = max(counts)
+            keep = torch.cat([torch.arange(r * width, r * width + c) for r, c in enumerate(counts)]).to(acc.device)
+            pairs = StepPairs(**{k: v[keep] for k, v in gathered.items()})
+        total = len(pairs) - len(pairs) % acc.num_processes
+        generator = torch.Generator().manual_seed(_seed_for(self.config.seed, self.iteration, 2))
+        order = torch.randperm(len(pairs), generator=generator)[:total].to(pairs.latents.device)
+        return pairs.select(order[acc.process_index :: acc.num_processes])
+
+    def train_on_pairs(self, pairs: StepPairs) -> dict[str, float]:
+        """One pass (per inner epoch) over the kept tuples with the SPO loss; returns mean statistics."""
+        cfg, acc = self.config, self.accelerator
+        share = self._gather_and_shuffle(pairs)
+        if len(share) == 0:
+            return {}
+        self.unet.train()
+        sums: dict[str, float] = {}
+        micro = 0
+        batches = [share.select(idx) for idx in torch.arange(len(share), device=share.latents.device).split(cfg.train_batch_size)]
+        for _ in range(cfg.num_inner_epochs):
+            for start in range(0, len(batches), cfg.gradient_accumulation_steps):
+                group = batches[start : start + cfg.gradient_accumulation_steps]
+                for j, batch in enumerate(group):
+                    last = j == len(group) - 1
+                    # Gradients are synchronised across processes only on the group's last micro-batch.
+                    with nullcontext() if last else acc.no_sync(self.unet):
+                        loss, stats = self._pair_loss(batch)
+                        self._check_finite(loss)
+                        acc.backward(loss / len(group))
+                    for key, value in {"loss": loss.detach(), **stats}.items():
+                        sums[key] = sums.get(key, 0.0) + float(value.float().mean())
+                    micro += 1
+                if cfg.max_grad_norm > 0:
+                    acc.clip_grad_norm_(self.trainable, cfg.max_grad_norm)
+                self.optimizer.step()
+                self.lr_scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.optimizer_step += 1
+        return {k: v / micro for k, v in sums.items()}
+
+    def _pair_loss(self, batch: StepPairs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """SPO loss of a micro-batch: one guided pass of the policy and one of the reference per tuple.
+
+        Win and lose share x_t, t and the prompt, so the same guided output gives both log-probs.
+        """
+        cfg, acc = self.config, self.accelerator
+        x_t, t, embeds = batch.latents, batch.timesteps, batch.prompt_embeds  # [n,4,h,w], [n], [n,77,D]
+        with acc.autocast():
+            out = guided_noise_pred(self.unet, x_t, t, embeds, self.negative_embeds, cfg.guidance_scale)
+            with torch.no_grad():
+                if self.reference_unet is None:
+                    base = acc.unwrap_model(self.unet)
+                    with adapter_disabled(base):
+                        out_ref = guided_noise_pred(base, x_t, t, embeds, self.negative_embeds, cfg.guidance_scale)
+                else:
+                    out_ref = guided_noise_pred(self.reference_unet, x_t, t, embeds, self.negative_embeds, cfg.guidance_scale)
+        logps = {}
+        for name, model_out in (("", out), ("_ref", out_ref)):
+            for side, target in (("win", batch.win), ("lose", batch.lose)):
+                _, logps[f"{side}{name}"] = ddim_step_with_logprob(
+                    self.scheduler, model_out, t, x_t, cfg.eta, prev_sample=target
+                )
+        loss, stats = spo_loss(logps["win"], logps["win_ref"], logps["lose"], logps["lose_ref"], cfg.beta, cfg.eps)
+        return loss, stats
+
+    def _check_finite(self, loss: torch.Tensor) -> None:
+        bad = torch.tensor(0.0 if torch.isfinite(loss) else 1.0, device=loss.device)
+        if self.accelerator.num_processes > 1:
+            bad = self.accelerator.reduce(bad, reduction="sum")
+        if bad.item() > 0:
+            last = list_checkpoints(self.output_dir)
+            raise NonFiniteLossError(
+                f"loss is {loss.item()} at iteration {self.iteration + 1} (optimizer step {self.optimizer_step + 1}); "
+                f"training stopped before applying it. Last good checkpoint: {last[-1] if last else 'none yet'}"
+            )
+
+    def _iteration_metrics(self, result, train_stats: dict[str, float], t_sample: float, t_train: float) -> dict[str, float]:
+        final_scores = result.scores[-1].float()  # [k, b] candidates' scores at t = 0
+        metrics = {
+            "pairs": float(len(result.pairs)),
+            "valid_fraction": float(result.valid.float().mean()),
+            "score_mean": float(final_scores.mean()),
+            "score_std": float(final_scores.std()) if final_scores.numel() > 1 else 0.0,
+            "lr": float(self.lr_scheduler.get_last_lr()[0]),
+            "epoch": self.iteration / self.iterations_per_epoch,
+            "optimizer_step": float(self.optimizer_step),
+            "seconds_sampling": t_sample,
+            "seconds_training": t_train,
+        }
+        metrics.update(train_stats)
+        return metrics
+
+    # ============================================================================================
+    # checkpoints
+    # ============================================================================================
+    def save_checkpoint(self) -> Path:
+        """Write a complete checkpoint atomically: a temporary folder renamed when everything is on disk."""
+        cfg, acc = self.config, self.accelerator
+        final = self.output_dir / "checkpoints" / checkpoint_name(self.iteration)
+        acc.wait_for_everyone()
+        rng_tensors, rng_meta = rng_state_to_files()
+        # Each process's RNG state travels to the main process, which alone writes the folder.
+        all_rng = [(rng_tensors, rng_meta)]
+        if acc.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            all_rng = gather_object([(rng_tensors, rng_meta)])
+        if acc.is_main_process:
+            if final.exists():  # a re-run of the same iteration (e.g. after a failed later save)
+                shutil.rmtree(final)
+            unet = acc.unwrap_model(self.unet)
+            with atomic_directory(final) as tmp:
+                if cfg.finetune == "lora":
+                    atomic_save_safetensors({k: v.float() for k, v in lora_state_dict(unet).items()}, tmp / "lora.safetensors")
+                else:
+                    atomic_save_safetensors(unet.state_dict(), tmp / "unet.safetensors")
+                opt_tensors, opt_meta = optimizer_to_files(self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer)
+                atomic_save_safetensors(opt_tensors, tmp / "optimizer.safetensors")
+                atomic_write_json(tmp / "optimizer.json", opt_meta)
+                atomic_write_json(tmp / "scheduler.json", self.lr_scheduler.state_dict())
+                for rank, (tensors, meta) in enumerate(all_rng):
+                    atomic_save_safetensors(tensors, tmp / f"rng_rank{rank}.safetensors")
+                    atomic_write_json(tmp / f"rng_rank{rank}.json", meta)
+                # state.json last: its presence marks the folder complete.
+                atomic_write_json(tmp / "state.json", self._state_dict())
+            self._prune_checkpoints()
+            logger.info("saved checkpoint %s", final)
+        acc.wait_for_everyone()
+        return final
+
+    def _state_dict(self) -> dict[str, Any]:
+        cfg = self.config
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "iteration": self.iteration,
+            "optimizer_step": self.optimizer_step,
+            "epoch": self.iteration / self.iterations_per_epoch,
+            "finetune": cfg.finetune,
+            "lora": None if cfg.finetune != "lora" else {
+                "rank": cfg.lora_rank,
+                "alpha": cfg.lora_alpha if cfg.lora_alpha is not None else float(cfg.lora_rank),
+                "targets": list(cfg.lora_targets),
+                "init": cfg.lora_init,
+            },
+            "base_model": cfg.pretrained_model,
+            "num_processes": self.accelerator.num_processes,
+            "config": config_to_dict(cfg),
+        }
+
+    def _prune_checkpoints(self) -> None:
+        keep = self.config.keep_checkpoints
+        if keep:
+            for old in list_checkpoints(self.output_dir)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def _load_checkpoint(self, checkpoint: Path) -> None:
+        """Restore weights, optimizer, lr schedule, counters and RNG from a checkpoint folder."""
+        from safetensors.torch import load_file
+
+        acc = self.accelerator
+        state = read_state(checkpoint)
+        if state["finetune"] != self.config.finetune:
+            raise SpotuneError(f"{checkpoint}: checkpoint is finetune={state['finetune']}, config says {self.config.finetune}")
+        kind, weights = load_weights(checkpoint)
+        unet = acc.unwrap_model(self.unet)
+        if kind == "lora":
+            load_lora_state_dict(unet, weights, source=str(checkpoint / "lora.safetensors"))
+            for p in lora_parameters(unet):
+                p.data = p.data.float()
+        else:
+            unet.load_state_dict(weights)
+        inner = self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer
+        opt_tensors = load_file(str(checkpoint / "optimizer.safetensors"), device=str(acc.device))
+        inner.load_state_dict(optimizer_from_files(opt_tensors, json.loads((checkpoint / "optimizer.json").read_text())))
+        self.lr_scheduler.load_state_dict(json.loads((checkpoint / "scheduler.json").read_text()))
+        rng_file = checkpoint / f"rng_rank{acc.process_index}.safetensors"
+        if rng_file.is_file():
+            restore_rng_state(load_file(str(rng_file)), json.loads(rng_file.with_suffix(".json").read_text()))
+        self.iteration = int(state["iteration"])
+        self.optimizer_step = int(state["optimizer_step"])
+        logger.info("resumed from %s (iteration %d, optimizer step %d)", checkpoint, self.iteration, self.optimizer_step)
+
+    # ============================================================================================
+    # validation images
+    # ============================================================================================
+    @torch.no_grad()
+    def validate(self, epoch: int) -> Path | None:
+        """Render the validation prompts with fixed seeds into ``samples/epoch-XXXX.png`` (main process)."""
+        cfg, acc = self.config, self.accelerator
+        if not cfg.validation_prompts or not acc.is_main_process:
+            acc.wait_for_everyone()
+            return None
+        unet = acc.unwrap_model(self.unet)
+        unet.eval()
+        prompts = [p for p in cfg.validation_prompts for _ in range(cfg.num_validation_images)]
+        generator = torch.Generator(acc.device).manual_seed(cfg.seed)
+        latents = torch.randn((len(prompts), *self.latent_shape), generator=generator, device=acc.device, dtype=self.weight_dtype)
+        embeds = encode_prompts(self.tokenizer, self.text_encoder, prompts, acc.device)
+        with acc.autocast():
+            x0 = ddim_sample(unet, self.scheduler, embeds, self.negative_embeds, latents * self.scheduler.init_noise_sigma,
+                             num_inference_steps=cfg.num_inference_steps, eta=0.0, guidance_scale=cfg.guidance_scale)
+            images = decode_latents(self.vae, x0, cfg.decode_chunk_size)
+        path = self.output_dir / "samples" / f"epoch-{epoch:04d}.png"
+        grid = save_image_grid(images, path, columns=cfg.num_validation_images * min(4, len(cfg.validation_prompts)))
+        for tracker in acc.trackers:
+            if tracker.name == "tensorboard":
+                tracker.writer.add_image("validation", grid, self.iteration, dataformats="HWC")
+        acc.wait_for_everyone()
+        return path
+
+    def cleanup(self) -> None:
+        self.accelerator.end_training()
+
+
+def run_train_spo(config: TrainSPOConfig) -> dict[str, float]:
+    """Set up, train and clean up; returns the final iteration's metrics."""
+    trainer = SPOTrainer(config)
+    trainer.setup()
+    try:
+        return trainer.train()
+    finally:
+        trainer.cleanup()

@@ -135,11 +135,33 @@ class ClipStyleJudge(nn.Module):
         Returns:
             [B] float32 scores.
         """
-        if timesteps is None:
-            timesteps = torch.zeros(images.shape[0], device=images.device)
         if len(prompts) != images.shape[0]:
             raise ValueError(f"got {images.shape[0]} images but {len(prompts)} prompts")
         pixel_values = preprocess_images(images, self.image_size, self.image_mean, self.image_std)
+        return self.score_pixel_values(pixel_values, prompts, timesteps)
+
+    def score_pixel_values(
+        self,
+        pixel_values: torch.Tensor,
+        prompts: list[str] | torch.Tensor,
+        timesteps: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The same score on images already turned into CLIP pixel values.
+
+        This is the entry for PIL images: the evaluation scorers run the model's own image
+        processor (PickScore's, for instance) and pass its output here, so the formula lives once.
+
+        Args:
+            pixel_values: [B, 3, S, S] normalised pixel values, S = ``image_size``.
+            prompts: B captions, or [B, L] input ids.
+            timesteps: [B] timesteps (ignored by timestep-blind judges); 0 when omitted.
+        Returns:
+            [B] float32 scores.
+        """
+        if timesteps is None:
+            timesteps = torch.zeros(pixel_values.shape[0], device=pixel_values.device)
+        if len(prompts) != pixel_values.shape[0]:
+            raise ValueError(f"got {pixel_values.shape[0]} images but {len(prompts)} prompts")
         with torch.no_grad():
             if isinstance(prompts, torch.Tensor):
                 text = self.text_features(prompts.to(self.device))

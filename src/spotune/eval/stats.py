@@ -1,0 +1,192 @@
+"""Summary statistics of scores: mean, spread, 95% confidence intervals, pairwise win rates.
+
+Everything here is plain Python on lists of floats, so the maths can be checked on hand-made numbers
+and nothing depends on scipy. The confidence interval of a mean uses Student's t distribution with
+n - 1 degrees of freedom (exact for normal scores, and close to the normal 1.96 rule once n is a
+few dozen); its quantile comes from the regularised incomplete beta function, evaluated with the
+classic continued fraction and inverted by bisection.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+from spotune.errors import SpotuneError
+
+
+class StatsError(SpotuneError, ValueError):
+    """Scores that cannot be summarised (for example two score lists of different lengths)."""
+
+
+# -- Student's t distribution --------------------------------------------------------------------
+
+
+def _betacf(a: float, b: float, x: float) -> float:
+    """Continued fraction of the incomplete beta function (modified Lentz's method)."""
+    tiny = 1e-300
+    qab, qap, qam = a + b, a + 1.0, a - 1.0
+    c, d = 1.0, 1.0 - qab * x / qap
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 400):
+        m2 = 2 * m
+        aa = m * (b - m) * x / ((qam + m2) * (a + m2))
+        d = 1.0 + aa * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + aa / c
+        c = c if abs(c) > tiny else tiny
+        h *= d * c
+        aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))
+        d = 1.0 + aa * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + aa / c
+        c = c if abs(c) > tiny else tiny
+        delta = d * c
+        h *= delta
+        if abs(delta - 1.0) < 1e-15:
+            break
+    return h
+
+
+def regularized_incomplete_beta(a: float, b: float, x: float) -> float:
+    """I_x(a, b), the CDF of a Beta(a, b) variable at ``x`` in [0, 1]."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+    front = math.exp(log_front)
+    # The continued fraction converges fast only on one side of the mean; use the symmetry otherwise.
+    if x < (a + 1.0) / (a + b + 2.0):
+        return front * _betacf(a, b, x) / a
+    return 1.0 - front * _betacf(b, a, 1.0 - x) / b
+
+
+def student_t_cdf(t: float, df: float) -> float:
+    """P(T <= t) for Student's t with ``df`` degrees of freedom."""
+    if df <= 0:
+        raise StatsError(f"degrees of freedom must be positive, got {df}")
+    x = df / (df + t * t)
+    tail = 0.5 * regularized_incomplete_beta(df / 2.0, 0.5, x)  # P(T > |t|)
+    return 1.0 - tail if t >= 0 else tail
+
+
+def student_t_quantile(p: float, df: float) -> float:
+    """The t with P(T <= t) = p (for example p = 0.975 gives the two-sided 95% critical value)."""
+    if not 0.0 < p < 1.0:
+        raise StatsError(f"a quantile needs 0 < p < 1, got {p}")
+    if p < 0.5:
+        return -student_t_quantile(1.0 - p, df)
+    lo, hi = 0.0, 1.0
+    while student_t_cdf(hi, df) < p:  # df = 1 at p = 0.9995 needs hi ~ 637
+        hi *= 2.0
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if student_t_cdf(mid, df) < p:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo < 1e-12 * max(1.0, hi):
+            break
+    return 0.5 * (lo + hi)
+
+
+# -- summaries ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Summary:
+    """Mean of ``n`` scores with its sample standard deviation and a two-sided confidence interval.
+
+    ``std`` uses n - 1 in the denominator; ``ci_low`` / ``ci_high`` are mean -/+ t * std / sqrt(n).
+    With a single score the spread is unknown: std and the interval are NaN.
+    """
+
+    n: int
+    mean: float
+    std: float
+    ci_low: float
+    ci_high: float
+    confidence: float = 0.95
+
+    @property
+    def half_width(self) -> float:
+        return (self.ci_high - self.ci_low) / 2.0
+
+    def to_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def summarize(values: Sequence[float], confidence: float = 0.95) -> Summary:
+    """Mean, sample std and the Student-t confidence interval of the mean.
+
+    Args:
+        values: the scores (at least one; NaN is refused so that a broken image is never averaged in).
+        confidence: two-sided coverage of the interval (0.95 for a 95% interval).
+    """
+    xs = [float(v) for v in values]
+    if not xs:
+        raise StatsError("cannot summarise an empty list of scores")
+    if any(math.isnan(v) for v in xs):
+        raise StatsError("scores contain NaN; a scorer failed on some image")
+    if not 0.0 < confidence < 1.0:
+        raise StatsError(f"confidence must lie in (0, 1), got {confidence}")
+    n = len(xs)
+    mean = math.fsum(xs) / n
+    if n == 1:
+        nan = float("nan")
+        return Summary(n, mean, nan, nan, nan, confidence)
+    var = math.fsum((v - mean) ** 2 for v in xs) / (n - 1)
+    std = math.sqrt(var)
+    t = student_t_quantile(0.5 + confidence / 2.0, n - 1)
+    half = t * std / math.sqrt(n)
+    return Summary(n, mean, std, mean - half, mean + half, confidence)
+
+
+@dataclass(frozen=True)
+class WinRate:
+    """How often model A scored higher than model B on the same prompt and seed.
+
+    ``rate`` counts a tie as half a win (so A vs B and B vs A add up to 1). ``ci_low`` / ``ci_high``
+    are the Student-t interval of the mean of the per-pair outcomes (1, 0.5 or 0).
+    """
+
+    n: int
+    wins: int
+    ties: int
+    losses: int
+    rate: float
+    ci_low: float
+    ci_high: float
+
+    def to_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def win_rate(scores_a: Sequence[float], scores_b: Sequence[float], confidence: float = 0.95) -> WinRate:
+    """Win rate of A over B on paired scores (element i of both lists: the same prompt and seed).
+
+    Args:
+        scores_a, scores_b: [n] paired scores.
+        confidence: two-sided coverage of the interval.
+    """
+    if len(scores_a) != len(scores_b):
+        raise StatsError(f"paired scores differ in length: {len(scores_a)} vs {len(scores_b)}")
+    if not scores_a:
+        raise StatsError("no paired scores to compare")
+    outcomes = []
+    wins = ties = losses = 0
+    for a, b in zip(scores_a, scores_b):
+        if a > b:
+            wins += 1
+            outcomes.append(1.0)
+        elif a < b:
+            losses += 1
+            outcomes.append(0.0)
+        else:
+            ties += 1
+            outcomes.append(0.5)
+    summary = summarize(outcomes, confidence)
+    return WinRate(len(outcomes), wins, ties, losses, summary.mean, summary.ci_low, summary.ci_high)

@@ -16,6 +16,7 @@ import sys
 
 COMMAND_MODULES = [
     "spotune.commands.train",
+    "spotune.commands.export",
 ]
 
 
@@ -37,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _quiet_third_party() -> None:
     """Silence import-time chatter that says nothing about the user's run."""
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     for name in ("transformers", "diffusers", "accelerate", "peft"):
         logging.getLogger(name).setLevel(logging.ERROR)
 

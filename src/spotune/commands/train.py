@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 
 def register(subparsers) -> None:
@@ -37,6 +38,8 @@ def run(args: argparse.Namespace) -> int:
     from spotune.recipes.train_spo import run_train_spo
 
     metrics = run_train_spo(config)
+    if os.environ.get("RANK", "0") != "0":  # one summary per run, not per process
+        return 0
     if metrics:
         summary = ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()))
         print(f"done: {config.output_dir} ({summary})")

@@ -15,6 +15,7 @@ import copy
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from contextlib import nullcontext
@@ -94,11 +95,20 @@ class SPOTrainer:
         resume_from = self._prepare_run_folder()
         log_with = None if cfg.log_with == "none" else cfg.log_with
         self.accelerator = Accelerator(
+            # Without CUDA, cpu=True lets a multi-process launch (accelerate launch --multi_gpu,
+            # torchrun) form a gloo process group instead of N unaware copies of one run.
+            cpu=not torch.cuda.is_available(),
             mixed_precision=cfg.mixed_precision,
             log_with=log_with,
             project_config=ProjectConfiguration(project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs")),
         )
         acc = self.accelerator
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        if launched != acc.num_processes:
+            raise SpotuneError(
+                f"the launcher started {launched} processes but the accelerator sees {acc.num_processes}: "
+                "the process group did not form, and the copies would overwrite each other's run folder"
+            )
         if acc.device.type == "cuda" and cfg.allow_tf32:
             torch.backends.cuda.matmul.allow_tf32 = True
         self.weight_dtype = _DTYPES[cfg.mixed_precision]
@@ -122,6 +132,7 @@ class SPOTrainer:
         self.text_encoder = pipe.text_encoder.to(acc.device).requires_grad_(False).eval()
         unet = pipe.unet.to(acc.device)
         if cfg.finetune == "lora":
+            torch.manual_seed(cfg.seed)  # the adapter's initial weights are part of the run's seed
             add_lora(unet, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.lora_init)
             # Trained weights stay in fp32 under mixed precision; the frozen base keeps weight_dtype.
             for p in lora_parameters(unet):
@@ -189,11 +200,12 @@ class SPOTrainer:
         if log_with:
             tracker_cfg = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in config_to_dict(cfg).items()}
             acc.init_trackers(cfg.tracker_project, config=tracker_cfg)
-        logger.info(
-            "SPO: %d prompts, %d iterations/epoch, %d iterations in total, %d trainable parameters, %d process(es)",
-            len(self.prompts), self.iterations_per_epoch, self.total_iterations,
-            sum(p.numel() for p in params), acc.num_processes,
-        )
+        if acc.is_main_process:
+            logger.info(
+                "SPO: %d prompts, %d iterations/epoch, %d iterations in total, %d trainable parameters, %d process(es)",
+                len(self.prompts), self.iterations_per_epoch, self.total_iterations,
+                sum(p.numel() for p in params), acc.num_processes,
+            )
 
     def _prepare_run_folder(self) -> Path | None:
         """Decide between a fresh run, a resume, or a refusal; return the checkpoint to resume from."""
@@ -253,8 +265,9 @@ class SPOTrainer:
             every = cfg.checkpoint_every and self.iteration % cfg.checkpoint_every == 0
             if epoch_done or run_done or every:
                 self.save_checkpoint()
-            if epoch_done and cfg.validate_every_epochs and (self.iteration // self.iterations_per_epoch) % cfg.validate_every_epochs == 0:
-                self.validate(self.iteration // self.iterations_per_epoch)
+            epochs_done = self.iteration // self.iterations_per_epoch
+            if epoch_done and cfg.validate_every_epochs and epochs_done % cfg.validate_every_epochs == 0:
+                self.validate(epochs_done)
         bar.close()
         return metrics
 

@@ -1,0 +1,41 @@
+"""Two CPU processes through `accelerate launch` (DDP over gloo) run a tiny SPO training to the end.
+
+accelerate's `--cpu` flag starts one process unless an MPI hostfile is given, so a multi-process CPU
+run goes through the torchrun-based launcher (`--multi_gpu`); without CUDA the trainer forms a gloo
+process group on the CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from spotune.checkpoint import list_checkpoints, read_state
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_two_process_training_runs_to_the_end(tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
+        "-m", "spotune.cli", "train", "--config", str(ROOT / "configs" / "tiny_cpu.yaml"),
+        f"output_dir={out}", "num_inference_steps=6", "divert_start_step=3", "sample_batch_size=2",
+        "train_batch_size=2", "preference_threshold=0.0", "max_iterations=2", "log_with=none",
+        "progress=false", "validate_every_epochs=0",
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (ckpt,) = list_checkpoints(out)
+    state = read_state(ckpt)
+    assert state["iteration"] == 2 and state["num_processes"] == 2 and state["optimizer_step"] >= 2
+    assert (ckpt / "rng_rank0.safetensors").is_file() and (ckpt / "rng_rank1.safetensors").is_file()
+    assert all(v.abs().sum() > 0 for k, v in load_file(str(ckpt / "lora.safetensors")).items() if "lora_B" in k)

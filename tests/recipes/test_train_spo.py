@@ -1,0 +1,175 @@
+"""`spotune train` end to end through the CLI on tiny models: training, resume, and bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from spotune.checkpoint import list_checkpoints, read_state
+from spotune.cli import main
+
+CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny_cpu.yaml"
+# Small and fast: 8 DDIM steps, 2 prompts per round, every pair kept (threshold 0).
+FAST = [
+    "num_inference_steps=8", "divert_start_step=4", "sample_batch_size=2", "train_batch_size=4",
+    "preference_threshold=0.0", "log_with=none", "progress=false", "validate_every_epochs=0",
+    "lr_scheduler=constant_with_warmup", "lr_warmup_steps=3",
+]
+
+
+def train(out: Path, *extra: str) -> int:
+    return main(["train", "--config", str(CONFIG), f"output_dir={out}", *FAST, *extra])
+
+
+def test_two_iterations_change_every_lora_parameter(tmp_path):
+    from spotune.models.lora import add_lora, lora_state_dict
+    from spotune.models.tiny import build_tiny_unet
+
+    assert train(tmp_path / "run", "max_iterations=2") == 0
+    (ckpt,) = list_checkpoints(tmp_path / "run")
+    state = read_state(ckpt)
+    assert state["iteration"] == 2 and state["optimizer_step"] >= 2 and state["finetune"] == "lora"
+    trained = load_file(str(ckpt / "lora.safetensors"))
+    unet = build_tiny_unet(seed=2)  # the seed builtin:tiny-sd15 uses for its UNet
+    torch.manual_seed(42)
+    add_lora(unet, rank=4, targets=["to_q", "to_k", "to_v", "to_out.0"])
+    initial = lora_state_dict(unet)
+    assert set(trained) == set(initial) and len(trained) > 0
+    unchanged = [k for k in trained if torch.equal(trained[k], initial[k])]
+    assert not unchanged, f"parameters that did not change: {unchanged[:5]}"
+    assert (tmp_path / "run" / "config.yaml").is_file()
+    for name in ("optimizer.safetensors", "optimizer.json", "scheduler.json", "rng_rank0.safetensors", "rng_rank0.json"):
+        assert (ckpt / name).is_file()
+
+
+def test_resume_is_bit_exact(tmp_path):
+    assert train(tmp_path / "straight", "max_iterations=4") == 0
+    assert train(tmp_path / "split", "max_iterations=2") == 0
+    assert train(tmp_path / "split", "max_iterations=4", "resume=latest") == 0
+    a = list_checkpoints(tmp_path / "straight")[-1]
+    b = list_checkpoints(tmp_path / "split")[-1]
+    assert a.name == b.name == "iter-00000004"
+    wa, wb = load_file(str(a / "lora.safetensors")), load_file(str(b / "lora.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    oa, ob = load_file(str(a / "optimizer.safetensors")), load_file(str(b / "optimizer.safetensors"))
+    assert all(torch.equal(oa[k], ob[k]) for k in oa)
+    assert json.loads((a / "scheduler.json").read_text()) == json.loads((b / "scheduler.json").read_text())
+    assert read_state(a)["optimizer_step"] == read_state(b)["optimizer_step"]
+
+
+def test_full_finetune_runs_and_saves_the_unet(tmp_path):
+    assert train(tmp_path / "full", "finetune=full", "max_iterations=1", "learning_rate=1e-4") == 0
+    (ckpt,) = list_checkpoints(tmp_path / "full")
+    assert read_state(ckpt)["finetune"] == "full"
+    weights = load_file(str(ckpt / "unet.safetensors"))
+    assert "conv_in.weight" in weights and not any("lora" in k for k in weights)
+
+
+def test_validation_images_each_epoch(tmp_path):
+    out = tmp_path / "val"
+    assert main(["train", "--config", str(CONFIG), f"output_dir={out}", *FAST[:-3],
+                 "prompts=" + str(_prompt_file(tmp_path, 4)), "num_epochs=2", "validate_every_epochs=1",
+                 "checkpoint_every=0", "max_iterations=null"]) == 0
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["epoch-0001.png", "epoch-0002.png"]
+    assert len(list_checkpoints(out)) == 2
+
+
+def _prompt_file(tmp_path: Path, n: int) -> Path:
+    f = tmp_path / "prompts.json"
+    f.write_text(json.dumps([{"caption": f"a red circle number {i}"} for i in range(n)]))
+    return f
+
+
+# -- bad input: clear errors, nothing lost ---------------------------------------------------------
+
+
+def test_unknown_key_lists_the_valid_ones(tmp_path, capsys):
+    assert main(["train", "--config", str(CONFIG), f"output_dir={tmp_path}", "learning_rat=1e-4"]) == 1
+    err = capsys.readouterr().err
+    assert "unknown key(s) ['learning_rat']" in err and "learning_rate" in err
+
+
+def test_bad_values_are_named(tmp_path, capsys):
+    assert main(["train", "--config", str(CONFIG), "num_samples_per_step=many"]) == 1
+    assert "num_samples_per_step" in capsys.readouterr().err
+    assert main(["train", "--config", str(CONFIG), "eta=0"]) == 1
+    assert "eta must be > 0" in capsys.readouterr().err
+
+
+def test_existing_run_is_refused_unless_resume_or_overwrite(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train(out, "max_iterations=1") == 0
+    (ckpt,) = list_checkpoints(out)
+    before = (ckpt / "lora.safetensors").read_bytes()
+    assert train(out, "max_iterations=1") == 1
+    assert "already holds a run" in capsys.readouterr().err
+    assert (ckpt / "lora.safetensors").read_bytes() == before
+    assert train(out, "max_iterations=1", "overwrite=true") == 0
+
+
+def test_missing_model_and_prompt_files(tmp_path, capsys):
+    assert train(tmp_path / "a", "pretrained_model=" + str(tmp_path / "nope")) == 1
+    assert "nope does not exist" in capsys.readouterr().err
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    assert train(tmp_path / "b", f"prompts={empty}") == 1
+    assert "holds no prompts" in capsys.readouterr().err
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"caption": "ok"}, {"text": "no caption"}]')
+    assert train(tmp_path / "c", f"prompts={bad}") == 1
+    assert "row 1 has no 'caption'" in capsys.readouterr().err
+    corrupt = tmp_path / "model"
+    corrupt.mkdir()
+    (corrupt / "model_index.json").write_text("{not json")
+    assert train(tmp_path / "d", f"pretrained_model={corrupt}") == 1
+    assert str(corrupt) in capsys.readouterr().err
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    assert train(out, "max_iterations=1") == 0
+    good = (list_checkpoints(out)[0] / "lora.safetensors").read_bytes()
+    import spotune.recipes.train_spo as recipe
+
+    real = recipe.spo_loss
+
+    def poisoned(*args, **kwargs):
+        loss, stats = real(*args, **kwargs)
+        return loss * math.nan, stats
+
+    monkeypatch.setattr(recipe, "spo_loss", poisoned)
+    assert train(out, "max_iterations=2", "resume=latest") == 1
+    err = capsys.readouterr().err
+    assert "loss is nan at iteration 2" in err and "iter-00000001" in err
+    assert [c.name for c in list_checkpoints(out)] == ["iter-00000001"]
+    assert (list_checkpoints(out)[0] / "lora.safetensors").read_bytes() == good
+
+
+def test_disk_failure_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    assert train(out, "max_iterations=1") == 0
+    good = list_checkpoints(out)[0]
+    good_bytes = (good / "lora.safetensors").read_bytes()
+    import spotune.recipes.train_spo as recipe
+
+    calls = {"n": 0}
+    real = recipe.atomic_save_safetensors
+
+    def failing(tensors, path, metadata=None):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the optimizer file, after the weights were already written
+            raise OSError(28, "No space left on device")
+        return real(tensors, path, metadata)
+
+    monkeypatch.setattr(recipe, "atomic_save_safetensors", failing)
+    with pytest.raises(OSError, match="No space left"):
+        main(["train", "--config", str(CONFIG), f"output_dir={out}", *FAST, "max_iterations=2", "resume=latest"])
+    assert [c.name for c in list_checkpoints(out)] == ["iter-00000001"]
+    assert (good / "lora.safetensors").read_bytes() == good_bytes
+    leftovers = [p.name for p in (out / "checkpoints").iterdir() if p.name != "iter-00000001"]
+    assert leftovers == [], f"half-written checkpoint folders left behind: {leftovers}"

@@ -180,7 +180,10 @@ def config_to_yaml(config: Any) -> str:
         help_text = f.metadata.get("help")
         if help_text:
             lines.append(f"# {help_text}")
-        lines.append(yaml.safe_dump({f.name: data[f.name]}, default_flow_style=None, sort_keys=False).rstrip())
+        value = yaml.safe_dump(data[f.name], default_flow_style=True, width=10**6).strip()
+        if value.endswith("\n..."):  # the document-end marker YAML adds after a bare scalar
+            value = value[: -len("\n...")].rstrip()
+        lines.append(f"{f.name}: {value}")
     return "\n".join(lines) + "\n"
 
 

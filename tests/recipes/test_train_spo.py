@@ -42,7 +42,11 @@ def test_two_iterations_change_every_lora_parameter(tmp_path):
     assert set(trained) == set(initial) and len(trained) > 0
     unchanged = [k for k in trained if torch.equal(trained[k], initial[k])]
     assert not unchanged, f"parameters that did not change: {unchanged[:5]}"
-    assert (tmp_path / "run" / "config.yaml").is_file()
+    from spotune.config import load_config
+    from spotune.recipes.train_spo_config import TrainSPOConfig
+
+    saved = load_config(TrainSPOConfig, tmp_path / "run" / "config.yaml")  # the run can be reproduced from it
+    assert saved.max_iterations == 2 and saved.output_dir == str(tmp_path / "run") and saved.preference_threshold == 0.0
     for name in ("optimizer.safetensors", "optimizer.json", "scheduler.json", "rng_rank0.safetensors", "rng_rank0.json"):
         assert (ckpt / name).is_file()
 

@@ -1,0 +1,222 @@
+"""``export_checkpoint``: turn a spotune run or checkpoint into files other tools load.
+
+Formats:
+
+* ``diffusers``   ``pytorch_lora_weights.safetensors`` (in a folder, or as the file itself when the
+                  output ends in ``.safetensors``) for ``pipe.load_lora_weights``;
+* ``webui``       one kohya-named ``.safetensors`` with ``ss_*`` / ``modelspec.*`` metadata for
+                  A1111 / Forge / ComfyUI;
+* ``merged``      a full diffusers pipeline folder with the LoRA fused into the base model (or the
+                  fully fine-tuned UNet in place);
+* ``single-file`` one original-layout SD1.5 ``.safetensors`` of the merged model (webui checkpoints).
+
+Every output is staged beside its final path and renamed into place, so a crash leaves either the
+old content or the new, never half of it; an existing output is replaced only with ``overwrite``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import shutil
+import tempfile
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Literal
+
+import torch
+
+from spotune.export.lora_files import DIFFUSERS_LORA_FILE, diffusers_lora_file, webui_lora_file
+from spotune.export.source import ExportError, ExportSource, read_export_source
+
+EXPORT_FORMATS = ("diffusers", "webui", "merged", "single-file")
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+_LORA_ONLY = ("diffusers", "webui")
+
+
+@dataclass
+class ExportConfig:
+    """Settings of ``spotune export``."""
+
+    source: str = field(default="", metadata={"help": "A spotune run folder (its latest checkpoint), a checkpoint folder, or a LoRA file to convert."})
+    format: Literal["diffusers", "webui", "merged", "single-file"] = field(
+        default="webui",
+        metadata={"help": "diffusers: LoRA for load_lora_weights; webui: kohya LoRA file for A1111/ComfyUI; merged: diffusers pipeline folder with the LoRA fused in; single-file: original-layout SD1.5 checkpoint."},
+    )
+    output: str = field(default="", metadata={"help": "Where to write: a .safetensors file (webui, single-file, diffusers) or a folder (diffusers, merged)."})
+    base_model: str | None = field(default=None, metadata={"help": "Base model to merge into; the one recorded in the checkpoint when unset."})
+    dtype: Literal["fp16", "bf16", "fp32"] = field(default="fp16", metadata={"help": "Floating-point type of the written weights."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace an existing output instead of refusing."})
+
+
+# -- output staging -------------------------------------------------------------------------------
+
+
+def _fsync_tree(path: Path) -> None:
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    for file in files:
+        with open(file, "rb+") as handle:
+            os.fsync(handle.fileno())
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def check_output(output: Path, overwrite: bool, protected: list[Path]) -> None:
+    """Refuse an existing output without ``overwrite``, and any output that would replace ``protected``."""
+    resolved = output.resolve()
+    for keep in protected:
+        keep = keep.resolve()
+        if resolved == keep or resolved in keep.parents:
+            raise ExportError(f"output {output} would replace {keep}, which the export reads; choose another path")
+    if (output.exists() or output.is_symlink()) and not overwrite:
+        raise ExportError(f"output {output} already exists; refusing to overwrite it (pass --overwrite to replace it)")
+
+
+@contextlib.contextmanager
+def staged_output(output: Path, overwrite: bool, folder: bool) -> Iterator[Path]:
+    """Yield a temporary file or folder beside ``output``; on success it takes ``output``'s place.
+
+    Unlike :func:`spotune.utils.io.atomic_directory` this may replace an existing output (only with
+    ``overwrite``): the old one is renamed aside, the new one renamed in, then the old one deleted.
+    On failure the temporary is removed and ``output`` is untouched.
+    """
+    output.parent.mkdir(parents=True, exist_ok=True)
+    if folder:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
+    else:
+        fd, name = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
+        os.close(fd)
+        tmp = Path(name)
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        if output.exists() or output.is_symlink():
+            if not overwrite:
+                raise ExportError(f"output {output} appeared while exporting; refusing to overwrite it")
+            old = output.with_name(f".{output.name}.old-{uuid.uuid4().hex[:8]}")
+            os.replace(output, old)
+            os.replace(tmp, output)
+            _remove(old)
+        else:
+            os.replace(tmp, output)
+        with contextlib.suppress(OSError):
+            fd = os.open(output.parent, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def _save_safetensors(tensors: dict[str, torch.Tensor], file: Path, metadata: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(file), metadata=metadata)
+
+
+# -- the formats ----------------------------------------------------------------------------------
+
+
+def _require_lora(source: ExportSource, fmt: str):
+    if source.kind != "lora" or source.lora is None:
+        raise ExportError(
+            f"{source.path} is a full fine-tune (the whole UNet), not a LoRA; format '{fmt}' writes LoRAs. "
+            "Use --format merged or single-file"
+        )
+    return source.lora
+
+
+def _single_file_metadata(source: ExportSource, base: str) -> dict[str, str]:
+    return {
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": "stable-diffusion-v1",
+        "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
+        "modelspec.title": source.title,
+        "modelspec.description": source.description,
+        "modelspec.resolution": f"{source.resolution}x{source.resolution}",
+        "modelspec.prediction_type": "epsilon",
+        "modelspec.date": datetime.datetime.now().replace(microsecond=0).isoformat(),
+        "modelspec.merged_from": str(base),
+    }
+
+
+def export_checkpoint(
+    source: str | Path,
+    format: str,
+    output: str | Path,
+    *,
+    base_model: str | None = None,
+    dtype: str = "fp16",
+    overwrite: bool = False,
+) -> Path:
+    """Export a spotune run/checkpoint (or convert a LoRA file) to ``format`` at ``output``.
+
+    Args:
+        source: a run folder (latest checkpoint), a checkpoint folder, or a LoRA file/folder.
+        format: "diffusers", "webui", "merged" or "single-file".
+        output: the file or folder to write (see the module docstring for which is which).
+        base_model: the model to merge into; defaults to ``base_model`` in the checkpoint's state.json.
+        dtype: "fp16", "bf16" or "fp32" for the written weights.
+        overwrite: replace an existing ``output``; without it an existing output is an error.
+    Returns:
+        The path written.
+    Raises:
+        ExportError, LoraFormatError, CheckpointError, ModelLoadError: naming the path at fault.
+    """
+    if not str(source) or not str(output):
+        raise ExportError("export needs a source (run folder, checkpoint folder or LoRA file) and an output path")
+    if format not in EXPORT_FORMATS:
+        raise ExportError(f"unknown export format '{format}'; expected one of {', '.join(EXPORT_FORMATS)}")
+    if dtype not in DTYPES:
+        raise ExportError(f"unknown dtype '{dtype}'; expected one of {', '.join(DTYPES)}")
+    torch_dtype = DTYPES[dtype]
+    output = Path(output).expanduser()
+    wants_file = format in ("webui", "single-file") or (format == "diffusers" and output.suffix == ".safetensors")
+    if format in ("webui", "single-file") and output.suffix != ".safetensors":
+        raise ExportError(f"format '{format}' writes one file: give an output name ending in .safetensors (got {output})")
+    if format == "merged" and output.suffix in (".safetensors", ".ckpt"):
+        raise ExportError(f"format 'merged' writes a pipeline folder, not {output.name} (use single-file for one file)")
+
+    protected = [Path(source).expanduser()]
+    if base_model and Path(base_model).expanduser().exists():
+        protected.append(Path(base_model).expanduser())
+    check_output(output, overwrite, protected)
+    src = read_export_source(source)
+    recorded_base = base_model or src.base_model
+    if recorded_base and Path(recorded_base).expanduser().exists():
+        check_output(output, overwrite, [Path(recorded_base).expanduser()])
+
+    if format in _LORA_ONLY:
+        lora = _require_lora(src, format)
+        if format == "diffusers":
+            tensors, metadata = diffusers_lora_file(lora, torch_dtype)
+        else:
+            tensors, metadata = webui_lora_file(lora, torch_dtype, src.title, src.description, src.resolution)
+        with staged_output(output, overwrite, folder=not wants_file) as tmp:
+            _save_safetensors(tensors, tmp if wants_file else tmp / DIFFUSERS_LORA_FILE, metadata)
+        return output
+
+    from spotune.export.merge import merged_pipeline
+
+    pipe = merged_pipeline(src, base_model)
+    if format == "merged":
+        pipe.to(dtype=torch_dtype)
+        with staged_output(output, overwrite, folder=True) as tmp:
+            pipe.save_pretrained(tmp, safe_serialization=True)
+        return output
+
+    from spotune.export.original_layout import to_original
+
+    tensors = to_original(pipe.unet, pipe.vae, pipe.text_encoder, dtype=torch_dtype)
+    with staged_output(output, overwrite, folder=False) as tmp:
+        _save_safetensors(tensors, tmp, _single_file_metadata(src, str(recorded_base)))
+    return output

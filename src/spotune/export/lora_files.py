@@ -1,0 +1,372 @@
+"""LoRA weights in memory (:class:`LoraWeights`) and the files they come from and go to.
+
+Reading (:func:`load_lora_file`) accepts a spotune run or checkpoint folder, a diffusers LoRA
+(``pytorch_lora_weights.safetensors`` or its folder) and a kohya/webui ``.safetensors``; all three give
+the same peft-named state dict. Writing (:func:`diffusers_lora_file`, :func:`webui_lora_file`) returns
+tensors plus metadata; the caller writes them atomically.
+
+The scale of a module's update is ``alpha / rank``: ``W' = W + (alpha / r) * B @ A`` with A = lora_A
+[r, in] and B = lora_B [out, r].
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from spotune.errors import SpotuneError
+from spotune.export.naming import (
+    DIFFUSERS_UNET_PREFIX,
+    KOHYA_ALPHA,
+    KOHYA_DOWN,
+    KOHYA_TEXT_PREFIXES,
+    KOHYA_UNET_PREFIX,
+    KOHYA_UP,
+    ORIGINAL_LAYOUT_MARKERS,
+    PEFT_A,
+    PEFT_B,
+    kohya_module_name,
+    module_from_kohya,
+    split_peft_key,
+)
+
+DIFFUSERS_LORA_FILE = "pytorch_lora_weights.safetensors"
+DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"  # what diffusers' save_lora_weights writes
+TORCH_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+class LoraFormatError(SpotuneError, ValueError):
+    """A LoRA file that cannot be read, is for another architecture, or does not fit the model."""
+
+
+@dataclass
+class LoraWeights:
+    """A UNet LoRA in spotune's (peft) naming.
+
+    Attributes:
+        state_dict: ``<module>.lora_A.weight`` [r, in] (or [r, in, kh, kw] for convolutions) and
+            ``<module>.lora_B.weight`` [out, r] (or [out, r, 1, 1]), diffusers module names.
+        rank: the most common rank r over modules.
+        alpha: the most common alpha; a module's update is scaled by its alpha / its rank.
+        source_format: "spotune", "diffusers" or "webui".
+        source: the file or folder the weights were read from (for error messages).
+        alphas: alpha of every module (module name -> alpha).
+    """
+
+    state_dict: dict[str, torch.Tensor]
+    rank: int
+    alpha: float
+    source_format: str
+    source: Path
+    alphas: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def modules(self) -> list[str]:
+        """Adapted module names, sorted."""
+        return sorted({split_peft_key(k)[0] for k in self.state_dict})  # type: ignore[index]
+
+    def module_rank(self, module: str) -> int:
+        return int(self.state_dict[f"{module}.{PEFT_A}"].shape[0])
+
+    def module_alpha(self, module: str) -> float:
+        return float(self.alphas.get(module, self.alpha))
+
+    def module_scale(self, module: str) -> float:
+        """alpha / r of one module: the factor on ``B @ A``."""
+        return self.module_alpha(module) / self.module_rank(module)
+
+    def delta(self, module: str) -> torch.Tensor:
+        """The weight update ``(alpha / r) * B @ A`` of one module in fp32: [out, in] or [out, in, kh, kw]."""
+        a = self.state_dict[f"{module}.{PEFT_A}"].float()
+        b = self.state_dict[f"{module}.{PEFT_B}"].float()
+        if a.ndim == 4:  # conv LoRA: B is [out, r, 1, 1], A is [r, in, kh, kw]
+            product = torch.einsum("or,rikl->oikl", b.flatten(1), a)
+        else:
+            product = b @ a
+        return self.module_scale(module) * product
+
+
+# -- reading --------------------------------------------------------------------------------------
+
+
+def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and safetensors metadata of ``path``; pickles are read with ``weights_only=True``."""
+    try:
+        if path.suffix in TORCH_PICKLE_SUFFIXES:
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+            if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
+                loaded = loaded["state_dict"]
+            if not isinstance(loaded, dict):
+                raise ValueError(f"holds a {type(loaded).__name__}, not a dict of tensors")
+            tensors = {k: v for k, v in loaded.items() if isinstance(v, torch.Tensor)}
+            return tensors, {}
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            return {k: handle.get_tensor(k) for k in handle.keys()}, metadata
+    except Exception as exc:  # safetensors and torch raise many types; the user needs the file name
+        raise LoraFormatError(
+            f"{path}: cannot read it as a LoRA file ({type(exc).__name__}: {exc}); expected a .safetensors "
+            "file (or a torch .bin/.pt)"
+        ) from exc
+
+
+def _majority(values: list[float]) -> float:
+    return collections.Counter(values).most_common(1)[0][0]
+
+
+def _finish(state: dict[str, torch.Tensor], alphas: dict[str, float], fmt: str, source: Path) -> LoraWeights:
+    """Check that every module has a matching A/B pair and wrap them in :class:`LoraWeights`."""
+    if not state:
+        raise LoraFormatError(f"{source}: holds no UNet LoRA weights")
+    modules = sorted({split_peft_key(k)[0] for k in state})  # type: ignore[index]
+    ranks = []
+    for module in modules:
+        a, b = state.get(f"{module}.{PEFT_A}"), state.get(f"{module}.{PEFT_B}")
+        if a is None or b is None:
+            missing = f"{module}.{PEFT_A if a is None else PEFT_B}"
+            raise LoraFormatError(f"{source}: module {module} has no {missing} (each module needs both halves)")
+        if a.ndim not in (2, 4) or b.ndim != a.ndim or a.shape[0] != b.shape[1]:
+            raise LoraFormatError(
+                f"{source}: module {module} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}; expected "
+                "A [r, in] and B [out, r] with the same r"
+            )
+        ranks.append(int(a.shape[0]))
+    alphas = {m: float(alphas.get(m, state[f"{m}.{PEFT_A}"].shape[0])) for m in modules}
+    return LoraWeights(
+        state_dict=state,
+        rank=int(_majority(ranks)),
+        alpha=float(_majority(list(alphas.values()))),
+        source_format=fmt,
+        source=source,
+        alphas=alphas,
+    )
+
+
+def _from_kohya(tensors: dict[str, torch.Tensor], source: Path) -> LoraWeights:
+    text_keys = [k for k in tensors if k.startswith(KOHYA_TEXT_PREFIXES)]
+    if text_keys:
+        only = "only text-encoder weights" if len(text_keys) == len(tensors) else "text-encoder weights"
+        raise LoraFormatError(
+            f"{source}: holds {only} (e.g. {text_keys[0]}); spotune applies UNet LoRAs "
+            f"(keys starting with {KOHYA_UNET_PREFIX})"
+        )
+    state: dict[str, torch.Tensor] = {}
+    alphas: dict[str, float] = {}
+    for key, value in tensors.items():
+        name, _, part = key.partition(".")
+        if not name.startswith(KOHYA_UNET_PREFIX):
+            raise LoraFormatError(f"{source}: key {key} is not a kohya UNet LoRA key (expected {KOHYA_UNET_PREFIX}...)")
+        body = name.removeprefix(KOHYA_UNET_PREFIX)
+        if body.startswith(ORIGINAL_LAYOUT_MARKERS):
+            raise LoraFormatError(
+                f"{source}: key {key} names a module of the original (LDM/sgm) UNet layout, as kohya writes "
+                "for SDXL; this LoRA is not for an SD1.5 UNet with diffusers module names"
+            )
+        module = module_from_kohya(body)
+        if part == KOHYA_DOWN:
+            state[f"{module}.{PEFT_A}"] = value
+        elif part == KOHYA_UP:
+            state[f"{module}.{PEFT_B}"] = value
+        elif part == KOHYA_ALPHA:
+            alphas[module] = float(value.float().item())
+        else:
+            raise LoraFormatError(
+                f"{source}: key {key} is not plain LoRA (expected .{KOHYA_DOWN}, .{KOHYA_UP} or .{KOHYA_ALPHA}; "
+                "LyCORIS/LoHa/DoRA variants are not supported)"
+            )
+    return _finish(state, alphas, "webui", source)
+
+
+def _pattern_value(module: str, patterns: dict[str, Any]) -> Any | None:
+    """peft's rule for rank_pattern / alpha_pattern keys: the key matches a suffix of the module path."""
+    for pattern, value in patterns.items():
+        if re.fullmatch(rf"(.*\.)?(?:{pattern})", module):
+            return value
+    return None
+
+
+def _from_diffusers(tensors: dict[str, torch.Tensor], metadata: dict[str, str], source: Path) -> LoraWeights:
+    config: dict[str, Any] = {}
+    if DIFFUSERS_METADATA_KEY in metadata:
+        try:
+            packed = json.loads(metadata[DIFFUSERS_METADATA_KEY])
+        except json.JSONDecodeError as exc:
+            raise LoraFormatError(f"{source}: metadata '{DIFFUSERS_METADATA_KEY}' is not JSON ({exc})") from exc
+        config = {k.removeprefix(DIFFUSERS_UNET_PREFIX): v for k, v in packed.items() if k.startswith(DIFFUSERS_UNET_PREFIX)}
+    state: dict[str, torch.Tensor] = {}
+    alphas: dict[str, float] = {}
+    for key, value in tensors.items():
+        if key.startswith(("text_encoder.", "text_encoder_2.")):
+            raise LoraFormatError(f"{source}: key {key} is a text-encoder LoRA weight; spotune applies UNet LoRAs only")
+        name = key.removeprefix(DIFFUSERS_UNET_PREFIX)
+        # The pre-peft diffusers spelling of the same tensors.
+        name = name.replace(".lora.down.weight", f".{PEFT_A}").replace(".lora.up.weight", f".{PEFT_B}")
+        if name.endswith(".alpha") and value.numel() == 1:
+            alphas[name.removesuffix(".alpha")] = float(value.float().item())
+        elif split_peft_key(name):
+            state[name] = value
+        else:
+            raise LoraFormatError(
+                f"{source}: key {key} is not a LoRA weight (expected unet.<module>.lora_A.weight / lora_B.weight)"
+            )
+    modules = {split_peft_key(k)[0] for k in state}  # type: ignore[index]
+    if config:
+        # diffusers' metadata is the LoraConfig: lora_alpha with per-module exceptions in alpha_pattern.
+        for module in modules:
+            if module in alphas:
+                continue
+            alpha = _pattern_value(module, config.get("alpha_pattern") or {})
+            alphas[module] = float(alpha if alpha is not None else config.get("lora_alpha", config.get("r")))
+    # Without metadata diffusers takes alpha = rank (scale 1), which _finish does for missing modules.
+    return _finish(state, alphas, "diffusers", source)
+
+
+def _from_checkpoint(folder: Path) -> LoraWeights:
+    from spotune.checkpoint import load_weights, read_state, resolve_checkpoint
+
+    checkpoint = resolve_checkpoint(folder)
+    state = read_state(checkpoint)
+    kind, weights = load_weights(checkpoint)
+    if kind != "lora":
+        raise LoraFormatError(
+            f"{checkpoint}: a full fine-tune checkpoint holds a whole UNet, not a LoRA "
+            "(export it with --format merged or single-file)"
+        )
+    lora = state.get("lora") or {}
+    rank = int(lora.get("rank") or _majority([int(v.shape[0]) for k, v in weights.items() if k.endswith(PEFT_A)]))
+    alpha = float(lora["alpha"]) if lora.get("alpha") is not None else float(rank)
+    modules = {split_peft_key(k)[0] for k in weights if split_peft_key(k)}  # type: ignore[index]
+    unknown = [k for k in weights if not split_peft_key(k)]
+    if unknown:
+        raise LoraFormatError(f"{checkpoint}/lora.safetensors: key {unknown[0]} is not a peft LoRA weight")
+    return _finish(weights, {m: alpha for m in modules}, "spotune", checkpoint)
+
+
+def _detect(tensors: dict[str, torch.Tensor]) -> str | None:
+    if any(k.startswith((KOHYA_UNET_PREFIX, *KOHYA_TEXT_PREFIXES)) for k in tensors):
+        return "webui"
+    if any(".lora_A." in k or ".lora_B." in k or ".lora.down." in k or ".lora.up." in k for k in tensors):
+        return "diffusers"
+    return None
+
+
+def load_lora_file(path: str | Path) -> LoraWeights:
+    """Read a UNet LoRA from any of the formats spotune knows.
+
+    Args:
+        path: a spotune run folder (latest checkpoint) or checkpoint folder; a diffusers LoRA folder
+            (with ``pytorch_lora_weights.safetensors``) or file; a kohya/webui ``.safetensors``.
+    Raises:
+        LoraFormatError: naming the file and the first key that does not fit (text-encoder-only,
+            original-layout/SDXL names, LyCORIS variants, corrupt files).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise LoraFormatError(f"{path} does not exist (expected a LoRA .safetensors file, or a run/checkpoint folder)")
+    if path.is_dir():
+        if (path / "state.json").is_file() or (path / "checkpoints").is_dir():
+            return _from_checkpoint(path)
+        if (path / DIFFUSERS_LORA_FILE).is_file():
+            path = path / DIFFUSERS_LORA_FILE
+        else:
+            raise LoraFormatError(
+                f"{path} is a folder but neither a spotune run/checkpoint (state.json or checkpoints/) nor a "
+                f"diffusers LoRA folder ({DIFFUSERS_LORA_FILE})"
+            )
+    tensors, metadata = _read_tensors(path)
+    kind = _detect(tensors)
+    if kind == "webui":
+        return _from_kohya(tensors, path)
+    if kind == "diffusers":
+        return _from_diffusers(tensors, metadata, path)
+    if any(k.startswith("model.diffusion_model.") for k in tensors):
+        raise LoraFormatError(f"{path} is a full model checkpoint, not a LoRA (pass it as the base model)")
+    first = next(iter(tensors), "(no tensors)")
+    raise LoraFormatError(
+        f"{path}: no LoRA weights recognised (first key {first}); expected kohya keys "
+        f"({KOHYA_UNET_PREFIX}...lora_down.weight) or diffusers keys (unet.<module>.lora_A.weight)"
+    )
+
+
+# -- writing --------------------------------------------------------------------------------------
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return tensor.detach().to("cpu", dtype=dtype).contiguous()
+
+
+def diffusers_lora_file(weights: LoraWeights, dtype: torch.dtype = torch.float16) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata in the layout of diffusers' ``StableDiffusionPipeline.save_lora_weights``.
+
+    Keys are ``unet.<module>.lora_A.weight`` / ``lora_B.weight``. Alphas travel as diffusers does when
+    given ``unet_lora_adapter_metadata``: the adapter's ``LoraConfig`` as JSON under
+    ``lora_adapter_metadata``, keys prefixed ``unet.``; ``load_lora_weights`` builds its LoraConfig from
+    it, so alpha != rank survives. Only the fields that define the update are written (r, lora_alpha,
+    target_modules, rank_pattern, alpha_pattern): a full ``LoraConfig.to_dict()`` names fields that
+    older peft releases reject, which would make the file unloadable there.
+    """
+    modules = weights.modules
+    config = {
+        "r": weights.rank,
+        "lora_alpha": weights.alpha,
+        "target_modules": modules,
+        # Anchored as diffusers anchors its own rank patterns, so a path never matches a deeper suffix.
+        "rank_pattern": {f"^{m}": r for m in modules if (r := weights.module_rank(m)) != weights.rank},
+        "alpha_pattern": {f"^{m}": a for m in modules if (a := weights.module_alpha(m)) != weights.alpha},
+    }
+    packed = {f"{DIFFUSERS_UNET_PREFIX}{key}": value for key, value in config.items()}
+    tensors = {f"{DIFFUSERS_UNET_PREFIX}{k}": _cast(v, dtype) for k, v in sorted(weights.state_dict.items())}
+    metadata = {"format": "pt", DIFFUSERS_METADATA_KEY: json.dumps(packed, indent=2, sort_keys=True)}
+    return tensors, metadata
+
+
+def webui_metadata(weights: LoraWeights, title: str, description: str = "", resolution: int = 512) -> dict[str, str]:
+    """kohya ``ss_*`` and Stability's ``modelspec.*`` metadata for an SD1.5 LoRA (every value a string)."""
+    return {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(weights.rank),
+        "ss_network_alpha": str(float(weights.alpha)),
+        "ss_base_model_version": "sd_v1",
+        "ss_v2": "False",
+        "ss_output_name": title,
+        "ss_training_comment": description,
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": "stable-diffusion-v1/lora",
+        "modelspec.implementation": "diffusers",
+        "modelspec.title": title,
+        "modelspec.description": description,
+        "modelspec.resolution": f"{resolution}x{resolution}",
+        "modelspec.prediction_type": "epsilon",
+        "modelspec.date": datetime.datetime.now().replace(microsecond=0).isoformat(),
+    }
+
+
+def webui_lora_file(
+    weights: LoraWeights,
+    dtype: torch.dtype = torch.float16,
+    title: str = "spotune LoRA",
+    description: str = "",
+    resolution: int = 512,
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """One kohya-named state dict for A1111/Forge/ComfyUI, plus its metadata.
+
+    Keys: ``lora_unet_<module>.lora_down.weight`` (= lora_A), ``.lora_up.weight`` (= lora_B) and
+    ``.alpha`` (0-dim). The alpha stays fp32 whatever ``dtype`` is, so e.g. 0.3 is not rounded to
+    fp16's 0.2998 (readers call ``.item()`` on it, so its dtype does not matter to them).
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    for module in weights.modules:
+        name = kohya_module_name(module)
+        tensors[f"{name}.{KOHYA_DOWN}"] = _cast(weights.state_dict[f"{module}.{PEFT_A}"], dtype)
+        tensors[f"{name}.{KOHYA_UP}"] = _cast(weights.state_dict[f"{module}.{PEFT_B}"], dtype)
+        tensors[f"{name}.{KOHYA_ALPHA}"] = torch.tensor(weights.module_alpha(module), dtype=torch.float32)
+    return tensors, webui_metadata(weights, title, description, resolution)

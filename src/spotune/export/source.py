@@ -1,0 +1,85 @@
+"""What an export starts from: a spotune run/checkpoint (LoRA or full fine-tune), or a LoRA file."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from spotune.errors import SpotuneError
+from spotune.export.lora_files import LoraWeights, load_lora_file
+
+
+class ExportError(SpotuneError, ValueError):
+    """An export that cannot be done as asked (output exists, no base model, wrong kind of source...)."""
+
+
+@dataclass
+class ExportSource:
+    """The trained weights to export and what is known about them.
+
+    Attributes:
+        path: the checkpoint folder (resolved from a run folder) or the LoRA file given.
+        kind: "lora" or "full".
+        lora: the LoRA (kind "lora").
+        unet_state: the whole trained UNet state dict (kind "full").
+        base_model: the model source the run trained on (state.json), ``None`` for a bare LoRA file.
+        title: a human-readable name for metadata (run name and checkpoint).
+        description: one sentence for metadata.
+        resolution: training image size in pixels (for modelspec metadata).
+    """
+
+    path: Path
+    kind: str
+    lora: LoraWeights | None
+    unet_state: dict[str, torch.Tensor] | None
+    base_model: str | None
+    title: str
+    description: str
+    resolution: int = 512
+
+
+def _is_checkpoint_or_run(path: Path) -> bool:
+    return path.is_dir() and ((path / "state.json").is_file() or (path / "checkpoints").is_dir())
+
+
+def read_export_source(source: str | Path) -> ExportSource:
+    """Read a run folder (its latest checkpoint), a checkpoint folder, or a LoRA file/folder.
+
+    Raises:
+        CheckpointError / LoraFormatError / ExportError: naming the path and what was expected.
+    """
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise ExportError(f"{path} does not exist (expected a spotune run folder, a checkpoint folder, or a LoRA file)")
+    if not _is_checkpoint_or_run(path):
+        lora = load_lora_file(path)
+        return ExportSource(
+            path=lora.source,
+            kind="lora",
+            lora=lora,
+            unet_state=None,
+            base_model=None,
+            title=path.stem,
+            description=f"LoRA converted by spotune from {path.name}",
+        )
+
+    from spotune.checkpoint import load_weights, read_state, resolve_checkpoint
+
+    checkpoint = resolve_checkpoint(path)
+    state = read_state(checkpoint)
+    run_name = checkpoint.parent.parent.name if checkpoint.parent.name == "checkpoints" else checkpoint.parent.name
+    title = f"{run_name}-{checkpoint.name}"
+    config = state.get("config") or {}
+    resolution = int(config.get("resolution") or 512)
+    base_model = state.get("base_model")
+    description = (
+        f"SPO (Step-by-step Preference Optimization) fine-tune made with spotune: run {run_name}, "
+        f"{checkpoint.name} (iteration {state.get('iteration')}), base model {base_model}"
+    )
+    if state.get("finetune") == "full":
+        _, unet_state = load_weights(checkpoint)
+        return ExportSource(checkpoint, "full", None, unet_state, base_model, title, description, resolution)
+    lora = load_lora_file(checkpoint)
+    return ExportSource(checkpoint, "lora", lora, None, base_model, title, description, resolution)

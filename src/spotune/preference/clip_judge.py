@@ -186,6 +186,29 @@ class PickScoreJudge(ClipStyleJudge):
         super().__init__(tokenizer, size, **kwargs)
         self.model = model.eval().requires_grad_(False)
 
+    @classmethod
+    def from_pretrained(
+        cls,
+        clip_path: str,
+        processor_path: str | None = None,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> "PickScoreJudge":
+        """Load PickScore (or any CLIPModel) from a local folder, ready to judge.
+
+        Args:
+            clip_path: a CLIPModel folder (PickScore_v1), or ``builtin:tiny-clip``.
+            processor_path: folder with the tokenizer and ``preprocessor_config.json`` (default: ``clip_path``).
+            device, dtype: where and in what precision to put the weights (CPU, float32 by default).
+        Raises:
+            spotune.preference.loading.JudgeLoadError: a missing folder, weights or tokenizer (named).
+        """
+        from spotune.preference.loading import load_clip
+
+        model, tokenizer, processing = load_clip(clip_path, processor_path, dtype)
+        judge = cls(model, tokenizer, processing.size, image_mean=processing.mean, image_std=processing.std)
+        return judge.to(device=device, dtype=dtype or torch.float32).eval()
+
     def image_features(self, pixel_values: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         out = self.model.vision_model(pixel_values=pixel_values)
         return self.model.visual_projection(out.pooler_output)

@@ -1,0 +1,58 @@
+"""One entry point that turns a config's judge settings into a ready :class:`ClipStyleJudge`."""
+
+from __future__ import annotations
+
+import torch
+
+from spotune.preference.clip_judge import ClipStyleJudge, PickScoreJudge
+from spotune.preference.loading import BUILTIN_TINY_CLIP, JudgeLoadError
+from spotune.preference.step_aware import StepAwarePreferenceModel
+
+JUDGE_KINDS = ("spm", "pickscore", "tiny-clip", "tiny-spm")
+
+
+def build_judge(
+    kind: str,
+    clip_path: str | None = None,
+    checkpoint: str | None = None,
+    processor_path: str | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> ClipStyleJudge:
+    """Build the judge SPO (or an evaluation) scores candidates with, in eval mode without gradients.
+
+    Args:
+        kind: ``spm`` (step-aware, the paper's: ``clip_path`` = PickScore_v1 folder + ``checkpoint``),
+            ``pickscore`` (plain, timestep-blind: ``clip_path``), ``tiny-clip`` (the tiny random CLIP built
+            in code, for CPU runs) or ``tiny-spm`` (an SPM over the tiny CLIP; untrained unless
+            ``checkpoint`` names a tiny train-spm run).
+        clip_path: a local CLIPModel folder (spm, pickscore).
+        checkpoint: an official ``.bin``, a ``.safetensors`` written by spotune, or a train-spm run or
+            checkpoint folder (its latest checkpoint is used).
+        processor_path: folder with the tokenizer and ``preprocessor_config.json`` (default: ``clip_path``).
+        device, dtype: where and in what precision the judge runs (CPU, float32 by default).
+    Raises:
+        JudgeLoadError: an unknown kind, a missing path, or files that do not fit (each named).
+    """
+    if kind == "tiny-clip":
+        if checkpoint is not None:
+            raise JudgeLoadError("judge kind tiny-clip takes no checkpoint (did you mean tiny-spm?)")
+        return PickScoreJudge.from_pretrained(BUILTIN_TINY_CLIP, processor_path, device=device, dtype=dtype)
+    if kind == "tiny-spm":
+        return StepAwarePreferenceModel.from_pretrained(
+            BUILTIN_TINY_CLIP, checkpoint, processor_path, device=device, dtype=dtype
+        )
+    if kind == "pickscore":
+        if not clip_path:
+            raise JudgeLoadError("judge kind pickscore needs clip_path: a local CLIPModel folder (PickScore_v1)")
+        if checkpoint is not None:
+            raise JudgeLoadError("judge kind pickscore takes no checkpoint (use kind spm for a step-aware checkpoint)")
+        return PickScoreJudge.from_pretrained(clip_path, processor_path, device=device, dtype=dtype)
+    if kind == "spm":
+        if not clip_path or not checkpoint:
+            raise JudgeLoadError(
+                "judge kind spm needs clip_path (a local PickScore_v1 CLIPModel folder) and checkpoint (an "
+                "official *_step-aware_preference_model.bin, a .safetensors, or a train-spm run folder)"
+            )
+        return StepAwarePreferenceModel.from_pretrained(clip_path, checkpoint, processor_path, device=device, dtype=dtype)
+    raise JudgeLoadError(f"unknown judge kind {kind!r}; expected one of {', '.join(JUDGE_KINDS)}")

@@ -128,3 +128,27 @@ def test_bad_arguments(tiny_pipeline):
         _run(tiny_pipeline, RecordingJudge(), steps=4, divert=4)
     with pytest.raises(ValueError, match="num_candidates"):
         _run(tiny_pipeline, RecordingJudge(), k=1)
+
+
+def test_trajectory_pairs_propagate_the_final_label_to_every_step(tiny_pipeline):
+    from spotune.diffusion.sampler import trajectory_sample
+
+    judge = RecordingJudge()
+    b, steps, divert = 3, 6, 2
+    prompts = [f"prompt {i}" for i in range(b)]
+    emb = encode_prompts(tiny_pipeline.tokenizer, tiny_pipeline.text_encoder, prompts)
+    neg = encode_prompts(tiny_pipeline.tokenizer, tiny_pipeline.text_encoder, [""])
+    g = torch.Generator().manual_seed(0)
+    result = trajectory_sample(
+        tiny_pipeline.unet, tiny_pipeline.vae, tiny_pipeline.scheduler, judge, prompts, emb, neg,
+        torch.randn(2 * b, 4, 8, 8, generator=g), num_inference_steps=steps, divert_start_step=divert,
+        threshold=0.0, generator=g,
+    )
+    assert result.judge_calls == len(judge.calls) == 1 and judge.calls[0][2].tolist() == [0] * (2 * b)
+    pairs = result.pairs
+    valid = int(result.valid.sum())
+    assert len(pairs) == valid * (steps - divert) and pairs.latents_lose is not None
+    # the two steps of a tuple start from different chains, and consecutive steps chain together
+    assert not torch.equal(pairs.latents, pairs.latents_lose)
+    first, second = pairs.select(pairs.step_index == divert), pairs.select(pairs.step_index == divert + 1)
+    assert torch.equal(first.win, second.latents) and torch.equal(first.lose, second.latents_lose)

@@ -177,3 +177,11 @@ def test_disk_failure_during_save_keeps_the_previous_checkpoint(tmp_path, monkey
     assert (good / "lora.safetensors").read_bytes() == good_bytes
     leftovers = [p.name for p in (out / "checkpoints").iterdir() if p.name != "iter-00000001"]
     assert leftovers == [], f"half-written checkpoint folders left behind: {leftovers}"
+
+
+def test_trajectory_baseline_trains(tmp_path):
+    assert train(tmp_path / "traj", "pairing=trajectory", "max_iterations=2") == 0
+    (ckpt,) = list_checkpoints(tmp_path / "traj")
+    state = read_state(ckpt)
+    assert state["config"]["pairing"] == "trajectory" and state["optimizer_step"] >= 1
+    assert any(v.abs().sum() > 0 for k, v in load_file(str(ckpt / "lora.safetensors")).items() if "lora_B" in k)

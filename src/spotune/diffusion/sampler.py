@@ -73,15 +73,17 @@ def decode_latents(vae, latents: torch.Tensor, chunk_size: int = 8) -> torch.Ten
 
 @dataclass
 class StepPairs:
-    """Training tuples kept by the sampler, N of them.
+    """Training tuples kept by a sampler, N of them.
 
     Attributes:
-        latents: [N, C, h, w] the shared x_t.
+        latents: [N, C, h, w] x_t the winning step starts from (for SPO, the x_t both candidates share).
         win, lose: [N, C, h, w] the preferred and the rejected x_{t-1}.
         timesteps: [N] long, t of x_t.
         prompt_embeds: [N, L, D] embeddings of the tuple's prompt.
         prompt_index: [N] long, index of the prompt in its sampling batch.
         step_index: [N] long, index i of the denoising step.
+        latents_lose: [N, C, h, w] x_t the losing step starts from, only for trajectory-level pairs (two
+            different chains); ``None`` when both steps share ``latents``, as in SPO.
     """
 
     latents: torch.Tensor
@@ -91,19 +93,31 @@ class StepPairs:
     prompt_embeds: torch.Tensor
     prompt_index: torch.Tensor
     step_index: torch.Tensor
+    latents_lose: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.latents.shape[0]
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The fields that hold tensors (``latents_lose`` only when present)."""
+        return {k: v for k, v in vars(self).items() if v is not None}
+
     def select(self, index: torch.Tensor) -> "StepPairs":
-        return StepPairs(**{k: v[index] for k, v in vars(self).items()})
+        return StepPairs(**{k: v[index] for k, v in self.tensors().items()})
 
     def to(self, device: torch.device | str) -> "StepPairs":
-        return StepPairs(**{k: v.to(device) for k, v in vars(self).items()})
+        return StepPairs(**{k: v.to(device) for k, v in self.tensors().items()})
 
     @staticmethod
     def cat(parts: list["StepPairs"]) -> "StepPairs":
-        return StepPairs(**{k: torch.cat([getattr(p, k) for p in parts]) for k in vars(parts[0])})
+        return StepPairs(**{k: torch.cat([p.tensors()[k] for p in parts]) for k in parts[0].tensors()})
+
+    @staticmethod
+    def empty_like(latents: torch.Tensor, prompt_embeds: torch.Tensor, trajectory: bool = False) -> "StepPairs":
+        """No tuples, with the right trailing shapes, dtypes and device."""
+        none = latents[:0]
+        index = torch.zeros(0, dtype=torch.long, device=latents.device)
+        return StepPairs(none, none, none, index, prompt_embeds[:0], index, index, none if trajectory else None)
 
 
 @dataclass
@@ -239,17 +253,7 @@ def spo_sample(
         if progress:
             progress(1)
 
-    if kept:
-        pairs = StepPairs.cat(kept)
-    else:
-        empty = x[:0]
-        pairs = StepPairs(
-            latents=empty, win=empty, lose=empty,
-            timesteps=torch.zeros(0, dtype=torch.long, device=device),
-            prompt_embeds=prompt_embeds[:0],
-            prompt_index=torch.zeros(0, dtype=torch.long, device=device),
-            step_index=torch.zeros(0, dtype=torch.long, device=device),
-        )
+    pairs = StepPairs.cat(kept) if kept else StepPairs.empty_like(x, prompt_embeds)
     return SamplingResult(
         pairs=pairs,
         final_latents=x,
@@ -281,3 +285,79 @@ def ddim_sample(
         noise_pred = guided_noise_pred(unet, x, t.expand(x.shape[0]), prompt_embeds, negative_embeds, guidance_scale)
         x = scheduler.step(noise_pred, t, x, eta=eta, generator=generator).prev_sample
     return x
+
+
+@torch.no_grad()
+def trajectory_sample(
+    unet: UNet2DConditionModel,
+    vae,
+    scheduler: DDIMScheduler,
+    judge: PreferenceModel,
+    prompts: list[str],
+    prompt_embeds: torch.Tensor,
+    negative_embeds: torch.Tensor,
+    latents: torch.Tensor,
+    *,
+    num_inference_steps: int = 20,
+    eta: float = 1.0,
+    guidance_scale: float = 5.0,
+    divert_start_step: int = 4,
+    threshold: float = 0.3,
+    generator: torch.Generator | None = None,
+    decode_chunk_size: int = 8,
+) -> SamplingResult:
+    """The trajectory-level baseline SPO argues against (Diffusion-DPO style), for comparison.
+
+    Two independent chains per prompt; only their *final* images are judged (at t = 0), and that one
+    label is propagated to every step i >= ``divert_start_step`` of the two chains: tuple i pairs the
+    winner's step (x_{t_i}^w -> x_{t_{i+1}}^w) with the loser's (x_{t_i}^l -> x_{t_{i+1}}^l). The steps
+    start from different states, so ``latents_lose`` is set. Same outputs as :func:`spo_sample`, with
+    ``scores`` [1, 2, b].
+
+    Args:
+        latents: [2*b, C, h, w] initial noise for the two chains (chain j of prompt p at row j*b + p).
+        others: as in :func:`spo_sample`.
+    """
+    b = len(prompts)
+    if latents.shape[0] != 2 * b:
+        raise ValueError(f"trajectory sampling needs 2 chains per prompt: {2 * b} latents, got {latents.shape[0]}")
+    device = latents.device
+    scheduler.set_timesteps(num_inference_steps, device=device)
+    embeds2 = prompt_embeds.repeat(2, 1, 1)  # [2b, L, D]
+    states = [latents]
+    for t in scheduler.timesteps:
+        t_batch = t.expand(2 * b)
+        out = guided_noise_pred(unet, states[-1], t_batch, embeds2, negative_embeds, guidance_scale)
+        x_next, _ = ddim_step_with_logprob(scheduler, out, t_batch, states[-1], eta, generator=generator)
+        states.append(x_next)
+    images = decode_latents(vae, states[-1].float(), decode_chunk_size)
+    scores = judge.score(images, list(prompts) * 2, torch.zeros(2 * b, dtype=torch.long, device=device))
+    scores = scores.float().view(2, b)
+    indices, valid = select_pair(scores, threshold)  # [2, b], [b]
+    keep = valid.nonzero().squeeze(1)
+    chains = torch.stack(states).view(len(states), 2, b, *latents.shape[1:])  # [N+1, 2, b, C, h, w]
+    kept = []
+    for i in range(divert_start_step, num_inference_steps):
+        win_chain, lose_chain = indices[0, keep], indices[1, keep]
+        kept.append(
+            StepPairs(
+                latents=chains[i, win_chain, keep],
+                win=chains[i + 1, win_chain, keep],
+                lose=chains[i + 1, lose_chain, keep],
+                timesteps=scheduler.timesteps[i].expand(keep.numel()).long(),
+                prompt_embeds=prompt_embeds[keep],
+                prompt_index=keep,
+                step_index=torch.full_like(keep, i),
+                latents_lose=chains[i, lose_chain, keep],
+            )
+        )
+    pairs = StepPairs.cat(kept) if keep.numel() else StepPairs.empty_like(latents, prompt_embeds, trajectory=True)
+    return SamplingResult(
+        pairs=pairs,
+        final_latents=states[-1][:b],
+        scores=scores[None],
+        valid=valid[None],
+        choices=torch.zeros(1, b, dtype=torch.long, device=device),
+        judge_calls=1,
+        unet_calls=num_inference_steps,
+    )

@@ -40,7 +40,14 @@ from spotune.checkpoint import (
 from spotune.config import config_to_dict, config_to_yaml
 from spotune.data.prompts import load_prompts
 from spotune.diffusion.ddim import ddim_step_with_logprob
-from spotune.diffusion.sampler import StepPairs, ddim_sample, decode_latents, guided_noise_pred, spo_sample
+from spotune.diffusion.sampler import (
+    StepPairs,
+    ddim_sample,
+    decode_latents,
+    guided_noise_pred,
+    spo_sample,
+    trajectory_sample,
+)
 from spotune.errors import SpotuneError
 from spotune.losses import spo_loss
 from spotune.models.loading import load_pipeline
@@ -290,9 +297,17 @@ class SPOTrainer:
         generator = torch.Generator(acc.device).manual_seed(_seed_for(cfg.seed, self.iteration, acc.process_index, 1))
         b = len(prompts)
         prompt_embeds = encode_prompts(self.tokenizer, self.text_encoder, prompts, acc.device)  # [b, 77, D]
-        latents = torch.randn((b, *self.latent_shape), generator=generator, device=acc.device, dtype=self.weight_dtype)
-        latents = latents * self.scheduler.init_noise_sigma  # x_T: [b, 4, h, w]
+        chains = 2 * b if cfg.pairing == "trajectory" else b
+        latents = torch.randn((chains, *self.latent_shape), generator=generator, device=acc.device, dtype=self.weight_dtype)
+        latents = latents * self.scheduler.init_noise_sigma  # x_T: [b, 4, h, w] ([2b, ...] for trajectory pairs)
         with acc.autocast():
+            if cfg.pairing == "trajectory":
+                return trajectory_sample(
+                    unet, self.vae, self.scheduler, self.judge, prompts, prompt_embeds, self.negative_embeds, latents,
+                    num_inference_steps=cfg.num_inference_steps, eta=cfg.eta, guidance_scale=cfg.guidance_scale,
+                    divert_start_step=cfg.divert_start_step, threshold=cfg.preference_threshold,
+                    generator=generator, decode_chunk_size=cfg.decode_chunk_size,
+                )
             return spo_sample(
                 unet, self.vae, self.scheduler, self.judge, prompts, prompt_embeds, self.negative_embeds, latents,
                 num_inference_steps=cfg.num_inference_steps, eta=cfg.eta, guidance_scale=cfg.guidance_scale,
@@ -315,7 +330,7 @@ class SPOTrainer:
             from accelerate.utils import gather, pad_across_processes
 
             counts = gather(torch.tensor([len(pairs)], device=acc.device)).tolist()
-            padded = {k: pad_across_processes(v.contiguous(), dim=0) for k, v in vars(pairs).items()}
+            padded = {k: pad_across_processes(v.contiguous(), dim=0) for k, v in pairs.tensors().items()}
             gathered = {k: gather(v) for k, v in padded.items()}
             width = max(counts)
             keep = torch.cat([torch.arange(r * width, r * width + c) for r, c in enumerate(counts)]).to(acc.device)
@@ -363,6 +378,10 @@ class SPOTrainer:
         """
         cfg, acc = self.config, self.accelerator
         x_t, t, embeds = batch.latents, batch.timesteps, batch.prompt_embeds  # [n,4,h,w], [n], [n,77,D]
+        shared = batch.latents_lose is None
+        if not shared:  # trajectory pairs: the two steps start from different states, so two passes
+            x_t = torch.cat([batch.latents, batch.latents_lose])
+            t, embeds = torch.cat([t, t]), torch.cat([embeds, embeds])
         with acc.autocast():
             out = guided_noise_pred(self.unet, x_t, t, embeds, self.negative_embeds, cfg.guidance_scale)
             with torch.no_grad():
@@ -372,11 +391,13 @@ class SPOTrainer:
                         out_ref = guided_noise_pred(base, x_t, t, embeds, self.negative_embeds, cfg.guidance_scale)
                 else:
                     out_ref = guided_noise_pred(self.reference_unet, x_t, t, embeds, self.negative_embeds, cfg.guidance_scale)
+        n = len(batch)
+        lose_rows = slice(0, n) if shared else slice(n, 2 * n)
         logps = {}
         for name, model_out in (("", out), ("_ref", out_ref)):
-            for side, target in (("win", batch.win), ("lose", batch.lose)):
+            for side, target, rows in (("win", batch.win, slice(0, n)), ("lose", batch.lose, lose_rows)):
                 _, logps[f"{side}{name}"] = ddim_step_with_logprob(
-                    self.scheduler, model_out, t, x_t, cfg.eta, prev_sample=target
+                    self.scheduler, model_out[rows], t[rows], x_t[rows], cfg.eta, prev_sample=target
                 )
         loss, stats = spo_loss(logps["win"], logps["win_ref"], logps["lose"], logps["lose_ref"], cfg.beta, cfg.eps)
         return loss, stats

@@ -50,6 +50,9 @@ class TrainSPOConfig:
     sample_batch_size: int = _help("Prompts per sampling batch, per process.", 10)
     resolution: int | None = _help("Image size in pixels; the model's own default (512 for SD1.5) when unset.", None)
     decode_chunk_size: int = _help("Images decoded by the VAE at once while judging (memory bound).", 8)
+    pairing: Literal["step", "trajectory"] = _help(
+        "step: SPO's step-wise pairs from a shared x_t. trajectory: the Diffusion-DPO-style baseline SPO argues "
+        "against (two chains per prompt, the final images' label applied to every step), for comparisons.", "step")
     # -- SPO loss ------------------------------------------------------------------------------------
     beta: float = _help("Inverse temperature of the step-wise DPO loss.", 10.0)
     eps: float = _help("Likelihood-ratio clip range: ratios are clamped to [1-eps, 1+eps].", 0.1)

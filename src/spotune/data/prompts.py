@@ -129,3 +129,49 @@ def load_prompt_records(path: str | Path, column: str | None = None) -> list[dic
 def load_prompts(path: str | Path, column: str | None = None) -> list[str]:
     """The prompts of a prompt file, in file order (see :func:`load_prompt_records`)."""
     return [r["prompt"] for r in load_prompt_records(path, column)]
+
+
+# -- the HPS v2 benchmark layout --------------------------------------------------------------------
+
+# The benchmark's four styles, in the order its tables list them (files are <style>.json).
+HPSV2_STYLES = ("anime", "concept-art", "paintings", "photo")
+
+
+def load_hpsv2_prompt_records(folder: str | Path) -> list[dict[str, Any]]:
+    """Prompts of the HPS v2 benchmark layout: a folder with one JSON list of prompts per style.
+
+    ``anime.json``, ``concept-art.json``, ``paintings.json`` and ``photo.json`` come first in that
+    order; any other ``*.json`` list in the folder is read after them, as its own style (sorted by name).
+
+    Returns:
+        One record per prompt: ``{"prompt": ..., "style": <file stem>, "category": <file stem>}``.
+    Raises:
+        PromptFileError: no JSON file in the folder, or a file that is not a list of non-empty strings.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise PromptFileError(f"{folder} is not a folder (expected the HPS v2 benchmark layout: one <style>.json per style)")
+    found = {f.stem: f for f in folder.glob("*.json")}
+    files = [found[s] for s in HPSV2_STYLES if s in found] + sorted(f for s, f in found.items() if s not in HPSV2_STYLES)
+    if not files:
+        raise PromptFileError(f"{folder} holds no .json file (expected anime.json, concept-art.json, paintings.json, photo.json)")
+    records: list[dict[str, Any]] = []
+    for file in files:
+        try:
+            data = json.loads(file.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise PromptFileError(f"{file}: not valid UTF-8 JSON ({exc})") from None
+        if not isinstance(data, list) or not data:
+            raise PromptFileError(f"{file}: expected a non-empty JSON list of prompts (the HPS v2 benchmark layout)")
+        for i, prompt in enumerate(data):
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise PromptFileError(f"{file}: item {i} is {prompt!r}, expected a non-empty prompt string")
+            records.append({"prompt": prompt, "style": file.stem, "category": file.stem})
+    return records
+
+
+def load_prompt_set(path: str | Path, column: str | None = None) -> list[dict[str, Any]]:
+    """Records of a prompt file (:func:`load_prompt_records`) or of an HPS v2 benchmark folder."""
+    if Path(path).is_dir():
+        return load_hpsv2_prompt_records(path)
+    return load_prompt_records(path, column)

@@ -150,7 +150,8 @@ class WinRate:
     """How often model A scored higher than model B on the same prompt and seed.
 
     ``rate`` counts a tie as half a win (so A vs B and B vs A add up to 1). ``ci_low`` / ``ci_high``
-    are the Student-t interval of the mean of the per-pair outcomes (1, 0.5 or 0).
+    are the Student-t interval of the mean of the per-pair outcomes (1, 0.5 or 0), clipped to [0, 1]
+    (NaN with a single pair).
     """
 
     n: int
@@ -165,12 +166,24 @@ class WinRate:
         return asdict(self)
 
 
-def win_rate(scores_a: Sequence[float], scores_b: Sequence[float], confidence: float = 0.95) -> WinRate:
+DEFAULT_TIE_TOLERANCE = 1e-5
+
+
+def win_rate(
+    scores_a: Sequence[float],
+    scores_b: Sequence[float],
+    confidence: float = 0.95,
+    tie_tolerance: float = DEFAULT_TIE_TOLERANCE,
+) -> WinRate:
     """Win rate of A over B on paired scores (element i of both lists: the same prompt and seed).
+
+    Scores within ``tie_tolerance * max(1, |a|, |b|)`` of each other are a tie: the same image scored
+    in batches of different sizes differs in the last float32 digits, which is no preference.
 
     Args:
         scores_a, scores_b: [n] paired scores.
         confidence: two-sided coverage of the interval.
+        tie_tolerance: relative tolerance for ties (0: exact comparison).
     """
     if len(scores_a) != len(scores_b):
         raise StatsError(f"paired scores differ in length: {len(scores_a)} vs {len(scores_b)}")
@@ -179,14 +192,18 @@ def win_rate(scores_a: Sequence[float], scores_b: Sequence[float], confidence: f
     outcomes = []
     wins = ties = losses = 0
     for a, b in zip(scores_a, scores_b):
-        if a > b:
+        if abs(a - b) <= tie_tolerance * max(1.0, abs(a), abs(b)):
+            ties += 1
+            outcomes.append(0.5)
+        elif a > b:
             wins += 1
             outcomes.append(1.0)
         elif a < b:
             losses += 1
             outcomes.append(0.0)
-        else:
-            ties += 1
-            outcomes.append(0.5)
+        else:  # NaN on either side
+            raise StatsError("paired scores contain NaN; a scorer failed on some image")
     summary = summarize(outcomes, confidence)
-    return WinRate(len(outcomes), wins, ties, losses, summary.mean, summary.ci_low, summary.ci_high)
+    # A rate lives in [0, 1]; the t interval of a few outcomes can reach past it, so it is clipped.
+    low, high = max(0.0, summary.ci_low), min(1.0, summary.ci_high)
+    return WinRate(len(outcomes), wins, ties, losses, summary.mean, low, high)

@@ -32,3 +32,9 @@ def test_cli_reads_a_yaml_config(lora_run, tmp_path, capsys):
     assert (tmp_path / "lora" / "pytorch_lora_weights.safetensors").is_file()
     assert main(["export", "--config", str(config)]) == 1
     assert "source" in capsys.readouterr().err
+
+
+def test_cli_requires_a_format(lora_run, tmp_path, capsys):
+    assert main(["export", str(lora_run.run), "--output", str(tmp_path / "x.safetensors")]) == 1
+    assert "format" in capsys.readouterr().err
+    assert not (tmp_path / "x.safetensors").exists()

@@ -210,3 +210,14 @@ def test_real_sd15_file_loads_and_denoises():
     pipe = load_pipeline(os.environ["SPOTUNE_SD15_FILE"])
     image = pipe("a photo of a cat", num_inference_steps=2, height=64, width=64, output_type="pt").images
     assert image.shape == (1, 3, 64, 64) and torch.isfinite(image).all()
+
+
+def test_round_trip_of_a_different_block_structure(tmp_path):
+    """The mapping follows the config: the two-level, one-layer builtin tiny model round-trips too."""
+    from spotune.models.tiny import build_tiny_sd15_pipeline
+
+    pipe = build_tiny_sd15_pipeline(seed=5)
+    pipe.save_pretrained(tmp_path / "cfg", safe_serialization=True)
+    file = tmp_path / "builtin.safetensors"
+    save_file(to_original(pipe.unet, pipe.vae, pipe.text_encoder), str(file))
+    _assert_same_models(pipe, load_single_file_pipeline(file, config_folder=tmp_path / "cfg"))

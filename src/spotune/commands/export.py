@@ -20,7 +20,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("source", nargs="?", help="run folder (latest checkpoint), checkpoint folder, or LoRA file")
-    parser.add_argument("--format", choices=["diffusers", "webui", "merged", "single-file"], help="what to write (default webui)")
+    parser.add_argument("--format", choices=["diffusers", "webui", "merged", "single-file"], help="what to write (required)")
     parser.add_argument("--output", "-o", help="file or folder to write")
     parser.add_argument("--base-model", dest="base_model", help="base model to merge into (default: the run's)")
     parser.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], help="dtype of the written weights (default fp16)")
@@ -39,9 +39,11 @@ def run(args: argparse.Namespace) -> int:
         if given is not None:
             values[f.name] = given
     config = config_from_dict(ExportConfig, values, args.config or "command line")
-    missing = [name for name in ("source", "output") if not getattr(config, name)]
+    missing = [name for name in ("source", "format", "output") if not getattr(config, name)]
     if missing:
-        raise ConfigError(f"export: {' and '.join(missing)} not given (positional SOURCE, --output PATH)")
+        raise ConfigError(
+            f"export: {', '.join(missing)} not given (usage: spotune export SOURCE --format FORMAT --output PATH)"
+        )
     written = export_checkpoint(
         config.source,
         config.format,

@@ -41,8 +41,8 @@ class ExportConfig:
     """Settings of ``spotune export``."""
 
     source: str = field(default="", metadata={"help": "A spotune run folder (its latest checkpoint), a checkpoint folder, or a LoRA file to convert."})
-    format: Literal["diffusers", "webui", "merged", "single-file"] = field(
-        default="webui",
+    format: Literal["diffusers", "webui", "merged", "single-file"] | None = field(
+        default=None,
         metadata={"help": "diffusers: LoRA for load_lora_weights; webui: kohya LoRA file for A1111/ComfyUI; merged: diffusers pipeline folder with the LoRA fused in; single-file: original-layout SD1.5 checkpoint."},
     )
     output: str = field(default="", metadata={"help": "Where to write: a .safetensors file (webui, single-file, diffusers) or a folder (diffusers, merged)."})

@@ -185,3 +185,54 @@ def test_trajectory_baseline_trains(tmp_path):
     state = read_state(ckpt)
     assert state["config"]["pairing"] == "trajectory" and state["optimizer_step"] >= 1
     assert any(v.abs().sum() > 0 for k, v in load_file(str(ckpt / "lora.safetensors")).items() if "lora_B" in k)
+
+
+def test_bf16_mixed_precision_keeps_lora_weights_in_fp32(tmp_path):
+    assert train(tmp_path / "bf16", "mixed_precision=bf16", "max_iterations=1", "gradient_checkpointing=true") == 0
+    (ckpt,) = list_checkpoints(tmp_path / "bf16")
+    weights = load_file(str(ckpt / "lora.safetensors"))
+    assert all(v.dtype == torch.float32 for v in weights.values())
+    assert any(v.abs().sum() > 0 for k, v in weights.items() if "lora_B" in k)
+
+
+def _accumulated_gradients(tmp_path, name: str, overrides: list[str], pairs=None):
+    """Set up a trainer, train on ``pairs`` (sampled when None), and return the gradient at each optimizer step."""
+    from spotune.config import load_config
+    from spotune.recipes.train_spo import SPOTrainer
+    from spotune.recipes.train_spo_config import TrainSPOConfig
+
+    cfg = load_config(TrainSPOConfig, CONFIG, [f"output_dir={tmp_path / name}", *FAST, "sample_batch_size=1", *overrides])
+    trainer = SPOTrainer(cfg)
+    trainer.setup()
+    try:
+        pairs = pairs if pairs is not None else trainer.sample(["a red circle on a white background"]).pairs
+        grads = []
+        trainer.optimizer.step = lambda *a, **k: grads.append([p.grad.clone() for p in trainer.trainable])
+        trainer.train_on_pairs(pairs)
+    finally:
+        trainer.cleanup()
+    return pairs, grads
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path):
+    """Two accumulated micro-batches of 2 give the gradient of one batch of 4 (same tuples, same order)."""
+    common = ["max_grad_norm=0", "num_inference_steps=8", "divert_start_step=4"]  # 4 tuples per round
+    pairs, big = _accumulated_gradients(tmp_path, "big", [*common, "train_batch_size=4"])
+    assert len(pairs) == 4 and len(big) == 1
+    _, acc = _accumulated_gradients(tmp_path, "acc", [*common, "train_batch_size=2", "gradient_accumulation_steps=2"], pairs)
+    _, two = _accumulated_gradients(tmp_path, "two", [*common, "train_batch_size=2"], pairs)
+    assert len(acc) == 1 and len(two) == 2
+    assert any(g.abs().sum() > 0 for g in big[0])
+    for g_big, g_acc in zip(big[0], acc[0]):
+        torch.testing.assert_close(g_acc, g_big, rtol=1e-4, atol=1e-7)
+    # without accumulation each micro-batch steps on its own, with half the tuples: a different gradient
+    assert any(not torch.allclose(g_big, g_two, rtol=1e-3, atol=1e-6) for g_big, g_two in zip(big[0], two[0]))
+
+
+def test_wandb_without_the_package_is_a_clear_error(tmp_path, capsys):
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed here")
+    assert train(tmp_path / "w", "log_with=wandb", "max_iterations=1") == 1
+    assert "needs the 'wandb' package" in capsys.readouterr().err

@@ -99,8 +99,14 @@ class SPOTrainer:
         from accelerate.utils import ProjectConfiguration
 
         cfg = self.config
-        resume_from = self._prepare_run_folder()
         log_with = None if cfg.log_with == "none" else cfg.log_with
+        if log_with:
+            import importlib.util
+
+            module = {"tensorboard": "tensorboard", "wandb": "wandb"}[log_with]
+            if importlib.util.find_spec(module) is None:
+                raise SpotuneError(f"config: log_with={log_with} needs the '{module}' package (pip install {module}), or set log_with=none")
+        resume_from = self._prepare_run_folder()
         self.accelerator = Accelerator(
             # Without CUDA, cpu=True lets a multi-process launch (accelerate launch --multi_gpu,
             # torchrun) form a gloo process group instead of N unaware copies of one run.
@@ -346,6 +352,9 @@ class SPOTrainer:
         share = self._gather_and_shuffle(pairs)
         if len(share) == 0:
             return {}
+        # The step size t -> t_prev of the log-densities comes from the scheduler's schedule; set it here
+        # rather than rely on whatever last used the scheduler.
+        self.scheduler.set_timesteps(cfg.num_inference_steps, device=acc.device)
         self.unet.train()
         sums: dict[str, float] = {}
         micro = 0
@@ -548,7 +557,12 @@ class SPOTrainer:
         return path
 
     def cleanup(self) -> None:
+        from accelerate.state import AcceleratorState
+
         self.accelerator.end_training()
+        # accelerate keeps its state in a process-wide singleton; forgetting it lets the same process
+        # run another recipe with other settings (e.g. the demo's SPO run, then its baseline).
+        AcceleratorState._reset_state()
 
 
 def run_train_spo(config: TrainSPOConfig) -> dict[str, float]:

@@ -17,6 +17,8 @@ import sys
 COMMAND_MODULES = [
     "spotune.commands.train",
     "spotune.commands.export",
+    "spotune.commands.generate",
+    "spotune.commands.eval",
 ]
 
 

@@ -219,8 +219,9 @@ body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
 table { border-collapse: collapse; margin: 1em 0; }
 th, td { border: 1px solid #ccc; padding: 4px 8px; text-align: right; }
 th:first-child, td:first-child { text-align: left; }
-td.prompt { max-width: 22em; text-align: left; font-size: 90%; }
 .grid td { vertical-align: top; text-align: center; }
+td.text, th.text, .grid td.prompt { text-align: left; }
+.grid td.prompt { max-width: 22em; font-size: 90%; }
 .grid img { width: 192px; height: auto; image-rendering: auto; display: block; margin: 0 auto; }
 .plot { max-width: 640px; display: block; margin: 0.5em 0; }
 .best { font-weight: bold; }
@@ -283,12 +284,13 @@ def html_report(
     if tables.pairs:
         parts.append(
             '<h2>Win rates on identical prompts and seeds</h2><table id="win-rates"><thead><tr><th>scorer</th>'
-            "<th>model A</th><th>vs model B</th><th>pairs</th><th>A wins</th><th>95% CI</th></tr></thead><tbody>"
+            '<th class="text">model A</th><th class="text">vs model B</th><th>pairs</th><th>A wins</th><th>95% CI</th>'
+            "</tr></thead><tbody>"
         )
         for p in tables.pairs:
             r = p.result
             parts.append(
-                f"<tr><td>{e(p.scorer)}</td><td>{e(p.model_a)}</td><td>{e(p.model_b)}</td><td>{r.n}</td>"
+                f'<tr><td>{e(p.scorer)}</td><td class="text">{e(p.model_a)}</td><td class="text">{e(p.model_b)}</td><td>{r.n}</td>'
                 f"<td>{100 * r.rate:.1f}%</td><td>{e(_fmt(100 * r.ci_low, 1))}% – {e(_fmt(100 * r.ci_high, 1))}%</td></tr>"
             )
         parts.append("</tbody></table>")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from spotune.errors import SpotuneError
 
+import copy
 import dataclasses
 import types
 import typing
@@ -24,6 +25,13 @@ T = TypeVar("T")
 
 class ConfigError(SpotuneError, ValueError):
     """A config file or override that cannot be turned into the recipe's config."""
+
+
+def help_field(text: str, default: Any) -> Any:
+    """A dataclass field with a default and its help text (shown by ``--list-keys`` and in config.yaml)."""
+    if isinstance(default, (list, dict, set)):
+        return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata={"help": text})
+    return dataclasses.field(default=default, metadata={"help": text})
 
 
 def _field_types(cls: type) -> dict[str, Any]:

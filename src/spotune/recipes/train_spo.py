@@ -33,7 +33,6 @@ from spotune.checkpoint import (
     optimizer_from_files,
     optimizer_to_files,
     read_state,
-    resolve_checkpoint,
     restore_rng_state,
     rng_state_to_files,
 )
@@ -53,30 +52,12 @@ from spotune.losses import spo_loss
 from spotune.models.loading import load_pipeline
 from spotune.models.lora import adapter_disabled, add_lora, load_lora_state_dict, lora_parameters, lora_state_dict
 from spotune.models.text import encode_prompts
+from spotune.recipes.common import MIXED_PRECISION_DTYPES, NonFiniteLossError, prepare_run_folder, seed_for
 from spotune.recipes.train_spo_config import TrainSPOConfig
 from spotune.utils.io import atomic_directory, atomic_save_safetensors, atomic_write_json, atomic_write_text
 from spotune.utils.images import save_image_grid
 
 logger = logging.getLogger(__name__)
-
-_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-class RunFolderError(SpotuneError, FileExistsError):
-    """The output folder already holds a run and neither resume nor overwrite was asked for."""
-
-
-class NonFiniteLossError(SpotuneError, FloatingPointError):
-    """The loss became NaN or infinite; training stopped before the optimizer applied it."""
-
-
-def _seed_for(*parts: int) -> int:
-    """A 63-bit seed from integers, stable across runs and processes (no Python hash randomisation)."""
-    value = 0x9E3779B97F4A7C15
-    for part in parts:
-        value = (value ^ (part + 0x632BE59BD9B4E019 + (value << 6) + (value >> 2))) & 0xFFFFFFFFFFFFFFFF
-    return value & 0x7FFFFFFFFFFFFFFF
-
 
 class SPOTrainer:
     """The SPO recipe: ``setup()``, ``train()``, ``save_checkpoint()``, ``cleanup()``.
@@ -106,7 +87,7 @@ class SPOTrainer:
             module = {"tensorboard": "tensorboard", "wandb": "wandb"}[log_with]
             if importlib.util.find_spec(module) is None:
                 raise SpotuneError(f"config: log_with={log_with} needs the '{module}' package (pip install {module}), or set log_with=none")
-        resume_from = self._prepare_run_folder()
+        resume_from = prepare_run_folder(self.output_dir, cfg.resume, cfg.overwrite)
         self.accelerator = Accelerator(
             # Without CUDA, cpu=True lets a multi-process launch (accelerate launch --multi_gpu,
             # torchrun) form a gloo process group instead of N unaware copies of one run.
@@ -124,7 +105,7 @@ class SPOTrainer:
             )
         if acc.device.type == "cuda" and cfg.allow_tf32:
             torch.backends.cuda.matmul.allow_tf32 = True
-        self.weight_dtype = _DTYPES[cfg.mixed_precision]
+        self.weight_dtype = MIXED_PRECISION_DTYPES[cfg.mixed_precision]
 
         # -- prompts: every process reads the file; the order per epoch is seeded and shared --------
         self.prompts = load_prompts(cfg.prompts, cfg.prompt_column)
@@ -220,32 +201,6 @@ class SPOTrainer:
                 sum(p.numel() for p in params), acc.num_processes,
             )
 
-    def _prepare_run_folder(self) -> Path | None:
-        """Decide between a fresh run, a resume, or a refusal; return the checkpoint to resume from."""
-        cfg = self.config
-        existing = list_checkpoints(self.output_dir)
-        if cfg.resume:
-            if cfg.resume == "latest":
-                if not existing:
-                    raise SpotuneError(f"resume=latest: {self.output_dir} holds no complete checkpoint")
-                return existing[-1]
-            return resolve_checkpoint(cfg.resume)
-        if existing or (self.output_dir / "checkpoints").exists():
-            if not cfg.overwrite:
-                raise RunFolderError(
-                    f"{self.output_dir} already holds a run ({len(existing)} checkpoint(s)); pass resume=latest to "
-                    "continue it, overwrite=true to start afresh (deleting them), or choose another output_dir"
-                )
-            # Only the main process deletes; the others must not race it (no accelerator exists yet,
-            # so use accelerate's environment view of the rank).
-            from accelerate import PartialState
-
-            if PartialState().is_main_process:
-                for sub in ("checkpoints", "logs", "samples"):
-                    shutil.rmtree(self.output_dir / sub, ignore_errors=True)
-            PartialState().wait_for_everyone()
-        return None
-
     # ============================================================================================
     # the loop
     # ============================================================================================
@@ -287,7 +242,7 @@ class SPOTrainer:
     def _prompts_for(self, epoch: int, index_in_epoch: int) -> list[str]:
         """This process's prompts for one iteration: a seeded per-epoch permutation, split by rank."""
         acc, bs = self.accelerator, self.config.sample_batch_size
-        order = torch.randperm(len(self.prompts), generator=torch.Generator().manual_seed(_seed_for(self.config.seed, epoch)))
+        order = torch.randperm(len(self.prompts), generator=torch.Generator().manual_seed(seed_for(self.config.seed, epoch)))
         start = (index_in_epoch * acc.num_processes + acc.process_index) * bs
         return [self.prompts[i] for i in order[start : start + bs].tolist()]
 
@@ -300,7 +255,7 @@ class SPOTrainer:
         cfg, acc = self.config, self.accelerator
         unet = acc.unwrap_model(self.unet)
         unet.eval()
-        generator = torch.Generator(acc.device).manual_seed(_seed_for(cfg.seed, self.iteration, acc.process_index, 1))
+        generator = torch.Generator(acc.device).manual_seed(seed_for(cfg.seed, self.iteration, acc.process_index, 1))
         b = len(prompts)
         prompt_embeds = encode_prompts(self.tokenizer, self.text_encoder, prompts, acc.device)  # [b, 77, D]
         chains = 2 * b if cfg.pairing == "trajectory" else b
@@ -342,7 +297,7 @@ class SPOTrainer:
             keep = torch.cat([torch.arange(r * width, r * width + c) for r, c in enumerate(counts)]).to(acc.device)
             pairs = StepPairs(**{k: v[keep] for k, v in gathered.items()})
         total = len(pairs) - len(pairs) % acc.num_processes
-        generator = torch.Generator().manual_seed(_seed_for(self.config.seed, self.iteration, 2))
+        generator = torch.Generator().manual_seed(seed_for(self.config.seed, self.iteration, 2))
         order = torch.randperm(len(pairs), generator=generator)[:total].to(pairs.latents.device)
         return pairs.select(order[acc.process_index :: acc.num_processes])
 

@@ -2,96 +2,88 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
-from spotune.config import ConfigError
+from spotune.config import ConfigError, help_field
 from spotune.models.lora import SD15_LORA_TARGETS
-
-
-def _help(text: str, default):
-    return field(default=default, metadata={"help": text})
-
-
-def _help_list(text: str, default: list):
-    return field(default_factory=lambda: list(default), metadata={"help": text})
 
 
 @dataclass
 class TrainSPOConfig:
     # -- where things are ---------------------------------------------------------------------------
-    output_dir: str = _help("Run folder: config.yaml, checkpoints/, logs/ and samples/ are written here.", "runs/spo")
-    pretrained_model: str = _help(
+    output_dir: str = help_field("Run folder: config.yaml, checkpoints/, logs/ and samples/ are written here.", "runs/spo")
+    pretrained_model: str = help_field(
         "The model to fine-tune: a diffusers folder, a single-file SD1.5 .safetensors, a hub id (online), "
         "or builtin:tiny-sd15.", "builtin:tiny-sd15")
-    prompts: str = _help(
+    prompts: str = help_field(
         "Training prompt file (.json list of {caption}, .txt, .csv/.tsv, .jsonl, .parquet); the SPO 4k list for "
         "the paper recipe.", "builtin:tiny-prompts")
-    prompt_column: str | None = _help("Column/field holding the prompt in csv/tsv/json/parquet files; guessed when unset.", None)
-    validation_prompts: list[str] = _help_list(
+    prompt_column: str | None = help_field("Column/field holding the prompt in csv/tsv/json/parquet files; guessed when unset.", None)
+    validation_prompts: list[str] = help_field(
         "Prompts rendered after every epoch (same seeds each time) into samples/ and TensorBoard.",
         ["a photo of a cat", "a red circle on a blue background"])
     # -- the judge -----------------------------------------------------------------------------------
-    judge: str = _help(
+    judge: str = help_field(
         "Preference model kind: spm (step-aware, the paper's), pickscore (plain, timestep-blind), tiny-clip "
         "(random tiny CLIP built in code, for CPU runs).", "tiny-clip")
-    judge_clip_path: str | None = _help("Local CLIPModel folder of the judge (PickScore_v1 for spm/pickscore).", None)
-    judge_checkpoint: str | None = _help(
+    judge_clip_path: str | None = help_field("Local CLIPModel folder of the judge (PickScore_v1 for spm/pickscore).", None)
+    judge_checkpoint: str | None = help_field(
         "Step-aware checkpoint (.bin official, .safetensors, or a train-spm run folder); judge=spm only.", None)
-    judge_processor_path: str | None = _help("Folder with the judge's preprocessor_config.json; defaults to judge_clip_path.", None)
+    judge_processor_path: str | None = help_field("Folder with the judge's preprocessor_config.json; defaults to judge_clip_path.", None)
     # -- SPO sampling --------------------------------------------------------------------------------
-    num_inference_steps: int = _help("DDIM steps per chain.", 20)
-    eta: float = _help("DDIM eta; must be > 0 since SPO needs the step's density.", 1.0)
-    guidance_scale: float = _help("Classifier-free guidance scale, used when sampling and in the training forward.", 5.0)
-    negative_prompt: str = _help("Negative prompt for guidance.", "")
-    divert_start_step: int = _help("Steps denoised normally before branching starts.", 4)
-    num_samples_per_step: int = _help("k: candidates drawn from each x_t.", 4)
-    preference_threshold: float = _help("A pair is kept when softmax(best, worst) differs by more than this.", 0.3)
-    sample_batch_size: int = _help("Prompts per sampling batch, per process.", 10)
-    resolution: int | None = _help("Image size in pixels; the model's own default (512 for SD1.5) when unset.", None)
-    decode_chunk_size: int = _help("Images decoded by the VAE at once while judging (memory bound).", 8)
-    pairing: Literal["step", "trajectory"] = _help(
+    num_inference_steps: int = help_field("DDIM steps per chain.", 20)
+    eta: float = help_field("DDIM eta; must be > 0 since SPO needs the step's density.", 1.0)
+    guidance_scale: float = help_field("Classifier-free guidance scale, used when sampling and in the training forward.", 5.0)
+    negative_prompt: str = help_field("Negative prompt for guidance.", "")
+    divert_start_step: int = help_field("Steps denoised normally before branching starts.", 4)
+    num_samples_per_step: int = help_field("k: candidates drawn from each x_t.", 4)
+    preference_threshold: float = help_field("A pair is kept when softmax(best, worst) differs by more than this.", 0.3)
+    sample_batch_size: int = help_field("Prompts per sampling batch, per process.", 10)
+    resolution: int | None = help_field("Image size in pixels; the model's own default (512 for SD1.5) when unset.", None)
+    decode_chunk_size: int = help_field("Images decoded by the VAE at once while judging (memory bound).", 8)
+    pairing: Literal["step", "trajectory"] = help_field(
         "step: SPO's step-wise pairs from a shared x_t. trajectory: the Diffusion-DPO-style baseline SPO argues "
         "against (two chains per prompt, the final images' label applied to every step), for comparisons.", "step")
     # -- SPO loss ------------------------------------------------------------------------------------
-    beta: float = _help("Inverse temperature of the step-wise DPO loss.", 10.0)
-    eps: float = _help("Likelihood-ratio clip range: ratios are clamped to [1-eps, 1+eps].", 0.1)
+    beta: float = help_field("Inverse temperature of the step-wise DPO loss.", 10.0)
+    eps: float = help_field("Likelihood-ratio clip range: ratios are clamped to [1-eps, 1+eps].", 0.1)
     # -- what is trained -----------------------------------------------------------------------------
-    finetune: Literal["lora", "full"] = _help("Train a LoRA adapter (reference = adapter off) or the whole UNet.", "lora")
-    lora_rank: int = _help("LoRA rank.", 4)
-    lora_alpha: float | None = _help("LoRA alpha (update scale alpha/rank); equal to the rank when unset.", None)
-    lora_init: str = _help("peft init_lora_weights: gaussian (SPO) or true (kaiming).", "gaussian")
-    lora_targets: list[str] = _help_list("UNet module-name suffixes that get LoRA.", list(SD15_LORA_TARGETS))
+    finetune: Literal["lora", "full"] = help_field("Train a LoRA adapter (reference = adapter off) or the whole UNet.", "lora")
+    lora_rank: int = help_field("LoRA rank.", 4)
+    lora_alpha: float | None = help_field("LoRA alpha (update scale alpha/rank); equal to the rank when unset.", None)
+    lora_init: str = help_field("peft init_lora_weights: gaussian (SPO) or true (kaiming).", "gaussian")
+    lora_targets: list[str] = help_field("UNet module-name suffixes that get LoRA.", list(SD15_LORA_TARGETS))
     # -- optimisation --------------------------------------------------------------------------------
-    train_batch_size: int = _help("Tuples per training micro-batch, per process.", 10)
-    gradient_accumulation_steps: int = _help("Micro-batches per optimizer step (an iteration's last step may be shorter).", 1)
-    num_inner_epochs: int = _help("Passes over each sampling round's tuples.", 1)
-    learning_rate: float = _help("AdamW learning rate.", 6e-5)
-    adam_beta1: float = _help("AdamW beta1.", 0.9)
-    adam_beta2: float = _help("AdamW beta2.", 0.999)
-    adam_weight_decay: float = _help("AdamW weight decay.", 1e-4)
-    adam_epsilon: float = _help("AdamW epsilon.", 1e-8)
-    max_grad_norm: float = _help("Gradient clipping norm (0 disables).", 1.0)
-    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = _help("Learning-rate schedule.", "constant")
-    lr_warmup_steps: int = _help("Warm-up optimizer steps.", 0)
-    num_epochs: int = _help("Passes over the prompt list.", 10)
-    max_iterations: int | None = _help(
+    train_batch_size: int = help_field("Tuples per training micro-batch, per process.", 10)
+    gradient_accumulation_steps: int = help_field("Micro-batches per optimizer step (an iteration's last step may be shorter).", 1)
+    num_inner_epochs: int = help_field("Passes over each sampling round's tuples.", 1)
+    learning_rate: float = help_field("AdamW learning rate.", 6e-5)
+    adam_beta1: float = help_field("AdamW beta1.", 0.9)
+    adam_beta2: float = help_field("AdamW beta2.", 0.999)
+    adam_weight_decay: float = help_field("AdamW weight decay.", 1e-4)
+    adam_epsilon: float = help_field("AdamW epsilon.", 1e-8)
+    max_grad_norm: float = help_field("Gradient clipping norm (0 disables).", 1.0)
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = help_field("Learning-rate schedule.", "constant")
+    lr_warmup_steps: int = help_field("Warm-up optimizer steps.", 0)
+    num_epochs: int = help_field("Passes over the prompt list.", 10)
+    max_iterations: int | None = help_field(
         "Stop after this many SPO iterations (one sampling round + its training) in total; unset = num_epochs.", None)
-    seed: int = _help("Seed of everything: noise, prompt order, tuple shuffling.", 42)
-    mixed_precision: Literal["no", "fp16", "bf16"] = _help(
+    seed: int = help_field("Seed of everything: noise, prompt order, tuple shuffling.", 42)
+    mixed_precision: Literal["no", "fp16", "bf16"] = help_field(
         "Mixed precision; frozen weights in this dtype, trained (LoRA) weights kept in fp32.", "fp16")
-    gradient_checkpointing: bool = _help("Trade compute for memory in the UNet's training forward.", False)
-    allow_tf32: bool = _help("Allow TF32 matmuls on Ampere+ GPUs.", True)
+    gradient_checkpointing: bool = help_field("Trade compute for memory in the UNet's training forward.", False)
+    allow_tf32: bool = help_field("Allow TF32 matmuls on Ampere+ GPUs.", True)
     # -- run management ------------------------------------------------------------------------------
-    checkpoint_every: int = _help("Also checkpoint every N iterations (0: only at the end of each epoch and of training).", 0)
-    keep_checkpoints: int | None = _help("Keep only the newest N checkpoints (unset keeps all).", None)
-    resume: str | None = _help("Continue a run: 'latest' (newest checkpoint in output_dir) or a checkpoint folder.", None)
-    overwrite: bool = _help("Start afresh in an output_dir that already holds a run, deleting its checkpoints.", False)
-    log_with: Literal["tensorboard", "wandb", "none"] = _help("Experiment tracker.", "tensorboard")
-    tracker_project: str = _help("Project name for the tracker.", "spotune")
-    validate_every_epochs: int = _help("Render validation images every N epochs (0 disables).", 1)
-    num_validation_images: int = _help("Images per validation prompt.", 1)
-    progress: bool = _help("Show progress bars.", True)
+    checkpoint_every: int = help_field("Also checkpoint every N iterations (0: only at the end of each epoch and of training).", 0)
+    keep_checkpoints: int | None = help_field("Keep only the newest N checkpoints (unset keeps all).", None)
+    resume: str | None = help_field("Continue a run: 'latest' (newest checkpoint in output_dir) or a checkpoint folder.", None)
+    overwrite: bool = help_field("Start afresh in an output_dir that already holds a run, deleting its checkpoints.", False)
+    log_with: Literal["tensorboard", "wandb", "none"] = help_field("Experiment tracker.", "tensorboard")
+    tracker_project: str = help_field("Project name for the tracker.", "spotune")
+    validate_every_epochs: int = help_field("Render validation images every N epochs (0 disables).", 1)
+    num_validation_images: int = help_field("Images per validation prompt.", 1)
+    progress: bool = help_field("Show progress bars.", True)
 
     def validate(self) -> None:
         """Cross-field checks, so a bad combination fails before any model is loaded."""

@@ -1,0 +1,399 @@
+"""``spotune demo``: the whole SPO story in the miniature world, end to end, on a CPU.
+
+Stages, each cached under ``$SPOTUNE_CACHE/toyworld/<stage>-<key>/`` (default ``~/.cache/spotune``), where
+the key hashes the stage's settings and the keys of the stages it builds on, so a changed setting
+rebuilds exactly what depends on it:
+
+1. **base**: the shipped, pre-trained base model (``spotune/resources/toyworld/base``, a diffusers folder
+   in the SD1.5 architecture family; made by :mod:`spotune.toyworld.pretrain`);
+2. **pairs**: generic preference data, pairs of base-model samples on the *training* prompts labelled by
+   a simulated rater who blends aesthetics, layout and alignment, with noise
+   (:mod:`spotune.toyworld.preferences`), plus evaluation pairs on the held-out prompts;
+3. **spm**: the step-aware preference model, trained with ``spotune train-spm``'s recipe from the world's
+   shipped CLIP (``resources/toyworld/clip``), its per-timestep pair accuracy measured;
+4. **spo**: SPO fine-tuning (LoRA) with ``spotune train``'s recipe, judged by that SPM;
+5. **trajectory**: the same recipe, data, judge and budget with ``pairing=trajectory`` (the
+   Diffusion-DPO-style baseline SPO argues against), when the recipe offers it;
+6. **evaluation**: base vs each fine-tuned model on the held-out prompts with the same seeds.
+
+The report (``report.json``, ``report.html``, ``grid.png``, ``plots/``, the trained LoRA) goes to the
+output folder, which must be new or empty unless ``overwrite`` is set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from spotune.config import ConfigError, config_to_dict, load_config
+from spotune.errors import SpotuneError
+from spotune.utils.io import atomic_directory, atomic_write_json, atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+CACHE_ENV = "SPOTUNE_CACHE"
+DEMO_FORMAT = 1  # bump when a stage's outputs change meaning, so old caches are not reused
+
+
+class DemoError(SpotuneError, RuntimeError):
+    """The demo cannot run as asked (an output folder in use, a missing packaged model, ...)."""
+
+
+def _help(text: str, default):
+    return field(default=default, metadata={"help": text})
+
+
+def resource_dir() -> Path:
+    """The package's ``resources/toyworld`` folder (shipped base model, CLIP and stage configs)."""
+    return Path(str(resources.files("spotune") / "resources" / "toyworld"))
+
+
+@dataclass
+class DemoConfig:
+    output: str = _help("Folder for the report (report.json, report.html, grid.png, plots/, LoRA).", "spotune-demo")
+    overwrite: bool = _help("Write into an output folder that already holds files (replacing the demo's own files).", False)
+    cache_dir: str | None = _help(f"Stage cache; ${CACHE_ENV} or ~/.cache/spotune when unset.", None)
+    base_model: str | None = _help("Base model folder; the shipped resources/toyworld/base when unset.", None)
+    clip_model: str | None = _help("CLIPModel folder the SPM extends; the shipped resources/toyworld/clip when unset.", None)
+    spm_config: str | None = _help("train-spm YAML of the spm stage; the shipped toyworld_spm.yaml when unset.", None)
+    spo_config: str | None = _help("train YAML of the spo and trajectory stages; the shipped toyworld_spo.yaml when unset.", None)
+    threads: int = _help("torch CPU threads.", 2)
+    seed: int = _help("Seed of the data, the trainings and the evaluation noise.", 0)
+    # -- preference data --
+    train_pairs: int = _help("Generic preference pairs on the training prompts.", 1536)
+    eval_pairs: int = _help("Pairs on the held-out prompts for the SPM's accuracy.", 256)
+    data_inference_steps: int = _help("DDIM steps of the base-model samples in the preference data.", 20)
+    rater_aesthetic: float = _help("Rater weight of aesthetics (background cleanliness, standardised).", 1.5)
+    rater_layout: float = _help("Rater weight of layout (subject size, standardised).", 1.0)
+    rater_alignment: float = _help("Rater weight of alignment (1 when the image shows the caption).", 1.0)
+    # -- stage budgets (the YAML files hold everything else) --
+    spm_steps: int | None = _help("SPM optimizer steps; the spm YAML's max_steps when unset.", None)
+    spo_iterations: int | None = _help("SPO iterations; the spo YAML's max_iterations when unset.", None)
+    trajectory_baseline: bool = _help("Also train the trajectory-level (Diffusion-DPO-style) baseline.", True)
+    # -- evaluation --
+    eval_seeds_per_prompt: int = _help("Same-seed images per held-out prompt and model.", 8)
+    eval_inference_steps: int = _help("DDIM steps of the evaluation images (eta 0, CFG 5).", 20)
+    grid_columns: int = _help("Held-out prompts shown in grid.png (one seed each).", 12)
+    progress: bool = _help("Show progress bars.", True)
+
+    def validate(self) -> None:
+        checks = [
+            (self.threads >= 1, "threads must be >= 1"),
+            (self.train_pairs >= 2 and self.eval_pairs >= 1, "train_pairs must be >= 2 and eval_pairs >= 1"),
+            (self.eval_seeds_per_prompt >= 1, "eval_seeds_per_prompt must be >= 1"),
+            (self.spm_steps is None or self.spm_steps >= 1, "spm_steps must be >= 1"),
+            (self.spo_iterations is None or self.spo_iterations >= 1, "spo_iterations must be >= 1"),
+            (self.grid_columns >= 1, "grid_columns must be >= 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(f"config: {message}")
+
+
+# ================================================================================================
+# the stage cache
+# ================================================================================================
+def cache_root(config: DemoConfig) -> Path:
+    root = config.cache_dir or os.environ.get(CACHE_ENV) or os.path.join("~", ".cache", "spotune")
+    return Path(os.path.expanduser(root)) / "toyworld"
+
+
+def digest_files(folder: Path) -> str:
+    """SHA-256 over a folder's file names and contents (identifies the shipped weights)."""
+    h = hashlib.sha256()
+    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+        h.update(str(file.relative_to(folder)).encode())
+        h.update(file.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def stage_key(name: str, payload: dict[str, Any]) -> str:
+    text = json.dumps({"stage": name, "format": DEMO_FORMAT, **payload}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass
+class StageRecord:
+    name: str
+    folder: Path
+    key: str
+    seconds: float  # time this run spent on it (0 when cached)
+    build_seconds: float  # time the build took when it ran
+    cached: bool
+
+
+class StageCache:
+    """Finished stage folders under ``root``; a folder with ``stage.json`` is complete."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def get_or_build(self, name: str, payload: dict[str, Any], build: Callable[[Path], dict[str, Any]]) -> StageRecord:
+        """Reuse ``root/<name>-<key>`` if complete, else run ``build(tmp_folder)`` and rename it into place.
+
+        ``build`` fills the temporary folder and returns a JSON-able summary, stored in ``stage.json``.
+        """
+        key = stage_key(name, payload)
+        folder = self.root / f"{name}-{key}"
+        if (folder / "stage.json").is_file():
+            info = json.loads((folder / "stage.json").read_text())
+            logger.info("%s: cached (%s)", name, folder)
+            return StageRecord(name, folder, key, 0.0, float(info.get("seconds", 0.0)), True)
+        if folder.exists():  # an interrupted build left a folder without stage.json
+            shutil.rmtree(folder)
+        t0 = time.perf_counter()
+        with atomic_directory(folder) as tmp:
+            summary = build(tmp)
+            seconds = time.perf_counter() - t0
+            atomic_write_json(tmp / "stage.json", {"stage": name, "key": key, "payload": payload,
+                                                   "seconds": seconds, "summary": summary})
+        return StageRecord(name, folder, key, seconds, seconds, False)
+
+    @staticmethod
+    def summary(record: StageRecord) -> dict[str, Any]:
+        return json.loads((record.folder / "stage.json").read_text())["summary"]
+
+
+# ================================================================================================
+# the demo
+# ================================================================================================
+def _recipe_config(cls, yaml_path: Path, overrides: dict[str, Any]):
+    """Load a recipe's YAML and apply overrides given as values (not strings)."""
+    import yaml
+
+    values = yaml.safe_load(yaml_path.read_text()) or {}
+    values.update(overrides)
+    from spotune.config import config_from_dict
+
+    return config_from_dict(cls, values, f"{yaml_path} + demo settings")
+
+
+class Demo:
+    """Runs the stages of the module docstring and writes the report."""
+
+    def __init__(self, config: DemoConfig) -> None:
+        self.cfg = config
+        self.out = Path(config.output)
+        self.cache = StageCache(cache_root(config))
+        res = resource_dir()
+        self.base_dir = Path(config.base_model) if config.base_model else res / "base"
+        self.clip_dir = Path(config.clip_model) if config.clip_model else res / "clip"
+        self.spm_yaml = Path(config.spm_config) if config.spm_config else res / "configs" / "toyworld_spm.yaml"
+        self.spo_yaml = Path(config.spo_config) if config.spo_config else res / "configs" / "toyworld_spo.yaml"
+        self.records: dict[str, StageRecord] = {}
+
+    # -- checks -------------------------------------------------------------------------------------
+    def check(self) -> None:
+        for what, folder, marker in (("base model", self.base_dir, "model_index.json"), ("CLIP model", self.clip_dir, "config.json")):
+            if not (folder / marker).is_file():
+                raise DemoError(
+                    f"{what} folder {folder} has no {marker}; the package ships it under spotune/resources/toyworld "
+                    "(reinstall spotune, or make it with `python -m spotune.toyworld.pretrain configs/toyworld_pretrain.yaml`)"
+                )
+        for yaml_file in (self.spm_yaml, self.spo_yaml):
+            if not yaml_file.is_file():
+                raise DemoError(f"stage config {yaml_file} does not exist")
+        if self.out.exists() and not self.out.is_dir():
+            raise DemoError(f"output {self.out} exists and is not a folder")
+        if self.out.is_dir() and any(self.out.iterdir()) and not self.cfg.overwrite:
+            raise DemoError(
+                f"output folder {self.out} already holds files; choose another --output, empty it, or pass "
+                "--overwrite to replace the demo's files in it"
+            )
+
+    # -- stages -------------------------------------------------------------------------------------
+    def _stage(self, name: str, payload: dict[str, Any], build: Callable[[Path], dict[str, Any]]) -> StageRecord:
+        print(f"\n== {name} ==", flush=True)
+        record = self.cache.get_or_build(name, payload, build)
+        state = "cached" if record.cached else f"{record.seconds:.0f} s"
+        print(f"== {name}: done ({state}) -> {record.folder}", flush=True)
+        self.records[name] = record
+        return record
+
+    def pairs_stage(self, base_key: str) -> StageRecord:
+        from spotune.toyworld.preferences import RaterWeights, write_dataset
+
+        cfg = self.cfg
+        weights = RaterWeights(cfg.rater_aesthetic, cfg.rater_layout, cfg.rater_alignment)
+        payload = {"base": base_key, "train_pairs": cfg.train_pairs, "eval_pairs": cfg.eval_pairs, "seed": cfg.seed,
+                   "steps": cfg.data_inference_steps, "rater": dataclasses.asdict(weights)}
+
+        def build(folder: Path) -> dict[str, Any]:
+            bar = _progress(cfg.progress, 2 * (cfg.train_pairs + cfg.eval_pairs), "base-model samples")
+            try:
+                return write_dataset(folder, self.base_dir, cfg.train_pairs, cfg.eval_pairs, cfg.seed, weights,
+                                     cfg.data_inference_steps, progress=bar.update)
+            finally:
+                bar.close()
+
+        return self._stage("pairs", payload, build)
+
+    def spm_stage(self, base_key: str, clip_key: str, pairs: StageRecord) -> StageRecord:
+        from spotune.recipes.train_spm import TrainSPMConfig, run_train_spm
+
+        cfg = self.cfg
+        overrides: dict[str, Any] = {
+            "pretrained_model": str(self.base_dir), "clip_path": str(self.clip_dir), "processor_path": None,
+            "train_data": str(pairs.folder / "train.parquet"), "eval_data": str(pairs.folder / "eval.parquet"),
+            "seed": cfg.seed, "progress": cfg.progress,
+        }
+        if cfg.spm_steps is not None:
+            overrides["max_steps"] = cfg.spm_steps
+        template = _recipe_config(TrainSPMConfig, self.spm_yaml, {**overrides, "output_dir": "-"})
+        payload = {"base": base_key, "clip": clip_key, "pairs": pairs.key,
+                   "config": {k: v for k, v in config_to_dict(template).items() if k not in ("output_dir", "pretrained_model", "clip_path", "train_data", "eval_data", "progress")}}
+
+        def build(folder: Path) -> dict[str, Any]:
+            config = dataclasses.replace(template, output_dir=str(folder / "run"))
+            config.validate()
+            metrics = run_train_spm(config)
+            return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+
+        return self._stage("spm", payload, build)
+
+    def spo_stage(self, name: str, base_key: str, clip_key: str, pairs: StageRecord, spm: StageRecord, pairing: str) -> StageRecord:
+        from spotune.recipes.train_spo import run_train_spo
+        from spotune.recipes.train_spo_config import TrainSPOConfig
+
+        cfg = self.cfg
+        overrides: dict[str, Any] = {
+            "pretrained_model": str(self.base_dir), "prompts": str(pairs.folder / "train_prompts.txt"),
+            "judge": "spm", "judge_clip_path": str(self.clip_dir), "judge_checkpoint": str(spm.folder / "run"),
+            "seed": cfg.seed, "progress": cfg.progress,
+        }
+        if pairing != "step":
+            overrides["pairing"] = pairing
+        if cfg.spo_iterations is not None:
+            overrides["max_iterations"] = cfg.spo_iterations
+        template = _recipe_config(TrainSPOConfig, self.spo_yaml, {**overrides, "output_dir": "-"})
+        payload = {"base": base_key, "clip": clip_key, "pairs": pairs.key, "spm": spm.key,
+                   "config": {k: v for k, v in config_to_dict(template).items() if k not in ("output_dir", "pretrained_model", "prompts", "judge_clip_path", "judge_checkpoint", "progress")}}
+
+        def build(folder: Path) -> dict[str, Any]:
+            config = dataclasses.replace(template, output_dir=str(folder / "run"))
+            config.validate()
+            metrics = run_train_spo(config)
+            return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+
+        return self._stage(name, payload, build)
+
+    # -- the whole chain ------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        from spotune.toyworld import report as report_mod
+
+        t_start = time.perf_counter()
+        self.check()
+        torch.set_num_threads(self.cfg.threads)
+        _quiet_libraries()
+        base_key, clip_key = digest_files(self.base_dir), digest_files(self.clip_dir)
+        print(f"spotune demo: base model {self.base_dir}, CLIP {self.clip_dir}, cache {self.cache.root}", flush=True)
+
+        pairs = self.pairs_stage(base_key)
+        spm = self.spm_stage(base_key, clip_key, pairs)
+        spo = self.spo_stage("spo", base_key, clip_key, pairs, spm, "step")
+        trajectory = None
+        if self.cfg.trajectory_baseline:
+            if trajectory_pairing_available():
+                trajectory = self.spo_stage("trajectory", base_key, clip_key, pairs, spm, "trajectory")
+            else:
+                print("\n== trajectory: skipped (this version of the SPO recipe has no pairing=trajectory) ==")
+
+        print("\n== evaluation ==", flush=True)
+        t0 = time.perf_counter()
+        results = self.evaluate(spm, spo, trajectory)
+        eval_seconds = time.perf_counter() - t0
+        print(f"== evaluation: done ({eval_seconds:.0f} s)", flush=True)
+
+        stages = {name: {"seconds": r.seconds, "build_seconds": r.build_seconds, "cached": r.cached, "folder": str(r.folder)}
+                  for name, r in self.records.items()}
+        stages["evaluation"] = {"seconds": eval_seconds, "build_seconds": eval_seconds, "cached": False, "folder": None}
+        report = report_mod.build_report(
+            results, stages=stages,
+            pairs_summary=StageCache.summary(pairs),
+            spm_accuracy=report_mod.read_spm_accuracy(spm.folder / "run"),
+            settings=config_to_dict(self.cfg),
+            seconds_total=time.perf_counter() - t_start,
+        )
+        self.out.mkdir(parents=True, exist_ok=True)
+        report_mod.write_outputs(self.out, report, results, spm_run=spm.folder / "run",
+                                 spo_runs={"SPO": spo.folder / "run", **({"trajectory DPO": trajectory.folder / "run"} if trajectory else {})},
+                                 grid_columns=self.cfg.grid_columns)
+        report["seconds_total"] = time.perf_counter() - t_start
+        atomic_write_json(self.out / "report.json", report)
+        print("\n" + report_mod.format_table(report), flush=True)
+        print(f"\nreport: {self.out / 'report.html'}  ({report['seconds_total']:.0f} s in all)", flush=True)
+        return report
+
+    def evaluate(self, spm: StageRecord, spo: StageRecord, trajectory: StageRecord | None):
+        from spotune.models import load_pipeline
+        from spotune.preference.factory import build_judge
+        from spotune.toyworld.evaluate import EvaluationSet, evaluate_model, unet_with_lora
+        from spotune.toyworld.world import prompt_split
+
+        cfg = self.cfg
+        _, held_out = prompt_split()
+        captions = [p.caption for p in held_out for _ in range(cfg.eval_seeds_per_prompt)]
+        seeds = [cfg.seed * 1000 + s for _ in held_out for s in range(cfg.eval_seeds_per_prompt)]
+        evalset = EvaluationSet(captions, seeds, num_inference_steps=cfg.eval_inference_steps)
+        pipe = load_pipeline(str(self.base_dir))
+        judge = build_judge("spm", clip_path=str(self.clip_dir), checkpoint=str(spm.folder / "run"))
+        models = [("base", pipe.unet), ("SPO", unet_with_lora(pipe.unet, spo.folder / "run"))]
+        if trajectory is not None:
+            models.append(("trajectory DPO", unet_with_lora(pipe.unet, trajectory.folder / "run")))
+        results = []
+        for name, unet in models:
+            result = evaluate_model(name, unet, pipe, judge, evalset)
+            print(f"   {name}: {len(captions)} images in {result.seconds:.0f} s", flush=True)
+            results.append(result)
+        return results
+
+
+def _quiet_libraries() -> None:
+    """Keep the terminal to the demo's own progress: no per-component loading bars or library chatter."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    diffusers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
+    logging.getLogger("tensorboard").setLevel(logging.WARNING)
+
+
+def trajectory_pairing_available() -> bool:
+    from spotune.recipes.train_spo_config import TrainSPOConfig
+
+    return "pairing" in {f.name for f in dataclasses.fields(TrainSPOConfig)}
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(enabled: bool, total: int, desc: str):
+    if not enabled:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, dynamic_ncols=True)
+
+
+def run_demo(config: DemoConfig) -> dict[str, Any]:
+    """Run the demo (see the module docstring); returns the report written to ``report.json``."""
+    return Demo(config).run()

@@ -1,0 +1,293 @@
+"""The demo's report: the terminal table, ``report.json``, ``grid.png``, training-curve plots, ``report.html``."""
+
+from __future__ import annotations
+
+import csv
+import html
+import io
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from spotune.toyworld.evaluate import ModelResult, compare
+from spotune.utils.io import atomic_path, atomic_write_text
+
+GRID_SCALE = 3
+TARGETS = {"aesthetic_win_rate": 0.65, "alignment_drop_points": 2.0, "seconds_total": 600.0}
+
+
+# ================================================================================================
+# numbers
+# ================================================================================================
+def read_spm_accuracy(run: Path) -> dict[str, Any]:
+    """The train-spm run's per-timestep pair accuracy: ``{"final": {t: acc}, "start": {t: acc} | None, "step": n}``."""
+    file = run / "eval" / "accuracy.csv"
+    if not file.is_file():
+        return {"final": {}, "start": None, "step": None}
+    rows = list(csv.DictReader(file.read_text().splitlines()))
+    steps = sorted({int(r["step"]) for r in rows if r["step"] != ""})
+    if not steps:
+        return {"final": {}, "start": None, "step": None}
+
+    def at(step: int) -> dict[str, float]:
+        return {r["timestep"]: float(r["accuracy"]) for r in rows if r["step"] != "" and int(r["step"]) == step}
+
+    return {"final": at(steps[-1]), "start": at(steps[0]) if len(steps) > 1 and steps[0] == 0 else None, "step": steps[-1]}
+
+
+def build_report(
+    results: list[ModelResult],
+    stages: dict[str, dict[str, Any]],
+    pairs_summary: dict[str, Any],
+    spm_accuracy: dict[str, Any],
+    settings: dict[str, Any],
+    seconds_total: float,
+) -> dict[str, Any]:
+    """Everything ``report.json`` holds. ``results[0]`` is the base model, ``results[1]`` SPO."""
+    base, spo = results[0], results[1]
+    models = {r.name: r.summary() for r in results}
+    comparisons = {r.name: compare(r, base).to_dict() for r in results[1:]}
+    spo_cmp = comparisons[spo.name]
+    report: dict[str, Any] = {
+        "aesthetic_win_rate": spo_cmp["aesthetic_win_rate"],
+        "aesthetic_win_rate_ci": spo_cmp["aesthetic_win_rate_ci"],
+        "alignment_base": models[base.name]["alignment"],
+        "alignment_spo": models[spo.name]["alignment"],
+        "aesthetic_base": models[base.name]["aesthetic"],
+        "aesthetic_spo": models[spo.name]["aesthetic"],
+        "preference_score_base": models[base.name]["preference_score"],
+        "preference_score_spo": models[spo.name]["preference_score"],
+        "seconds_total": seconds_total,
+        "num_eval_images": len(base.scores.cleanliness),
+        "aesthetic_metric": "background cleanliness: 1 - mean over background pixels of min(1, distance to the "
+                            "background colour / 0.3) (spotune.toyworld.metrics)",
+        "alignment_metric": "shape, shape colour and background colour all as the caption names them",
+        "models": models,
+        "comparisons": comparisons,
+        "spm_accuracy": spm_accuracy,
+        "preference_data": pairs_summary,
+        "stages": stages,
+        "settings": settings,
+    }
+    drop = 100.0 * (report["alignment_base"] - report["alignment_spo"])
+    report["targets"] = {
+        "aesthetic_win_rate >= 0.65": report["aesthetic_win_rate"] >= TARGETS["aesthetic_win_rate"],
+        "alignment drop <= 2 points": drop <= TARGETS["alignment_drop_points"],
+        "seconds_total < 600": seconds_total < TARGETS["seconds_total"],
+    }
+    return report
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.1f}%"
+
+
+def table_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the results table (shared by the terminal and the HTML)."""
+    header = ["model", "aesthetic (mean)", "aesthetic win rate vs base", "alignment", "preference score", "subject size", "training time"]
+    stage_of = {"SPO": "spo", "trajectory DPO": "trajectory"}
+    rows = []
+    for name, m in report["models"].items():
+        cmp = report["comparisons"].get(name)
+        if cmp:
+            lo, hi = cmp["aesthetic_win_rate_ci"]
+            win = f"{_pct(cmp['aesthetic_win_rate'])} [{_pct(lo)}, {_pct(hi)}]"
+        else:
+            win = "-"
+        stage = report["stages"].get(stage_of.get(name, ""), None)
+        if stage is None:
+            seconds = "-"
+        else:
+            seconds = f"{stage['build_seconds']:.0f} s" + (" (cached)" if stage["cached"] else "")
+        rows.append([name, f"{m['aesthetic']:.4f}", win, _pct(m["alignment"]), f"{m['preference_score']:.3f}",
+                     f"{m['subject_size']:.3f}", seconds])
+    return header, rows
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The terminal summary: the results table, the SPM's accuracy per timestep, and stage times."""
+    header, rows = table_rows(report)
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+    out = [f"Held-out prompts, same seeds ({report['num_eval_images']} images per model):", line(header),
+           line(["-" * w for w in widths])]
+    out += [line(r) for r in rows]
+    acc = report["spm_accuracy"].get("final") or {}
+    if acc:
+        out.append("")
+        out.append("Step-aware preference model, pair accuracy on held-out pairs by timestep: "
+                   + ", ".join(f"t={t}: {_pct(a)}" for t, a in sorted(acc.items(), key=lambda kv: int(kv[0]))))
+    out.append("")
+    out.append("Stages: " + ", ".join(
+        f"{name} {s['seconds']:.0f} s" + (" (cached)" if s["cached"] else "") for name, s in report["stages"].items()))
+    out.append(f"Total: {report['seconds_total']:.0f} s")
+    met = report.get("targets", {})
+    if met:
+        out.append("Targets: " + ", ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in met.items()))
+    return "\n".join(out)
+
+
+# ================================================================================================
+# images and plots
+# ================================================================================================
+def image_grid(results: list[ModelResult], columns: int, stride: int) -> Image.Image:
+    """One row per model, one column per held-out prompt (its first seed), images enlarged, rows labelled."""
+    picks = list(range(0, len(results[0].images), stride))[:columns]
+    h, w = results[0].images.shape[1:3]
+    cell_h, cell_w = h * GRID_SCALE, w * GRID_SCALE
+    label_w, pad = 120, 4
+    canvas = Image.new("RGB", (label_w + len(picks) * (cell_w + pad), len(results) * (cell_h + pad) + pad), "white")
+    draw = ImageDraw.Draw(canvas)
+    for row, result in enumerate(results):
+        y = pad + row * (cell_h + pad)
+        draw.text((6, y + cell_h // 2 - 6), result.name, fill="black")
+        for col, i in enumerate(picks):
+            tile = Image.fromarray(result.images[i]).resize((cell_w, cell_h), Image.NEAREST)
+            canvas.paste(tile, (label_w + col * (cell_w + pad), y))
+    return canvas
+
+
+def _save_png(image: Image.Image, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
+
+
+def read_scalars(run: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar a run logged to TensorBoard: ``{tag: [(step, value), ...]}`` (empty when none)."""
+    try:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    except ImportError:  # pragma: no cover - tensorboard is a dependency
+        return {}
+    out: dict[str, list[tuple[int, float]]] = {}
+    for events in sorted((run / "logs").rglob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(events.parent), size_guidance={"scalars": 0})
+        acc.Reload()
+        for tag in acc.Tags().get("scalars", []):
+            out.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
+    return {tag: sorted(set(values)) for tag, values in out.items()}
+
+
+def plot_curves(path: Path, panels: list[tuple[str, dict[str, list[tuple[int, float]]], str]]) -> bool:
+    """A row of line plots; ``panels`` = [(title, {series label: [(x, y)]}, x label)]. False when nothing to plot."""
+    panels = [p for p in panels if any(p[1].values())]
+    if not panels:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2), squeeze=False)
+    for ax, (title, series, xlabel) in zip(axes[0], panels):
+        for label, points in series.items():
+            if points:
+                xs, ys = zip(*points)
+                ax.plot(xs, ys, marker="o" if len(xs) < 12 else None, label=label)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+        if len(series) > 1:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(buffer.getvalue())
+    return True
+
+
+def _smooth(points: list[tuple[int, float]], window: int) -> list[tuple[int, float]]:
+    if window <= 1 or len(points) <= window:
+        return points
+    ys = np.convolve([p[1] for p in points], np.ones(window) / window, mode="valid")
+    return [(points[i + window - 1][0], float(y)) for i, y in enumerate(ys)]
+
+
+def write_plots(out: Path, report: dict[str, Any], spm_run: Path, spo_runs: dict[str, Path]) -> list[str]:
+    """Training-curve PNGs under ``out/plots``; returns their paths relative to ``out``."""
+    written = []
+    spm = read_scalars(spm_run)
+    acc = report["spm_accuracy"]
+    accuracy_series = {}
+    for label, key in (("trained", "final"), ("before training", "start")):
+        if acc.get(key):
+            accuracy_series[label] = sorted((int(t), a) for t, a in acc[key].items())
+    loss = spm.get("train/loss", [])
+    if plot_curves(out / "plots" / "spm.png", [
+        ("SPM training loss", {"loss": _smooth(loss, max(1, len(loss) // 30))}, "optimizer step"),
+        ("SPM pair accuracy by timestep (held-out pairs)", accuracy_series, "timestep t"),
+    ]):
+        written.append("plots/spm.png")
+    runs = {name: read_scalars(run) for name, run in spo_runs.items()}
+    panels = []
+    for tag, title in (("loss", "SPO loss"), ("score_mean", "judge score of final candidates"), ("pairs", "decisive pairs per iteration")):
+        series = {name: scalars.get(tag, []) for name, scalars in runs.items()}
+        panels.append((title, series, "iteration"))
+    if plot_curves(out / "plots" / "spo.png", panels):
+        written.append("plots/spo.png")
+    return written
+
+
+# ================================================================================================
+# files
+# ================================================================================================
+def write_html(out: Path, report: dict[str, Any], plots: list[str]) -> None:
+    header, rows = table_rows(report)
+    esc = html.escape
+    table = "<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>"
+    table += "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in rows) + "</table>"
+    acc = report["spm_accuracy"].get("final") or {}
+    acc_html = ""
+    if acc:
+        acc_html = "<table><tr><th>timestep</th>" + "".join(f"<th>{esc(t)}</th>" for t in sorted(acc, key=int)) + "</tr>"
+        acc_html += "<tr><td>pair accuracy</td>" + "".join(f"<td>{_pct(acc[t])}</td>" for t in sorted(acc, key=int)) + "</tr></table>"
+    stages = "".join(
+        f"<li>{esc(name)}: {s['seconds']:.0f} s{' (cached; built in %.0f s)' % s['build_seconds'] if s['cached'] else ''}</li>"
+        for name, s in report["stages"].items())
+    targets = "".join(f"<li>{esc(k)}: {'met' if v else '<b>not met</b>'}</li>" for k, v in report["targets"].items())
+    data = report["preference_data"]
+    plots_html = "".join(f'<p><img src="{esc(p)}" alt="{esc(p)}"></p>' for p in plots)
+    page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>spotune demo</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}}
+table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}}
+img{{max-width:100%;image-rendering:pixelated}}code{{background:#f4f4f4}}</style></head><body>
+<h1>spotune demo: SPO in the miniature world</h1>
+<p>Base model vs SPO fine-tuning{' vs the trajectory-level baseline' if len(report['models']) > 2 else ''} on
+{len(set(report.get('eval_prompts', []))) or 'the'} held-out prompts, {report['num_eval_images']} images per model, the same seeds
+for every model. Aesthetic: {esc(report['aesthetic_metric'])}. Alignment: {esc(report['alignment_metric'])}.</p>
+<h2>Results</h2>{table}
+<ul>{targets}</ul>
+<h2>Same seeds, base and fine-tuned</h2><p><img src="grid.png" alt="grid"></p>
+<h2>Step-aware preference model</h2>
+<p>Trained with <code>spotune train-spm</code> on {data.get('train_pairs')} generic preference pairs (labels agree with
+the aesthetic attribute on {_pct(data.get('train_label_agrees_with_aesthetics'))} of pairs; the rest follow layout,
+alignment and rater noise). Accuracy on held-out pairs labelled by the rater's noise-free preference:</p>{acc_html}
+<h2>Training curves</h2>{plots_html}
+<h2>Stages</h2><ul>{stages}</ul><p>Total: {report['seconds_total']:.0f} s.</p>
+</body></html>
+"""
+    atomic_write_text(out / "report.html", page)
+
+
+def write_outputs(out: Path, report: dict[str, Any], results: list[ModelResult], spm_run: Path,
+                  spo_runs: dict[str, Path], grid_columns: int) -> None:
+    """grid.png, plots/, report.html and the trained LoRA files into ``out`` (report.json is written by the caller)."""
+    per_prompt = int(report["settings"].get("eval_seeds_per_prompt", 1))
+    _save_png(image_grid(results, grid_columns, per_prompt), out / "grid.png")
+    plots = write_plots(out, report, spm_run, spo_runs)
+    report["plots"] = plots
+    write_html(out, report, plots)
+    from spotune.checkpoint import resolve_checkpoint
+
+    for name, run in spo_runs.items():
+        lora = resolve_checkpoint(run) / "lora.safetensors"
+        if lora.is_file():
+            target = out / f"{name.split()[0].lower()}_lora.safetensors"
+            with atomic_path(target) as tmp:
+                shutil.copyfile(lora, tmp)

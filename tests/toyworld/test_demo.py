@@ -1,0 +1,127 @@
+"""A shrunken `spotune demo`: every stage for a step or two through the real recipes, every artifact checked."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from spotune.toyworld.demo import DemoError, resource_dir
+
+RESOURCES = resource_dir()
+pytestmark = pytest.mark.skipif(
+    not (RESOURCES / "base" / "model_index.json").is_file(), reason="the toyworld weights are not in this checkout"
+)
+
+
+def _shrunken_yaml(src: Path, dst: Path, changes: dict) -> Path:
+    values = yaml.safe_load(src.read_text())
+    values.update(changes)
+    dst.write_text(yaml.safe_dump(values))
+    return dst
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """Run the CLI once on a fresh cache and return (output folder, cache folder, exit code, shrunken args)."""
+    from spotune.cli import main
+
+    tmp = tmp_path_factory.mktemp("demo")
+    spm = _shrunken_yaml(RESOURCES / "configs" / "toyworld_spm.yaml", tmp / "spm.yaml",
+                         {"train_batch_size": 4, "eval_batch_size": 8, "eval_timesteps": [0, 501], "eval_at_start": False})
+    spo = _shrunken_yaml(RESOURCES / "configs" / "toyworld_spo.yaml", tmp / "spo.yaml",
+                         {"num_inference_steps": 3, "divert_start_step": 1, "sample_batch_size": 2, "train_batch_size": 4})
+    args = [
+        f"cache_dir={tmp / 'cache'}", "train_pairs=8", "eval_pairs=4", "data_inference_steps=2", "spm_steps=2",
+        "spo_iterations=1", "eval_seeds_per_prompt=1", "eval_inference_steps=2", "grid_columns=5", "threads=2",
+        "progress=false", f"spm_config={spm}", f"spo_config={spo}",
+    ]
+    out = tmp / "out"
+    code = main(["demo", "--output", str(out), *args])
+    return out, tmp / "cache", code, args
+
+
+def test_demo_writes_every_artifact_and_a_well_formed_report(demo_run):
+    out, cache, code, _ = demo_run
+    assert code == 0
+    for name in ("report.json", "report.html", "grid.png", "plots/spm.png", "plots/spo.png", "spo_lora.safetensors"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    report = json.loads((out / "report.json").read_text())
+    for key in ("aesthetic_win_rate", "alignment_base", "alignment_spo", "aesthetic_base", "aesthetic_spo", "seconds_total"):
+        assert isinstance(report[key], float), key
+    for key in ("aesthetic_win_rate", "alignment_base", "alignment_spo", "aesthetic_base", "aesthetic_spo"):
+        assert 0.0 <= report[key] <= 1.0, key
+    assert report["seconds_total"] > 0
+    assert report["num_eval_images"] == 24  # every held-out prompt, one seed
+    assert set(report["models"]) >= {"base", "SPO"}
+    assert set(report["spm_accuracy"]["final"]) == {"0", "501"}
+    assert {"pairs", "spm", "spo", "evaluation"} <= set(report["stages"])
+    assert all(not s["cached"] for s in report["stages"].values())
+    html = (out / "report.html").read_text()
+    assert 'src="grid.png"' in html and 'src="plots/spm.png"' in html and "aesthetic win rate" in html
+
+
+def test_grid_has_a_row_per_model_and_a_column_per_shown_prompt(demo_run):
+    from PIL import Image
+
+    out, _, _, _ = demo_run
+    report = json.loads((out / "report.json").read_text())
+    grid = Image.open(out / "grid.png")
+    rows = len(report["models"])
+    assert grid.height == rows * (32 * 3 + 4) + 4
+    assert grid.width == 120 + 5 * (32 * 3 + 4)
+
+
+def test_trajectory_baseline_is_reported_when_the_recipe_offers_it(demo_run):
+    from spotune.toyworld.demo import trajectory_pairing_available
+
+    out, _, _, _ = demo_run
+    report = json.loads((out / "report.json").read_text())
+    assert ("trajectory DPO" in report["models"]) == trajectory_pairing_available()
+
+
+def test_second_run_reuses_the_cache_and_never_overwrites_silently(demo_run, tmp_path):
+    from spotune.cli import main
+
+    out, cache, _, args = demo_run
+    with pytest.raises(DemoError, match="already holds files"):
+        from spotune.config import load_config
+        from spotune.toyworld.demo import DemoConfig, run_demo
+
+        run_demo(load_config(DemoConfig, None, [*args, f"output={out}"]))
+    assert main(["demo", "--output", str(out), *args]) == 1  # the CLI prints the error in one line
+    before = (out / "report.json").read_text()
+    assert main(["demo", "--output", str(out), "--overwrite", *args]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report != json.loads(before)  # rewritten (new timings)
+    assert all(s["cached"] for name, s in report["stages"].items() if name != "evaluation")
+    # Same seeds, same cached models: the measured numbers are reproduced exactly.
+    old = json.loads(before)
+    for key in ("aesthetic_win_rate", "alignment_base", "alignment_spo", "aesthetic_base", "aesthetic_spo"):
+        assert report[key] == pytest.approx(old[key], abs=1e-9), key
+
+
+def test_a_missing_base_model_is_named(tmp_path):
+    from spotune.config import load_config
+    from spotune.toyworld.demo import DemoConfig, run_demo
+
+    config = load_config(DemoConfig, None, [f"output={tmp_path / 'o'}", f"base_model={tmp_path / 'nowhere'}",
+                                            f"cache_dir={tmp_path / 'c'}"])
+    with pytest.raises(DemoError, match="nowhere"):
+        run_demo(config)
+
+
+def test_repository_configs_hold_the_demo_settings():
+    """configs/toyworld_{spm,spo}.yaml = the packaged stage configs plus the repository's paths, and they load."""
+    from spotune.config import load_config
+    from spotune.recipes.train_spm import TrainSPMConfig
+    from spotune.recipes.train_spo_config import TrainSPOConfig
+
+    repo = Path(__file__).resolve().parents[2] / "configs"
+    for name, cls in (("toyworld_spm.yaml", TrainSPMConfig), ("toyworld_spo.yaml", TrainSPOConfig)):
+        packaged = yaml.safe_load((RESOURCES / "configs" / name).read_text())
+        by_hand = yaml.safe_load((repo / name).read_text())
+        assert {k: by_hand[k] for k in packaged} == packaged
+        load_config(cls, repo / name)

@@ -96,3 +96,20 @@ def test_plain_png_folders_pair_through_their_parameters(evaluated, tmp_path):
         collect_images([plain])
     with pytest.raises(ImageFolderError, match="both named 'cfg2'"):
         collect_images([gens / "cfg2", gens])
+
+
+@pytest.mark.parametrize("name", ["sd15_eval", "tiny_eval"])
+def test_shipped_configs_load(name):
+    from pathlib import Path
+
+    from spotune.config import load_config
+    from spotune.eval.config import EvalConfig
+    from spotune.generation import GenerateConfig
+
+    root = Path(__file__).resolve().parents[2]
+    config = load_config(EvalConfig, root / "configs" / f"{name}.yaml")
+    generate = load_config(GenerateConfig, root / config.generate_config)
+    assert generate.steps in (4, 20) and config.scorers
+    if name == "sd15_eval":  # the paper's protocol
+        assert (generate.steps, generate.guidance_scale, generate.eta) == (20, 5.0, 0.0)
+        assert config.scorers == ["pickscore", "hpsv2", "imagereward", "aesthetic"]

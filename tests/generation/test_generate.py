@@ -81,11 +81,11 @@ def test_seeds_reproduce_across_batch_sizes_with_eta_noise(tmp_path):
     # With eta = 1 DDIM draws fresh noise every step: it too must come from each image's own seed.
     one = run_generate(config(tmp_path / "one", eta=1.0, max_prompts=1, batch_size=2, grid=False))
     two = run_generate(config(tmp_path / "two", eta=1.0, max_prompts=1, batch_size=1, grid=False))
-    other = run_generate(config(tmp_path / "other", eta=1.0, max_prompts=1, images_per_prompt=1, seed=7, grid=False))
-    a, b, c = (pixels(r.folders["base"] / "00000-000.png") for r in (one, two, other))
-    assert np.abs(a - b).max() <= 1  # float noise of another batch size may move a pixel by one level
-    assert np.abs(pixels(one.folders["base"] / "00000-001.png") - pixels(two.folders["base"] / "00000-001.png")).max() <= 1
-    assert np.abs(a - c).mean() > 2.0
+    for file in ("00000-000.png", "00000-001.png"):
+        a, b = pixels(one.folders["base"] / file), pixels(two.folders["base"] / file)
+        assert np.abs(a - b).max() <= 1  # float noise of another batch size may move a pixel by one level
+    # Each image's noise is its own: the two images of the prompt differ.
+    assert np.abs(a - pixels(one.folders["base"] / "00000-000.png")).mean() > 2.0
 
 
 def test_png_parameters_metadata_and_grid(generated, webui_lora):

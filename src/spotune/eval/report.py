@@ -20,7 +20,6 @@ from __future__ import annotations
 import csv
 import html
 import io
-import json
 import math
 from pathlib import Path
 

@@ -175,7 +175,7 @@ def identity(spec: ModelSpec, config: GenerateConfig) -> dict[str, Any]:
     return {
         "name": spec.name,
         "model": config.model,
-        "loras": [{"path": str(l.path), "scale": l.scale} for l in spec.loras],
+        "loras": [{"path": str(lora.path), "scale": lora.scale} for lora in spec.loras],
         "sampler": "DDIM",
         "steps": config.steps,
         "guidance_scale": config.guidance_scale,
@@ -285,7 +285,7 @@ def generate_missing(
     factor = pipe.vae_scale_factor
     latent_shape = (pipe.unet.config.in_channels, height // factor, width // factor)
     base_label = model_label(config.model)
-    lora_tags = [(l.name, l.scale) for l in spec.loras]
+    lora_tags = [(lora.name, lora.scale) for lora in spec.loras]
     plan.folder.mkdir(parents=True, exist_ok=True)
     write_generation(plan.folder, {**identity(spec, config), "spotune_version": __version__})
     made = 0
@@ -335,7 +335,7 @@ def generate_missing(
                     "height": height,
                     "sampler": "DDIM",
                     "base_model": config.model,
-                    "loras": [{"path": str(l.path), "scale": l.scale} for l in spec.loras],
+                    "loras": [{"path": str(lora.path), "scale": lora.scale} for lora in spec.loras],
                     "prompt_fields": items[p].fields,
                 }
                 made += 1

@@ -333,7 +333,12 @@ class SPOTrainer:
                 self.lr_scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.optimizer_step += 1
-        return {k: v / micro for k, v in sums.items()}
+        means = {k: v / micro for k, v in sums.items()}
+        if acc.num_processes > 1:  # every process ran the same number of micro-batches: average the means
+            keys = sorted(means)
+            reduced = acc.reduce(torch.tensor([means[k] for k in keys], device=acc.device), reduction="mean")
+            means = dict(zip(keys, reduced.tolist()))
+        return means
 
     def _pair_loss(self, batch: StepPairs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """SPO loss of a micro-batch: one guided pass of the policy and one of the reference per tuple.

@@ -92,7 +92,7 @@ def test_pair_correctness_counts_strict_wins_and_leaves_out_ties():
 
 
 def test_accuracy_is_reported_at_all_five_timesteps(tiny_pipeline):
-    batches = _batches(8, 4)
+    batches = _batches(4, 4)
     decisive = sum(int((b.label_0 != b.label_1).sum()) for b in batches)
     maker = NoisyViewMaker(tiny_pipeline, guidance_scale=1.0)
     rows = evaluate_pair_accuracy(BrightBorderJudge(), maker, batches, generator=torch.Generator().manual_seed(0))

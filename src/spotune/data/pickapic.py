@@ -238,7 +238,8 @@ class PickAPicPairs(torch.utils.data.Dataset):
     Args:
         path: a file or folder (see the module docstring).
         split: which split of a DatasetDict / hub-style parquet folder.
-        resolution: images are resized and centre-cropped to this square size (the diffusion model's).
+        resolution: images are resized and centre-cropped to this square size (the diffusion model's);
+            an attribute that may be changed until pairs are fetched.
         max_pairs: keep only the first N labelled pairs (evaluation subsets).
     Raises:
         PairDataError: a missing source, missing columns, a null caption or labels that are not

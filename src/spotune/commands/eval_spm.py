@@ -1,0 +1,39 @@
+"""``spotune eval-spm``: a judge's pairwise accuracy per denoising timestep."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "eval-spm",
+        help="measure a preference model's pairwise accuracy at each denoising timestep",
+        description=(
+            "Pairwise accuracy of a judge (step-aware model, PickScore, or a tiny judge) against the labels of "
+            "Pick-a-Pic-format pairs, at t = 0 on the clean images and at t > 0 on the diffusion model's "
+            "x0-predictions, ties left out. Settings come from --config (YAML) and key=value overrides, e.g. "
+            "`spotune eval-spm judge=spm judge_clip_path=PATH judge_checkpoint=runs/spm data=PATH "
+            "pretrained_model=PATH output=acc.csv`."
+        ),
+    )
+    parser.add_argument("--config", help="YAML file of settings")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="settings that override the file")
+    parser.add_argument("--list-keys", action="store_true", help="print every config key with its default and help, then exit")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from spotune.config import describe_config, load_config
+    from spotune.recipes.eval_spm import EvalSPMConfig
+
+    if args.list_keys:
+        print(describe_config(EvalSPMConfig))
+        return 0
+    config = load_config(EvalSPMConfig, args.config, args.overrides)
+    from spotune.preference.spm_eval import format_accuracy_table
+    from spotune.recipes.eval_spm import run_eval_spm
+
+    rows = run_eval_spm(config)
+    print(format_accuracy_table(rows))
+    return 0

@@ -1,0 +1,127 @@
+"""``spotune eval-spm``: a judge's pairwise accuracy per denoising timestep on Pick-a-Pic-format pairs.
+
+Measures any judge the SPO trainer can use (an official or home-trained SPM, plain PickScore, the tiny
+judges) the way SPO evaluates its SPM: at t = 0 on the clean images, at t > 0 on the decoded
+x0-predictions of the diffusion model, ties left out. Run it before SPO: the judge decides whether
+SPO helps, and a step-aware judge should stay well above chance at the steps SPO judges.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from spotune.config import ConfigError
+from spotune.errors import SpotuneError
+from spotune.data.pickapic import PickAPicPairs, collate_pairs
+from spotune.models.loading import load_pipeline
+from spotune.preference.factory import JUDGE_KINDS, build_judge
+from spotune.preference.noisy_views import NoisyViewMaker
+from spotune.preference.spm_eval import (
+    SPM_EVAL_TIMESTEPS,
+    TimestepAccuracy,
+    accuracy_csv,
+    evaluate_pair_accuracy,
+    format_accuracy_table,
+)
+from spotune.utils.io import atomic_write_json, atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class OutputExistsError(SpotuneError, FileExistsError):
+    """The output file exists and overwrite was not asked for."""
+
+
+def _help(text: str, default):
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass
+class EvalSPMConfig:
+    judge: str = _help("Judge kind: spm, pickscore, tiny-clip or tiny-spm.", "spm")
+    judge_clip_path: str | None = _help("Local CLIPModel folder of the judge (PickScore_v1 for spm/pickscore).", None)
+    judge_checkpoint: str | None = _help(
+        "Step-aware checkpoint (.bin official, .safetensors, or a train-spm run folder); spm / tiny-spm.", None)
+    judge_processor_path: str | None = _help("Folder with the judge's tokenizer and preprocessor_config.json.", None)
+    pretrained_model: str = _help(
+        "Diffusion model making the x0-predictions: diffusers folder, single file, hub id or builtin:tiny-sd15.",
+        "builtin:tiny-sd15")
+    data: str | None = _help("Pick-a-Pic-format pairs: a .parquet/.arrow file, a folder of them, or a save_to_disk folder.", None)
+    split: str | None = _help("Split of a DatasetDict or hub-style parquet folder (e.g. validation_unique).", None)
+    max_pairs: int | None = _help("Evaluate on the first N labelled pairs only (unset: all).", None)
+    resolution: int | None = _help("Pairs are resized and centre-cropped to this size; the VAE's sample_size when unset.", None)
+    guidance_scale: float = _help("Classifier-free guidance of the x0-prediction (SPO: 5.0).", 5.0)
+    negative_prompt: str = _help("Unconditional prompt of the guidance (SPO: empty).", "")
+    timesteps: list[int] = field(
+        default_factory=lambda: list(SPM_EVAL_TIMESTEPS),
+        metadata={"help": "Timesteps to measure at (SPO: 0, 251, 501, 701, 951)."},
+    )
+    batch_size: int = _help("Pairs per batch.", 16)
+    num_workers: int = _help("DataLoader worker processes decoding images.", 4)
+    seed: int = _help("Seed of the views' noise (the same seed repeats the measurement exactly).", 0)
+    mixed_precision: Literal["no", "fp16", "bf16"] = _help("Precision of the diffusion model and the judge.", "no")
+    output: str | None = _help("Write the table here: .csv or .json (unset: print only).", None)
+    overwrite: bool = _help("Replace an existing output file.", False)
+    progress: bool = _help("Show a progress bar.", True)
+
+    def validate(self) -> None:
+        checks = [
+            (bool(self.data), "data must name the Pick-a-Pic-format pairs to evaluate on"),
+            (self.judge in JUDGE_KINDS, f"judge must be one of {', '.join(JUDGE_KINDS)}, got {self.judge!r}"),
+            (self.batch_size >= 1, "batch_size must be >= 1"),
+            (bool(self.timesteps) and all(0 <= t < 1000 for t in self.timesteps),
+             "timesteps must be a non-empty list of timesteps in [0, 1000)"),
+            (self.output is None or Path(self.output).suffix in (".csv", ".json"), "output must end in .csv or .json"),
+            (self.max_pairs is None or self.max_pairs >= 1, "max_pairs must be >= 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(f"config: {message}")
+
+
+def run_eval_spm(config: EvalSPMConfig) -> list[TimestepAccuracy]:
+    """Measure the judge; print the table (main process) and write it to ``config.output`` if set."""
+    from accelerate import Accelerator
+
+    cfg = config
+    if cfg.output and Path(cfg.output).exists() and not cfg.overwrite:
+        raise OutputExistsError(f"{cfg.output} already exists; pass overwrite=true to replace it")
+    acc = Accelerator(mixed_precision=cfg.mixed_precision)
+    dtype = _DTYPES[cfg.mixed_precision]
+    # Data and judge first: a bad path fails before the (slow) diffusion model loads.
+    pairs = PickAPicPairs(cfg.data, cfg.split, cfg.resolution or 512, cfg.max_pairs)
+    judge = build_judge(
+        cfg.judge, cfg.judge_clip_path, cfg.judge_checkpoint, cfg.judge_processor_path, device=acc.device, dtype=dtype
+    )
+    pipe = load_pipeline(cfg.pretrained_model, dtype=dtype, device=acc.device)
+    views = NoisyViewMaker(pipe, cfg.guidance_scale, cfg.negative_prompt)
+    pairs.resolution = cfg.resolution or int(pipe.vae.config.sample_size)
+    loader = acc.prepare(torch.utils.data.DataLoader(
+        pairs, batch_size=cfg.batch_size, shuffle=False, collate_fn=collate_pairs, num_workers=cfg.num_workers,
+    ))
+    generator = torch.Generator(acc.device).manual_seed(cfg.seed + acc.process_index)
+    with acc.autocast():
+        rows = evaluate_pair_accuracy(
+            judge, views, loader, cfg.timesteps, generator, gather=acc.gather_for_metrics,
+            progress=cfg.progress and acc.is_local_main_process,
+        )
+    if acc.is_main_process:
+        logger.info("%s judge on %d pairs (%d ties left out):\n%s", cfg.judge, len(pairs), pairs.num_ties, format_accuracy_table(rows))
+        if cfg.output:
+            if cfg.output.endswith(".csv"):
+                atomic_write_text(cfg.output, accuracy_csv([(None, r) for r in rows]))
+            else:
+                atomic_write_json(cfg.output, {
+                    "judge": cfg.judge, "checkpoint": cfg.judge_checkpoint, "data": cfg.data, "split": cfg.split,
+                    "pairs": len(pairs), "ties": pairs.num_ties,
+                    "rows": [{"timestep": r.timestep, "accuracy": None if math.isnan(r.accuracy) else r.accuracy, "correct": r.correct, "total": r.total} for r in rows],
+                })
+    return rows

@@ -1,0 +1,541 @@
+"""Training a step-aware preference model (SPM), written out: setup, then #### NOISY VIEWS #### and
+#### TRAINING #### per micro-batch, with #### EVALUATION #### (pairwise accuracy per timestep) and
+checkpoints every few optimizer steps.
+
+Per micro-batch of B Pick-a-Pic pairs (caption, image 0, image 1, labels):
+
+1. draw t ~ U{0, ..., 999} per pair and one noise per pair;
+2. both images -> VAE -> noised to t -> guided UNet -> x0-prediction -> VAE decode (frozen diffusion model);
+3. the SPM scores both decoded views, knowing t; the loss is the two-way cross-entropy against the
+   labels (:func:`spotune.preference.spm_loss.spm_pair_loss`).
+
+Every random draw of micro-batch i comes from a generator seeded by (seed, i, process), so a resumed
+run repeats exactly what the uninterrupted one would have done. Runs on one process or many through
+``accelerate launch`` (DDP).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from tqdm.auto import tqdm
+
+from spotune.checkpoint import (
+    CHECKPOINT_FORMAT,
+    checkpoint_name,
+    list_checkpoints,
+    optimizer_from_files,
+    optimizer_to_files,
+    read_state,
+    resolve_checkpoint,
+    restore_rng_state,
+    rng_state_to_files,
+)
+from spotune.config import ConfigError, config_to_dict, config_to_yaml
+from spotune.data.pickapic import BlockShuffleSampler, PairBatch, PickAPicPairs, checked_batch, collate_pairs
+from spotune.errors import SpotuneError
+from spotune.models.loading import load_pipeline
+from spotune.preference.clip_judge import preprocess_images
+from spotune.preference.loading import BUILTIN_TINY_CLIP, load_clip
+from spotune.preference.noisy_views import NoisyViewMaker
+from spotune.preference.spm_eval import (
+    SPM_EVAL_TIMESTEPS,
+    TimestepAccuracy,
+    accuracy_csv,
+    evaluate_pair_accuracy,
+    format_accuracy_table,
+)
+from spotune.preference.spm_loss import spm_pair_loss
+from spotune.preference.step_aware import SPM_WEIGHTS_NAME, StepAwarePreferenceModel
+from spotune.utils.io import atomic_directory, atomic_save_safetensors, atomic_write_json, atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _help(text: str, default):
+    return field(default=default, metadata={"help": text})
+
+
+def _help_list(text: str, default: list):
+    return field(default_factory=lambda: list(default), metadata={"help": text})
+
+
+@dataclass
+class TrainSPMConfig:
+    # -- where things are ---------------------------------------------------------------------------
+    output_dir: str = _help("Run folder: config.yaml, checkpoints/, logs/ and eval/ are written here.", "runs/spm")
+    pretrained_model: str = _help(
+        "The diffusion model whose x0-predictions the SPM learns to judge: a diffusers folder, a single-file "
+        ".safetensors, a hub id (online), or builtin:tiny-sd15.", "builtin:tiny-sd15")
+    clip_path: str | None = _help(
+        "The CLIP the SPM extends: a local CLIPModel folder (PickScore_v1), or builtin:tiny-clip.", BUILTIN_TINY_CLIP)
+    processor_path: str | None = _help(
+        "Folder with the CLIP tokenizer and preprocessor_config.json (laion/CLIP-ViT-H-14-laion2B-s32B-b79K for "
+        "PickScore); defaults to clip_path.", None)
+    init_checkpoint: str | None = _help(
+        "Start from these SPM weights (official .bin, .safetensors, or a train-spm run) instead of the identity "
+        "extension of clip_path.", None)
+    train_data: str | None = _help(
+        "Pick-a-Pic-format pairs: a .parquet/.arrow file, a folder of them, or a datasets save_to_disk folder.", None)
+    train_split: str | None = _help("Split to read from a DatasetDict or hub-style parquet folder (train when unset).", None)
+    eval_data: str | None = _help("Pairs for the per-timestep accuracy evaluation (unset: no evaluation).", None)
+    eval_split: str | None = _help("Split of eval_data (e.g. validation_unique).", None)
+    max_eval_pairs: int | None = _help("Evaluate on the first N labelled pairs only (unset: all).", None)
+    # -- noisy views ---------------------------------------------------------------------------------
+    resolution: int | None = _help(
+        "Pairs are resized and centre-cropped to this size before the VAE; the VAE's sample_size when unset.", None)
+    guidance_scale: float = _help("Classifier-free guidance of the x0-prediction the SPM sees (SPO: 5.0).", 5.0)
+    negative_prompt: str = _help("Unconditional prompt of the guidance (SPO: empty).", "")
+    eval_timesteps: list[int] = _help_list("Timesteps of the accuracy evaluation (SPO: 0, 251, 501, 701, 951).", list(SPM_EVAL_TIMESTEPS))
+    decode_chunk_size: int = _help("Latents decoded by the VAE at once (memory bound).", 16)
+    # -- optimisation --------------------------------------------------------------------------------
+    train_batch_size: int = _help("Pairs per micro-batch, per process.", 16)
+    eval_batch_size: int = _help("Pairs per evaluation batch, per process.", 16)
+    gradient_accumulation_steps: int = _help("Micro-batches per optimizer step.", 1)
+    learning_rate: float = _help("AdamW learning rate (every SPM weight is trained, CLIP included).", 3e-6)
+    adam_beta1: float = _help("AdamW beta1.", 0.9)
+    adam_beta2: float = _help("AdamW beta2.", 0.999)
+    adam_weight_decay: float = _help("AdamW weight decay.", 0.01)
+    adam_epsilon: float = _help("AdamW epsilon.", 1e-8)
+    max_grad_norm: float = _help("Gradient clipping norm (0 disables).", 1.0)
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = _help(
+        "Learning-rate schedule.", "constant_with_warmup")
+    lr_warmup_steps: int = _help("Warm-up optimizer steps.", 500)
+    max_steps: int = _help("Optimizer steps in total.", 4000)
+    seed: int = _help("Seed of the data order, the timesteps and the noise.", 42)
+    mixed_precision: Literal["no", "fp16", "bf16"] = _help(
+        "Mixed precision: the frozen diffusion model runs in this dtype, the SPM trains in fp32 under autocast.", "bf16")
+    gradient_checkpointing: bool = _help("Recompute the CLIP towers' activations in backward to save memory.", False)
+    allow_tf32: bool = _help("Allow TF32 matmuls on Ampere+ GPUs.", True)
+    num_workers: int = _help("DataLoader worker processes decoding images.", 4)
+    # -- run management ------------------------------------------------------------------------------
+    eval_every: int = _help("Evaluate every N optimizer steps (0: only at the end).", 500)
+    eval_at_start: bool = _help("Evaluate once before training (the untrained SPM scores as its CLIP does).", True)
+    checkpoint_every: int = _help("Checkpoint every N optimizer steps (0: only at the end).", 500)
+    keep_checkpoints: int | None = _help("Keep only the newest N checkpoints (unset keeps all).", None)
+    resume: str | None = _help("Continue a run: 'latest' (newest checkpoint in output_dir) or a checkpoint folder.", None)
+    overwrite: bool = _help("Start afresh in an output_dir that already holds a run, deleting its checkpoints.", False)
+    log_with: Literal["tensorboard", "wandb", "none"] = _help("Experiment tracker.", "tensorboard")
+    tracker_project: str = _help("Project name for the tracker.", "spotune-spm")
+    progress: bool = _help("Show progress bars.", True)
+
+    def validate(self) -> None:
+        """Cross-field checks, so a bad combination fails before any model is loaded."""
+        checks = [
+            (bool(self.train_data), "train_data must name the Pick-a-Pic-format training pairs"),
+            (bool(self.clip_path), "clip_path must name a local CLIPModel folder (PickScore_v1) or builtin:tiny-clip"),
+            (self.train_batch_size >= 1 and self.eval_batch_size >= 1, "batch sizes must be >= 1"),
+            (self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps must be >= 1"),
+            (self.max_steps >= 1, "max_steps must be >= 1"),
+            (self.learning_rate > 0, "learning_rate must be > 0"),
+            (self.eval_every >= 0 and self.checkpoint_every >= 0, "eval_every and checkpoint_every must be >= 0"),
+            (self.keep_checkpoints is None or self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1"),
+            (self.resolution is None or self.resolution >= 8, "resolution must be >= 8"),
+            (self.num_workers >= 0, "num_workers must be >= 0"),
+            (self.max_eval_pairs is None or self.max_eval_pairs >= 1, "max_eval_pairs must be >= 1"),
+            (bool(self.eval_timesteps) and all(0 <= t < 1000 for t in self.eval_timesteps),
+             "eval_timesteps must be a non-empty list of timesteps in [0, 1000)"),
+            (not (self.resume and self.overwrite), "resume and overwrite=true contradict each other"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(f"config: {message}")
+
+
+class RunFolderError(SpotuneError, FileExistsError):
+    """The output folder already holds a run and neither resume nor overwrite was asked for."""
+
+
+class NonFiniteLossError(SpotuneError, FloatingPointError):
+    """The loss became NaN or infinite; training stopped before the optimizer applied it."""
+
+
+def _seed_for(*parts: int) -> int:
+    """A 63-bit seed from integers, the same in every run and process (tuples of ints hash stably)."""
+    return hash(tuple(parts)) & 0x7FFFFFFFFFFFFFFF
+
+
+class SPMTrainer:
+    """The SPM recipe: ``setup()``, ``train()``, ``evaluate()``, ``save_checkpoint()``, ``cleanup()``.
+
+    Args:
+        config: a validated :class:`TrainSPMConfig`.
+    """
+
+    def __init__(self, config: TrainSPMConfig) -> None:
+        self.config = config
+        self.output_dir = Path(config.output_dir)
+        self.global_step = 0  # optimizer steps taken
+        self.micro_step = 0  # micro-batches consumed (seeds each one's random draws)
+        self.epoch = 0
+        self.batch_in_epoch = 0  # micro-batches of the current epoch already consumed
+        self.eval_history: list[tuple[int, TimestepAccuracy]] = []
+
+    # ============================================================================================
+    # setup
+    # ============================================================================================
+    def setup(self) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import ProjectConfiguration
+        from diffusers.optimization import get_scheduler
+
+        cfg = self.config
+        resume_from = self._prepare_run_folder()
+        log_with = None if cfg.log_with == "none" else cfg.log_with
+        self.accelerator = acc = Accelerator(
+            mixed_precision=cfg.mixed_precision,
+            gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+            log_with=log_with,
+            project_config=ProjectConfiguration(project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs")),
+        )
+        if acc.device.type == "cuda" and cfg.allow_tf32:
+            torch.backends.cuda.matmul.allow_tf32 = True
+        self.weight_dtype = _DTYPES[cfg.mixed_precision]
+
+        # -- data (read first: a bad path, column or label fails before any model loads) -----------
+        train_set = PickAPicPairs(cfg.train_data, cfg.train_split, cfg.resolution or 512)
+        if len(train_set) < cfg.train_batch_size * acc.num_processes:
+            raise SpotuneError(
+                f"{cfg.train_data}: {len(train_set)} labelled pairs are fewer than one batch "
+                f"(train_batch_size {cfg.train_batch_size} x {acc.num_processes} processes)"
+            )
+        eval_set = None
+        if cfg.eval_data:
+            eval_set = PickAPicPairs(cfg.eval_data, cfg.eval_split, cfg.resolution or 512, cfg.max_eval_pairs)
+
+        # -- the SPM: the CLIP with identity-initialised time conditioning, all weights trained ----
+        model, tokenizer, processing = load_clip(cfg.clip_path, cfg.processor_path)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)  # the timestep embedder's initial weights are part of the run's seed
+            spm = StepAwarePreferenceModel(model, tokenizer, processing.size, processing.mean, processing.std)
+        if cfg.init_checkpoint:
+            spm.load_checkpoint(cfg.init_checkpoint)
+        spm = spm.float().train().requires_grad_(True)
+        if cfg.gradient_checkpointing:
+            spm.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+        # -- the frozen diffusion model and the views it makes ------------------------------------
+        pipe = load_pipeline(cfg.pretrained_model, dtype=self.weight_dtype, device=acc.device)
+        for module in (pipe.vae, pipe.unet, pipe.text_encoder):
+            module.requires_grad_(False).eval()
+        self.views = NoisyViewMaker(pipe, cfg.guidance_scale, cfg.negative_prompt, cfg.decode_chunk_size)
+        self.resolution = cfg.resolution or int(pipe.vae.config.sample_size)
+        for pairs in (train_set, eval_set):
+            if pairs is not None:
+                pairs.resolution = self.resolution  # the model's own size, now that it is known
+
+        self.sampler = BlockShuffleSampler(train_set.blocks, cfg.seed)
+        loader = torch.utils.data.DataLoader(
+            train_set, batch_size=cfg.train_batch_size, sampler=self.sampler, collate_fn=collate_pairs,
+            num_workers=cfg.num_workers, drop_last=True, pin_memory=acc.device.type == "cuda",
+        )
+        self.eval_loader = None
+        if eval_set is not None:
+            self.eval_loader = torch.utils.data.DataLoader(
+                eval_set, batch_size=cfg.eval_batch_size, shuffle=False, collate_fn=collate_pairs,
+                num_workers=cfg.num_workers,
+            )
+
+        # -- optimizer and schedule ---------------------------------------------------------------
+        optimizer = torch.optim.AdamW(
+            spm.parameters(), lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+            weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon,
+        )
+        # Stepped once per optimizer step by this loop (not handed to accelerate, which would step
+        # it once per process).
+        self.lr_scheduler = get_scheduler(
+            cfg.lr_scheduler, optimizer=optimizer, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=cfg.max_steps
+        )
+        self.spm, self.optimizer, self.train_loader = acc.prepare(spm, optimizer, loader)
+        if self.eval_loader is not None:
+            self.eval_loader = acc.prepare(self.eval_loader)
+        self.train_set = train_set
+
+        if resume_from is not None:
+            self._load_checkpoint(resume_from)
+        elif acc.is_main_process:
+            atomic_write_text(self.output_dir / "config.yaml", config_to_yaml(cfg))
+        if log_with:
+            tracker_cfg = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in config_to_dict(cfg).items()}
+            acc.init_trackers(cfg.tracker_project, config=tracker_cfg)
+        logger.info(
+            "SPM: %d training pairs (%d ties), %d eval pairs, %d micro-batches/epoch, %d optimizer steps, "
+            "%d parameters, %d process(es)",
+            len(train_set), train_set.num_ties, len(self.eval_loader.dataset) if self.eval_loader else 0,
+            len(self.train_loader), cfg.max_steps, sum(p.numel() for p in spm.parameters()), acc.num_processes,
+        )
+
+    def _prepare_run_folder(self) -> Path | None:
+        """Decide between a fresh run, a resume, or a refusal; return the checkpoint to resume from."""
+        cfg = self.config
+        existing = list_checkpoints(self.output_dir)
+        if cfg.resume:
+            if cfg.resume == "latest":
+                if not existing:
+                    raise SpotuneError(f"resume=latest: {self.output_dir} holds no complete checkpoint")
+                return existing[-1]
+            return resolve_checkpoint(cfg.resume)
+        if existing or (self.output_dir / "checkpoints").exists() or (self.output_dir / "config.yaml").exists():
+            if not cfg.overwrite:
+                raise RunFolderError(
+                    f"{self.output_dir} already holds a run ({len(existing)} checkpoint(s)); pass resume=latest to "
+                    "continue it, overwrite=true to start afresh (deleting them), or choose another output_dir"
+                )
+            from accelerate import PartialState
+
+            if PartialState().is_main_process:
+                for sub in ("checkpoints", "logs", "eval"):
+                    shutil.rmtree(self.output_dir / sub, ignore_errors=True)
+                (self.output_dir / "config.yaml").unlink(missing_ok=True)
+            PartialState().wait_for_everyone()
+        return None
+
+    @property
+    def unwrapped(self) -> StepAwarePreferenceModel:
+        return self.accelerator.unwrap_model(self.spm)
+
+    # ============================================================================================
+    # the loop
+    # ============================================================================================
+    def train(self) -> dict[str, float]:
+        """Optimizer steps until ``max_steps``; returns the last step's metrics (and the last evaluation's)."""
+        cfg, acc = self.config, self.accelerator
+        if self.global_step == 0 and cfg.eval_at_start:
+            self.evaluate()
+        bar = tqdm(
+            total=cfg.max_steps, initial=self.global_step, desc="SPM steps",
+            disable=not (cfg.progress and acc.is_local_main_process), dynamic_ncols=True,
+        )
+        metrics: dict[str, float] = {}
+        sums: dict[str, list[float]] = {}  # statistic -> [sum, count] over the step's micro-batches
+        while self.global_step < cfg.max_steps:
+            # The loader's own epoch counter drives the sampler (accelerate sets it on every __iter__),
+            # and skip_first_batches copies it: set it, not the sampler's, so a resume sees the same order.
+            self.train_loader.set_epoch(self.epoch)
+            batches = acc.skip_first_batches(self.train_loader, self.batch_in_epoch) if self.batch_in_epoch else self.train_loader
+            for batch in batches:
+                batch = checked_batch(batch)
+                self.spm.train()
+                with acc.accumulate(self.spm):
+                    loss, stats = self.training_loss(batch, self.micro_step)
+                    self._check_finite(loss)
+                    acc.backward(loss)
+                    if acc.sync_gradients and cfg.max_grad_norm > 0:
+                        stats["grad_norm"] = acc.clip_grad_norm_(self.spm.parameters(), cfg.max_grad_norm)
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                self.micro_step += 1
+                self.batch_in_epoch += 1
+                for key, value in {"loss": loss.detach(), **stats}.items():
+                    value = float(value)
+                    if math.isfinite(value):  # accuracy is nan for a batch of ties only
+                        total = sums.setdefault(key, [0.0, 0])
+                        total[0], total[1] = total[0] + value, total[1] + 1
+                if not acc.sync_gradients:
+                    continue
+
+                # -- one optimizer step done ------------------------------------------------------
+                self.lr_scheduler.step()
+                self.global_step += 1
+                metrics = {f"train/{k}": total / count for k, (total, count) in sums.items()}
+                metrics["train/lr"] = float(self.lr_scheduler.get_last_lr()[0])
+                metrics["train/epoch"] = self.epoch + self.batch_in_epoch / len(self.train_loader)
+                sums = {}
+                acc.log(metrics, step=self.global_step)
+                bar.update(1)
+                bar.set_postfix(loss=f"{metrics['train/loss']:.4f}")
+                done = self.global_step >= cfg.max_steps
+                if (cfg.eval_every and self.global_step % cfg.eval_every == 0) or done:
+                    metrics.update(self.evaluate())
+                if (cfg.checkpoint_every and self.global_step % cfg.checkpoint_every == 0) or done:
+                    self.save_checkpoint()
+                if done:
+                    break
+            else:
+                self.epoch += 1
+                self.batch_in_epoch = 0
+        bar.close()
+        return metrics
+
+    # ============================================================================================
+    #### NOISY VIEWS #### and #### TRAINING ####
+    # ============================================================================================
+    def training_loss(
+        self, batch: PairBatch, micro_step: int, timesteps: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The SPM loss of one micro-batch; every random draw is seeded by (seed, micro_step, process).
+
+        Args:
+            batch: B pairs on the accelerator's device.
+            micro_step: index of this micro-batch in the run.
+            timesteps: [B] timesteps to judge the pairs at; drawn uniformly from [0, 1000) when ``None``
+                (training). Fixed ones measure the loss at given noise levels.
+        """
+        cfg, acc = self.config, self.accelerator
+        spm = self.unwrapped
+        b = len(batch)
+        generator = torch.Generator(acc.device).manual_seed(_seed_for(cfg.seed, micro_step, acc.process_index))
+        t = torch.randint(0, self.views.num_train_timesteps, (b,), generator=generator, device=acc.device)  # [B]
+        if timesteps is not None:
+            t = timesteps.to(acc.device).long()
+        with torch.no_grad():
+            with acc.autocast():
+                views_0, views_1 = self.views(batch.pixel_values_0, batch.pixel_values_1, batch.captions, t, generator)
+            # [2B, 3, S, S]: the views, resized and normalised as the judge does when scoring.
+            pixels = preprocess_images(torch.cat([views_0, views_1]), spm.image_size, spm.image_mean, spm.image_std)
+            input_ids = spm.tokenize(batch.captions)  # [B, 77]
+        text, image, logit_scale = self.spm(pixels, torch.cat([t, t]), input_ids)  # [B, D], [2B, D], scalar
+        image_0, image_1 = image.chunk(2)
+        weight_total = None
+        if acc.num_processes > 1:
+            # Normalise over the global batch: DDP averages the processes' gradients.
+            weight_total = acc.reduce((1.0 / batch.num_pairs).sum(), reduction="mean")
+        return spm_pair_loss(text, image_0, image_1, logit_scale, batch.label_0, batch.label_1, batch.num_pairs, weight_total)
+
+    def _check_finite(self, loss: torch.Tensor) -> None:
+        bad = torch.tensor(0.0 if torch.isfinite(loss) else 1.0, device=loss.device)
+        if self.accelerator.num_processes > 1:
+            bad = self.accelerator.reduce(bad, reduction="sum")
+        if bad.item() > 0:
+            last = list_checkpoints(self.output_dir)
+            raise NonFiniteLossError(
+                f"loss is {loss.item()} at optimizer step {self.global_step + 1}; training stopped before applying "
+                f"it. Last good checkpoint: {last[-1] if last else 'none yet'}"
+            )
+
+    # ============================================================================================
+    #### EVALUATION ####
+    # ============================================================================================
+    def evaluate(self) -> dict[str, float]:
+        """Pairwise accuracy per timestep on ``eval_data``: logged, appended to ``eval/accuracy.csv``."""
+        cfg, acc = self.config, self.accelerator
+        if self.eval_loader is None:
+            return {}
+        spm = self.unwrapped
+        spm.eval()
+        spm.clear_text_cache()  # the weights changed since the cache was filled
+        generator = torch.Generator(acc.device).manual_seed(_seed_for(cfg.seed, -1, acc.process_index))
+        with acc.autocast():
+            rows = evaluate_pair_accuracy(
+                spm, self.views, self.eval_loader, cfg.eval_timesteps, generator,
+                gather=acc.gather_for_metrics, progress=cfg.progress and acc.is_local_main_process,
+            )
+        spm.clear_text_cache()
+        self.eval_history = [(s, r) for s, r in self.eval_history if s != self.global_step]
+        self.eval_history += [(self.global_step, r) for r in rows]
+        metrics = {f"eval/accuracy_t{r.timestep}": r.accuracy for r in rows}
+        finite = [r.accuracy for r in rows if not math.isnan(r.accuracy)]
+        if finite:
+            metrics["eval/accuracy_mean"] = sum(finite) / len(finite)
+        if acc.is_main_process:
+            atomic_write_text(self.output_dir / "eval" / "accuracy.csv", accuracy_csv(self.eval_history))
+            logger.info("SPM pairwise accuracy at step %d:\n%s", self.global_step, format_accuracy_table(rows))
+        acc.log(metrics, step=self.global_step)
+        return metrics
+
+    # ============================================================================================
+    # checkpoints
+    # ============================================================================================
+    def save_checkpoint(self) -> Path:
+        """Write a complete checkpoint atomically; ``spm.safetensors`` has the official key layout."""
+        acc = self.accelerator
+        final = self.output_dir / "checkpoints" / checkpoint_name(self.global_step)
+        acc.wait_for_everyone()
+        rng_tensors, rng_meta = rng_state_to_files()
+        all_rng = [(rng_tensors, rng_meta)]
+        if acc.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            all_rng = gather_object([(rng_tensors, rng_meta)])
+        if acc.is_main_process:
+            if final.exists():  # a re-run of the same step (e.g. after a failed later save)
+                shutil.rmtree(final)
+            with atomic_directory(final) as tmp:
+                self.unwrapped.save(tmp / SPM_WEIGHTS_NAME)
+                inner = self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer
+                opt_tensors, opt_meta = optimizer_to_files(inner)
+                atomic_save_safetensors(opt_tensors, tmp / "optimizer.safetensors")
+                atomic_write_json(tmp / "optimizer.json", opt_meta)
+                atomic_write_json(tmp / "scheduler.json", self.lr_scheduler.state_dict())
+                for rank, (tensors, meta) in enumerate(all_rng):
+                    atomic_save_safetensors(tensors, tmp / f"rng_rank{rank}.safetensors")
+                    atomic_write_json(tmp / f"rng_rank{rank}.json", meta)
+                atomic_write_json(tmp / "state.json", self._state_dict())  # last: marks the folder complete
+            keep = self.config.keep_checkpoints
+            if keep:
+                for old in list_checkpoints(self.output_dir)[:-keep]:
+                    shutil.rmtree(old, ignore_errors=True)
+            logger.info("saved checkpoint %s", final)
+        acc.wait_for_everyone()
+        return final
+
+    def _state_dict(self) -> dict[str, Any]:
+        cfg, spm = self.config, self.unwrapped
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "kind": "spm",
+            "iteration": self.global_step,
+            "optimizer_step": self.global_step,
+            "micro_step": self.micro_step,
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "clip_path": cfg.clip_path,
+            "processor_path": cfg.processor_path,
+            "image_size": spm.image_size,
+            "num_processes": self.accelerator.num_processes,
+            "eval": [{"step": s, "timestep": r.timestep, "correct": r.correct, "total": r.total} for s, r in self.eval_history],
+            "config": config_to_dict(cfg),
+        }
+
+    def _load_checkpoint(self, checkpoint: Path) -> None:
+        """Restore weights, optimizer, lr schedule, counters, evaluation history and RNG."""
+        from safetensors.torch import load_file
+
+        acc = self.accelerator
+        state = read_state(checkpoint)
+        if state.get("kind") != "spm":
+            raise SpotuneError(f"{checkpoint}: not a train-spm checkpoint (kind={state.get('kind')!r})")
+        if state.get("num_processes") != acc.num_processes:
+            logger.warning(
+                "%s was written by %s process(es), resuming with %d: the data order will differ from an "
+                "uninterrupted run", checkpoint, state.get("num_processes"), acc.num_processes,
+            )
+        self.unwrapped.load_checkpoint(checkpoint / SPM_WEIGHTS_NAME)
+        inner = self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer
+        opt_tensors = load_file(str(checkpoint / "optimizer.safetensors"), device=str(acc.device))
+        inner.load_state_dict(optimizer_from_files(opt_tensors, json.loads((checkpoint / "optimizer.json").read_text())))
+        self.lr_scheduler.load_state_dict(json.loads((checkpoint / "scheduler.json").read_text()))
+        rng_file = checkpoint / f"rng_rank{acc.process_index}.safetensors"
+        if rng_file.is_file():
+            restore_rng_state(load_file(str(rng_file)), json.loads(rng_file.with_suffix(".json").read_text()))
+        self.global_step = int(state["optimizer_step"])
+        self.micro_step = int(state["micro_step"])
+        self.epoch = int(state["epoch"])
+        self.batch_in_epoch = int(state["batch_in_epoch"])
+        self.eval_history = [
+            (int(e["step"]), TimestepAccuracy(int(e["timestep"]), int(e["correct"]), int(e["total"])))
+            for e in state.get("eval", [])
+        ]
+        logger.info("resumed from %s (optimizer step %d, epoch %d)", checkpoint, self.global_step, self.epoch)
+
+    def cleanup(self) -> None:
+        self.accelerator.end_training()
+
+
+def run_train_spm(config: TrainSPMConfig) -> dict[str, float]:
+    """Set up, train and clean up; returns the final step's metrics (training and evaluation)."""
+    trainer = SPMTrainer(config)
+    trainer.setup()
+    try:
+        return trainer.train()
+    finally:
+        trainer.cleanup()

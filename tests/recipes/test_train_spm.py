@@ -1,0 +1,132 @@
+"""train-spm and eval-spm end to end on the tiny models and a tiny synthetic Pick-a-Pic parquet."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from spotune.cli import main
+from spotune.config import load_config
+from spotune.data.pickapic import collate_pairs, synthetic_pairs, write_pairs_parquet
+from spotune.recipes.train_spm import SPMTrainer, TrainSPMConfig
+
+CONFIG = str(Path(__file__).resolve().parents[2] / "configs" / "tiny_spm.yaml")
+
+
+@pytest.fixture(scope="module")
+def pairs_file(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("pairs")
+    return write_pairs_parquet(folder / "train.parquet", *synthetic_pairs(8, 32, seed=0))
+
+
+@pytest.fixture(scope="module")
+def eval_file(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("eval-pairs")
+    return write_pairs_parquet(folder / "eval.parquet", *synthetic_pairs(4, 32, seed=1))
+
+
+def _args(run: Path, train: Path, *extra: str) -> list[str]:
+    # guidance 1 halves the UNet work of the views; everything else is configs/tiny_spm.yaml
+    return ["--config", CONFIG, f"output_dir={run}", f"train_data={train}", "guidance_scale=1.0",
+            "progress=false", "log_with=none", *extra]
+
+
+def _adaln(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in state.items() if "adaLN_modulation" in k or "t_embedder" in k}
+
+
+def test_training_lowers_the_loss_and_moves_the_time_conditioning(pairs_file, tmp_path):
+    config = load_config(TrainSPMConfig, CONFIG, _args(tmp_path / "run", pairs_file, "max_steps=4", "checkpoint_every=2")[2:])
+    trainer = SPMTrainer(config)
+    trainer.setup()
+    try:
+        start = {k: v.clone() for k, v in _adaln(trainer.unwrapped.state_dict()).items()}
+        batch = collate_pairs([trainer.train_set[i] for i in range(8)])
+
+        @torch.no_grad()
+        def objective() -> float:
+            """The training loss on all 8 pairs, averaged over 4 seeded draws of t and noise (the same
+            draws before and after: micro-batch indices the run itself never reaches)."""
+            return sum(float(trainer.training_loss(batch, 10_000 + i)[0]) for i in range(4)) / 4
+
+        before = objective()
+        metrics = trainer.train()
+        after = objective()
+    finally:
+        trainer.cleanup()
+    assert after < before - 0.03, (before, after)
+    assert metrics["train/lr"] == 1e-4 and trainer.global_step == 4 and trainer.micro_step == 4
+    names = [p.name for p in sorted((tmp_path / "run" / "checkpoints").iterdir())]
+    assert names == ["iter-00000002", "iter-00000004"]
+    saved = load_file(str(tmp_path / "run" / "checkpoints" / "iter-00000004" / "spm.safetensors"))
+    moved = [k for k, v in _adaln(saved).items() if not torch.equal(v, start[k])]
+    assert any(k.endswith("adaLN_modulation.1.weight") for k in moved)
+    assert not any(v.any() for k, v in start.items() if k.endswith("adaLN_modulation.1.weight"))  # they were zero
+
+
+def test_cli_run_evaluates_checkpoints_and_resumes_exactly(pairs_file, eval_file, tmp_path, capsys):
+    # 4 pairs per batch: two micro-batches per epoch, so the resume below starts in mid-epoch.
+    common = [f"eval_data={eval_file}", "eval_every=3", "checkpoint_every=1", "train_batch_size=4"]
+    assert main(["train-spm", *_args(tmp_path / "a", pairs_file, "max_steps=3", *common)]) == 0
+    assert "done:" in capsys.readouterr().out
+
+    def table(run: Path) -> list[dict[str, str]]:
+        with open(run / "eval" / "accuracy.csv", newline="") as fh:
+            return list(csv.DictReader(fh))
+
+    rows = table(tmp_path / "a")
+    assert [(r["step"], r["timestep"]) for r in rows] == [("3", t) for t in ("0", "251", "501", "701", "951")]
+    assert all(r["total"] == rows[0]["total"] != "0" and int(r["correct"]) <= int(r["total"]) for r in rows)
+
+    # Stop after 1 step (evaluated, as every run's last step is), then resume to 3: the same
+    # weights and the same evaluation, bit for bit.
+    assert main(["train-spm", *_args(tmp_path / "b", pairs_file, "max_steps=1", *common)]) == 0
+    assert main(["train-spm", *_args(tmp_path / "b", pairs_file, "max_steps=3", "resume=latest", *common)]) == 0
+    final_a = load_file(str(tmp_path / "a" / "checkpoints" / "iter-00000003" / "spm.safetensors"))
+    final_b = load_file(str(tmp_path / "b" / "checkpoints" / "iter-00000003" / "spm.safetensors"))
+    assert all(torch.equal(final_a[k], final_b[k]) for k in final_a)
+    assert [r for r in table(tmp_path / "b") if r["step"] != "1"] == rows
+
+    # eval-spm measures the trained judge from its run folder; the table has all five timesteps.
+    out = tmp_path / "acc.csv"
+    eval_args = ["eval-spm", "judge=tiny-spm", f"judge_checkpoint={tmp_path / 'a'}", f"data={eval_file}",
+                 "guidance_scale=1.0", "batch_size=4", "num_workers=0", "progress=false", f"output={out}"]
+    assert main(eval_args) == 0
+    printed = capsys.readouterr().out
+    assert all(f"| {t} |" in printed for t in (0, 251, 501, 701, 951))
+    with open(out, newline="") as fh:
+        measured = list(csv.DictReader(fh))
+    assert [r["timestep"] for r in measured] == ["0", "251", "501", "701", "951"]
+    # At t = 0 no noise is involved: the same judge on the same clean pairs counts the same.
+    assert (measured[0]["correct"], measured[0]["total"]) == (rows[0]["correct"], rows[0]["total"])
+    assert main(eval_args) == 1  # refuses to overwrite the table
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_bad_input_is_one_line_and_writes_nothing(pairs_file, tmp_path, capsys):
+    import pyarrow.parquet as pq
+
+    run = tmp_path / "run"
+    no_column = tmp_path / "no_caption.parquet"
+    pq.write_table(pq.read_table(pairs_file).drop_columns(["caption"]), no_column)
+    assert main(["train-spm", *_args(run, no_column)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "no_caption.parquet: missing column(s) ['caption']" in err and "\n" not in err
+    assert not (run / "checkpoints").exists() and not (run / "config.yaml").exists()
+
+    assert main(["train-spm", "--config", CONFIG, f"output_dir={run}"]) == 1
+    assert "train_data must name" in capsys.readouterr().err
+
+    assert main(["train-spm", *_args(run, pairs_file, "clip_path=/no/such/clip")]) == 1
+    assert "/no/such/clip does not exist" in capsys.readouterr().err
+
+    # A folder holding a run is neither reused nor deleted without resume or overwrite.
+    run.mkdir(exist_ok=True)
+    (run / "config.yaml").write_text("kept: true\n")
+    assert main(["train-spm", *_args(run, pairs_file)]) == 1
+    assert "already holds a run" in capsys.readouterr().err
+    assert (run / "config.yaml").read_text() == "kept: true\n"

@@ -19,6 +19,8 @@ COMMAND_MODULES = [
     "spotune.commands.export",
     "spotune.commands.generate",
     "spotune.commands.eval",
+    "spotune.commands.train_spm",
+    "spotune.commands.eval_spm",
 ]
 
 

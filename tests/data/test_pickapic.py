@@ -23,6 +23,7 @@ from spotune.data.pickapic import (
 from spotune.errors import SpotuneError
 
 
+
 def _table(n: int = 6, seed: int = 0, image_struct: bool = False, **extra) -> pa.Table:
     captions, im0, im1, labels = synthetic_pairs(n, 16, seed)
     cells = lambda images: [  # noqa: E731

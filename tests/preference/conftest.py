@@ -6,6 +6,16 @@ import pytest
 import torch
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """These models are tiny: one thread is as fast alone and far faster when other jobs share the
+    cores (an OpenMP region waits for every thread, and a descheduled one costs a whole time slice)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def clip_dir(tmp_path_factory):
     """The tiny CLIPModel (seed 0) and its tokenizer written with save_pretrained."""

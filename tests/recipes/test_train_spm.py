@@ -17,6 +17,16 @@ from spotune.recipes.train_spm import SPMTrainer, TrainSPMConfig
 CONFIG = str(Path(__file__).resolve().parents[2] / "configs" / "tiny_spm.yaml")
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """These models are tiny: one thread is as fast alone and far faster when other jobs share the
+    cores (an OpenMP region waits for every thread, and a descheduled one costs a whole time slice)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def pairs_file(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("pairs")
@@ -125,7 +135,7 @@ def test_bad_input_is_one_line_and_writes_nothing(pairs_file, tmp_path, capsys):
     assert "/no/such/clip does not exist" in capsys.readouterr().err
 
     # A folder holding a run is neither reused nor deleted without resume or overwrite.
-    run.mkdir(exist_ok=True)
+    (run / "checkpoints").mkdir(parents=True)
     (run / "config.yaml").write_text("kept: true\n")
     assert main(["train-spm", *_args(run, pairs_file)]) == 1
     assert "already holds a run" in capsys.readouterr().err

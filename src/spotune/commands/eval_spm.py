@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 
 def register(subparsers) -> None:
@@ -35,5 +36,6 @@ def run(args: argparse.Namespace) -> int:
     from spotune.recipes.eval_spm import run_eval_spm
 
     rows = run_eval_spm(config)
-    print(format_accuracy_table(rows))
+    if int(os.environ.get("RANK", "0")) == 0:  # one table, however many processes measured
+        print(format_accuracy_table(rows))
     return 0

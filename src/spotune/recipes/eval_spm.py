@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
 
-from spotune.config import ConfigError
+from spotune.config import ConfigError, help_field
 from spotune.errors import SpotuneError
 from spotune.data.pickapic import PickAPicPairs, collate_pairs
 from spotune.models.loading import load_pipeline
@@ -27,50 +27,40 @@ from spotune.preference.spm_eval import (
     TimestepAccuracy,
     accuracy_csv,
     evaluate_pair_accuracy,
-    format_accuracy_table,
 )
+from spotune.recipes.common import MIXED_PRECISION_DTYPES
 from spotune.utils.io import atomic_write_json, atomic_write_text
 
 logger = logging.getLogger(__name__)
-
-_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
 
 class OutputExistsError(SpotuneError, FileExistsError):
     """The output file exists and overwrite was not asked for."""
 
 
-def _help(text: str, default):
-    return field(default=default, metadata={"help": text})
-
-
 @dataclass
 class EvalSPMConfig:
-    judge: str = _help("Judge kind: spm, pickscore, tiny-clip or tiny-spm.", "spm")
-    judge_clip_path: str | None = _help("Local CLIPModel folder of the judge (PickScore_v1 for spm/pickscore).", None)
-    judge_checkpoint: str | None = _help(
+    judge: str = help_field("Judge kind: spm, pickscore, tiny-clip or tiny-spm.", "spm")
+    judge_clip_path: str | None = help_field("Local CLIPModel folder of the judge (PickScore_v1 for spm/pickscore).", None)
+    judge_checkpoint: str | None = help_field(
         "Step-aware checkpoint (.bin official, .safetensors, or a train-spm run folder); spm / tiny-spm.", None)
-    judge_processor_path: str | None = _help("Folder with the judge's tokenizer and preprocessor_config.json.", None)
-    pretrained_model: str = _help(
+    judge_processor_path: str | None = help_field("Folder with the judge's tokenizer and preprocessor_config.json.", None)
+    pretrained_model: str = help_field(
         "Diffusion model making the x0-predictions: diffusers folder, single file, hub id or builtin:tiny-sd15.",
         "builtin:tiny-sd15")
-    data: str | None = _help("Pick-a-Pic-format pairs: a .parquet/.arrow file, a folder of them, or a save_to_disk folder.", None)
-    split: str | None = _help("Split of a DatasetDict or hub-style parquet folder (e.g. validation_unique).", None)
-    max_pairs: int | None = _help("Evaluate on the first N labelled pairs only (unset: all).", None)
-    resolution: int | None = _help("Pairs are resized and centre-cropped to this size; the VAE's sample_size when unset.", None)
-    guidance_scale: float = _help("Classifier-free guidance of the x0-prediction (SPO: 5.0).", 5.0)
-    negative_prompt: str = _help("Unconditional prompt of the guidance (SPO: empty).", "")
-    timesteps: list[int] = field(
-        default_factory=lambda: list(SPM_EVAL_TIMESTEPS),
-        metadata={"help": "Timesteps to measure at (SPO: 0, 251, 501, 701, 951)."},
-    )
-    batch_size: int = _help("Pairs per batch.", 16)
-    num_workers: int = _help("DataLoader worker processes decoding images.", 4)
-    seed: int = _help("Seed of the views' noise (the same seed repeats the measurement exactly).", 0)
-    mixed_precision: Literal["no", "fp16", "bf16"] = _help("Precision of the diffusion model and the judge.", "no")
-    output: str | None = _help("Write the table here: .csv or .json (unset: print only).", None)
-    overwrite: bool = _help("Replace an existing output file.", False)
-    progress: bool = _help("Show a progress bar.", True)
+    data: str | None = help_field("Pick-a-Pic-format pairs: a .parquet/.arrow file, a folder of them, or a save_to_disk folder.", None)
+    split: str | None = help_field("Split of a DatasetDict or hub-style parquet folder (e.g. validation_unique).", None)
+    max_pairs: int | None = help_field("Evaluate on the first N labelled pairs only (unset: all).", None)
+    resolution: int | None = help_field("Pairs are resized and centre-cropped to this size; the VAE's sample_size when unset.", None)
+    guidance_scale: float = help_field("Classifier-free guidance of the x0-prediction (SPO: 5.0).", 5.0)
+    negative_prompt: str = help_field("Unconditional prompt of the guidance (SPO: empty).", "")
+    timesteps: list[int] = help_field("Timesteps to measure at (SPO: 0, 251, 501, 701, 951).", list(SPM_EVAL_TIMESTEPS))
+    batch_size: int = help_field("Pairs per batch.", 16)
+    num_workers: int = help_field("DataLoader worker processes decoding images.", 4)
+    seed: int = help_field("Seed of the views' noise (the same seed repeats the measurement exactly).", 0)
+    mixed_precision: Literal["no", "fp16", "bf16"] = help_field("Precision of the diffusion model and the judge.", "no")
+    output: str | None = help_field("Write the table here: .csv or .json (unset: print only).", None)
+    overwrite: bool = help_field("Replace an existing output file.", False)
+    progress: bool = help_field("Show a progress bar.", True)
 
     def validate(self) -> None:
         checks = [
@@ -90,12 +80,22 @@ class EvalSPMConfig:
 def run_eval_spm(config: EvalSPMConfig) -> list[TimestepAccuracy]:
     """Measure the judge; print the table (main process) and write it to ``config.output`` if set."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
     cfg = config
     if cfg.output and Path(cfg.output).exists() and not cfg.overwrite:
         raise OutputExistsError(f"{cfg.output} already exists; pass overwrite=true to replace it")
-    acc = Accelerator(mixed_precision=cfg.mixed_precision)
-    dtype = _DTYPES[cfg.mixed_precision]
+    # cpu=True without CUDA lets a multi-process launch form a gloo process group.
+    acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision)
+    try:
+        return _measure(cfg, acc)
+    finally:
+        AcceleratorState._reset_state()  # let the same process run another recipe with other settings
+
+
+def _measure(cfg: EvalSPMConfig, acc) -> list[TimestepAccuracy]:
+    """Load the pairs, the judge and the diffusion model on ``acc``'s device; measure; write the table."""
+    dtype = MIXED_PRECISION_DTYPES[cfg.mixed_precision]
     # Data and judge first: a bad path fails before the (slow) diffusion model loads.
     pairs = PickAPicPairs(cfg.data, cfg.split, cfg.resolution or 512, cfg.max_pairs)
     judge = build_judge(
@@ -114,7 +114,7 @@ def run_eval_spm(config: EvalSPMConfig) -> list[TimestepAccuracy]:
             progress=cfg.progress and acc.is_local_main_process,
         )
     if acc.is_main_process:
-        logger.info("%s judge on %d pairs (%d ties left out):\n%s", cfg.judge, len(pairs), pairs.num_ties, format_accuracy_table(rows))
+        logger.info("measured the %s judge on %d pairs (%d ties left out)", cfg.judge, len(pairs), pairs.num_ties)
         if cfg.output:
             if cfg.output.endswith(".csv"):
                 atomic_write_text(cfg.output, accuracy_csv([(None, r) for r in rows]))

@@ -16,11 +16,13 @@ run repeats exactly what the uninterrupted one would have done. Runs on one proc
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import math
+import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -38,7 +40,7 @@ from spotune.checkpoint import (
     restore_rng_state,
     rng_state_to_files,
 )
-from spotune.config import ConfigError, config_to_dict, config_to_yaml
+from spotune.config import ConfigError, config_to_dict, config_to_yaml, help_field
 from spotune.data.pickapic import BlockShuffleSampler, PairBatch, PickAPicPairs, checked_batch, collate_pairs
 from spotune.errors import SpotuneError
 from spotune.models.loading import load_pipeline
@@ -54,79 +56,74 @@ from spotune.preference.spm_eval import (
 )
 from spotune.preference.spm_loss import spm_pair_loss
 from spotune.preference.step_aware import SPM_WEIGHTS_NAME, StepAwarePreferenceModel
+from spotune.recipes.common import (
+    MIXED_PRECISION_DTYPES,
+    NonFiniteLossError,
+    prepare_run_folder,
+    seed_for,
+)
 from spotune.utils.io import atomic_directory, atomic_save_safetensors, atomic_write_json, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
-_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def _help(text: str, default):
-    return field(default=default, metadata={"help": text})
-
-
-def _help_list(text: str, default: list):
-    return field(default_factory=lambda: list(default), metadata={"help": text})
-
-
 @dataclass
 class TrainSPMConfig:
     # -- where things are ---------------------------------------------------------------------------
-    output_dir: str = _help("Run folder: config.yaml, checkpoints/, logs/ and eval/ are written here.", "runs/spm")
-    pretrained_model: str = _help(
+    output_dir: str = help_field("Run folder: config.yaml, checkpoints/, logs/ and eval/ are written here.", "runs/spm")
+    pretrained_model: str = help_field(
         "The diffusion model whose x0-predictions the SPM learns to judge: a diffusers folder, a single-file "
         ".safetensors, a hub id (online), or builtin:tiny-sd15.", "builtin:tiny-sd15")
-    clip_path: str | None = _help(
+    clip_path: str | None = help_field(
         "The CLIP the SPM extends: a local CLIPModel folder (PickScore_v1), or builtin:tiny-clip.", BUILTIN_TINY_CLIP)
-    processor_path: str | None = _help(
+    processor_path: str | None = help_field(
         "Folder with the CLIP tokenizer and preprocessor_config.json (laion/CLIP-ViT-H-14-laion2B-s32B-b79K for "
         "PickScore); defaults to clip_path.", None)
-    init_checkpoint: str | None = _help(
+    init_checkpoint: str | None = help_field(
         "Start from these SPM weights (official .bin, .safetensors, or a train-spm run) instead of the identity "
         "extension of clip_path.", None)
-    train_data: str | None = _help(
+    train_data: str | None = help_field(
         "Pick-a-Pic-format pairs: a .parquet/.arrow file, a folder of them, or a datasets save_to_disk folder.", None)
-    train_split: str | None = _help("Split to read from a DatasetDict or hub-style parquet folder (train when unset).", None)
-    eval_data: str | None = _help("Pairs for the per-timestep accuracy evaluation (unset: no evaluation).", None)
-    eval_split: str | None = _help("Split of eval_data (e.g. validation_unique).", None)
-    max_eval_pairs: int | None = _help("Evaluate on the first N labelled pairs only (unset: all).", None)
+    train_split: str | None = help_field("Split to read from a DatasetDict or hub-style parquet folder (train when unset).", None)
+    eval_data: str | None = help_field("Pairs for the per-timestep accuracy evaluation (unset: no evaluation).", None)
+    eval_split: str | None = help_field("Split of eval_data (e.g. validation_unique).", None)
+    max_eval_pairs: int | None = help_field("Evaluate on the first N labelled pairs only (unset: all).", None)
     # -- noisy views ---------------------------------------------------------------------------------
-    resolution: int | None = _help(
+    resolution: int | None = help_field(
         "Pairs are resized and centre-cropped to this size before the VAE; the VAE's sample_size when unset.", None)
-    guidance_scale: float = _help("Classifier-free guidance of the x0-prediction the SPM sees (SPO: 5.0).", 5.0)
-    negative_prompt: str = _help("Unconditional prompt of the guidance (SPO: empty).", "")
-    eval_timesteps: list[int] = _help_list("Timesteps of the accuracy evaluation (SPO: 0, 251, 501, 701, 951).", list(SPM_EVAL_TIMESTEPS))
-    decode_chunk_size: int = _help("Latents decoded by the VAE at once (memory bound).", 16)
+    guidance_scale: float = help_field("Classifier-free guidance of the x0-prediction the SPM sees (SPO: 5.0).", 5.0)
+    negative_prompt: str = help_field("Unconditional prompt of the guidance (SPO: empty).", "")
+    eval_timesteps: list[int] = help_field("Timesteps of the accuracy evaluation (SPO: 0, 251, 501, 701, 951).", list(SPM_EVAL_TIMESTEPS))
+    decode_chunk_size: int = help_field("Latents decoded by the VAE at once (memory bound).", 16)
     # -- optimisation --------------------------------------------------------------------------------
-    train_batch_size: int = _help("Pairs per micro-batch, per process.", 16)
-    eval_batch_size: int = _help("Pairs per evaluation batch, per process.", 16)
-    gradient_accumulation_steps: int = _help("Micro-batches per optimizer step.", 1)
-    learning_rate: float = _help("AdamW learning rate (every SPM weight is trained, CLIP included).", 3e-6)
-    adam_beta1: float = _help("AdamW beta1.", 0.9)
-    adam_beta2: float = _help("AdamW beta2.", 0.999)
-    adam_weight_decay: float = _help("AdamW weight decay.", 0.01)
-    adam_epsilon: float = _help("AdamW epsilon.", 1e-8)
-    max_grad_norm: float = _help("Gradient clipping norm (0 disables).", 1.0)
-    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = _help(
+    train_batch_size: int = help_field("Pairs per micro-batch, per process.", 16)
+    eval_batch_size: int = help_field("Pairs per evaluation batch, per process.", 16)
+    gradient_accumulation_steps: int = help_field("Micro-batches per optimizer step.", 1)
+    learning_rate: float = help_field("AdamW learning rate (every SPM weight is trained, CLIP included).", 3e-6)
+    adam_beta1: float = help_field("AdamW beta1.", 0.9)
+    adam_beta2: float = help_field("AdamW beta2.", 0.999)
+    adam_weight_decay: float = help_field("AdamW weight decay.", 0.01)
+    adam_epsilon: float = help_field("AdamW epsilon.", 1e-8)
+    max_grad_norm: float = help_field("Gradient clipping norm (0 disables).", 1.0)
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = help_field(
         "Learning-rate schedule.", "constant_with_warmup")
-    lr_warmup_steps: int = _help("Warm-up optimizer steps.", 500)
-    max_steps: int = _help("Optimizer steps in total.", 4000)
-    seed: int = _help("Seed of the data order, the timesteps and the noise.", 42)
-    mixed_precision: Literal["no", "fp16", "bf16"] = _help(
+    lr_warmup_steps: int = help_field("Warm-up optimizer steps.", 500)
+    max_steps: int = help_field("Optimizer steps in total.", 4000)
+    seed: int = help_field("Seed of the data order, the timesteps and the noise.", 42)
+    mixed_precision: Literal["no", "fp16", "bf16"] = help_field(
         "Mixed precision: the frozen diffusion model runs in this dtype, the SPM trains in fp32 under autocast.", "bf16")
-    gradient_checkpointing: bool = _help("Recompute the CLIP towers' activations in backward to save memory.", False)
-    allow_tf32: bool = _help("Allow TF32 matmuls on Ampere+ GPUs.", True)
-    num_workers: int = _help("DataLoader worker processes decoding images.", 4)
+    gradient_checkpointing: bool = help_field("Recompute the CLIP towers' activations in backward to save memory.", False)
+    allow_tf32: bool = help_field("Allow TF32 matmuls on Ampere+ GPUs.", True)
+    num_workers: int = help_field("DataLoader worker processes decoding images.", 4)
     # -- run management ------------------------------------------------------------------------------
-    eval_every: int = _help("Evaluate every N optimizer steps (0: only at the end).", 500)
-    eval_at_start: bool = _help("Evaluate once before training (the untrained SPM scores as its CLIP does).", True)
-    checkpoint_every: int = _help("Checkpoint every N optimizer steps (0: only at the end).", 500)
-    keep_checkpoints: int | None = _help("Keep only the newest N checkpoints (unset keeps all).", None)
-    resume: str | None = _help("Continue a run: 'latest' (newest checkpoint in output_dir) or a checkpoint folder.", None)
-    overwrite: bool = _help("Start afresh in an output_dir that already holds a run, deleting its checkpoints.", False)
-    log_with: Literal["tensorboard", "wandb", "none"] = _help("Experiment tracker.", "tensorboard")
-    tracker_project: str = _help("Project name for the tracker.", "spotune-spm")
-    progress: bool = _help("Show progress bars.", True)
+    eval_every: int = help_field("Evaluate every N optimizer steps (0: only at the end).", 500)
+    eval_at_start: bool = help_field("Evaluate once before training (the untrained SPM scores as its CLIP does).", True)
+    checkpoint_every: int = help_field("Checkpoint every N optimizer steps (0: only at the end).", 500)
+    keep_checkpoints: int | None = help_field("Keep only the newest N checkpoints (unset keeps all).", None)
+    resume: str | None = help_field("Continue a run: 'latest' (newest checkpoint in output_dir) or a checkpoint folder.", None)
+    overwrite: bool = help_field("Start afresh in an output_dir that already holds a run, deleting its checkpoints.", False)
+    log_with: Literal["tensorboard", "wandb", "none"] = help_field("Experiment tracker.", "tensorboard")
+    tracker_project: str = help_field("Project name for the tracker.", "spotune-spm")
+    progress: bool = help_field("Show progress bars.", True)
 
     def validate(self) -> None:
         """Cross-field checks, so a bad combination fails before any model is loaded."""
@@ -149,19 +146,6 @@ class TrainSPMConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(f"config: {message}")
-
-
-class RunFolderError(SpotuneError, FileExistsError):
-    """The output folder already holds a run and neither resume nor overwrite was asked for."""
-
-
-class NonFiniteLossError(SpotuneError, FloatingPointError):
-    """The loss became NaN or infinite; training stopped before the optimizer applied it."""
-
-
-def _seed_for(*parts: int) -> int:
-    """A 63-bit seed from integers, the same in every run and process (tuples of ints hash stably)."""
-    return hash(tuple(parts)) & 0x7FFFFFFFFFFFFFFF
 
 
 class SPMTrainer:
@@ -189,17 +173,27 @@ class SPMTrainer:
         from diffusers.optimization import get_scheduler
 
         cfg = self.config
-        resume_from = self._prepare_run_folder()
         log_with = None if cfg.log_with == "none" else cfg.log_with
+        if log_with and importlib.util.find_spec(log_with) is None:
+            raise SpotuneError(f"config: log_with={log_with} needs the '{log_with}' package (pip install {log_with}), or set log_with=none")
+        resume_from = prepare_run_folder(self.output_dir, cfg.resume, cfg.overwrite)
         self.accelerator = acc = Accelerator(
+            # Without CUDA, cpu=True lets a multi-process launch form a gloo process group.
+            cpu=not torch.cuda.is_available(),
             mixed_precision=cfg.mixed_precision,
             gradient_accumulation_steps=cfg.gradient_accumulation_steps,
             log_with=log_with,
             project_config=ProjectConfiguration(project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs")),
         )
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        if launched != acc.num_processes:
+            raise SpotuneError(
+                f"the launcher started {launched} processes but the accelerator sees {acc.num_processes}: the "
+                "process group did not form, and the copies would overwrite each other's run folder"
+            )
         if acc.device.type == "cuda" and cfg.allow_tf32:
             torch.backends.cuda.matmul.allow_tf32 = True
-        self.weight_dtype = _DTYPES[cfg.mixed_precision]
+        self.weight_dtype = MIXED_PRECISION_DTYPES[cfg.mixed_precision]
 
         # -- data (read first: a bad path, column or label fails before any model loads) -----------
         train_set = PickAPicPairs(cfg.train_data, cfg.train_split, cfg.resolution or 512)
@@ -274,31 +268,6 @@ class SPMTrainer:
             len(self.train_loader), cfg.max_steps, sum(p.numel() for p in spm.parameters()), acc.num_processes,
         )
 
-    def _prepare_run_folder(self) -> Path | None:
-        """Decide between a fresh run, a resume, or a refusal; return the checkpoint to resume from."""
-        cfg = self.config
-        existing = list_checkpoints(self.output_dir)
-        if cfg.resume:
-            if cfg.resume == "latest":
-                if not existing:
-                    raise SpotuneError(f"resume=latest: {self.output_dir} holds no complete checkpoint")
-                return existing[-1]
-            return resolve_checkpoint(cfg.resume)
-        if existing or (self.output_dir / "checkpoints").exists() or (self.output_dir / "config.yaml").exists():
-            if not cfg.overwrite:
-                raise RunFolderError(
-                    f"{self.output_dir} already holds a run ({len(existing)} checkpoint(s)); pass resume=latest to "
-                    "continue it, overwrite=true to start afresh (deleting them), or choose another output_dir"
-                )
-            from accelerate import PartialState
-
-            if PartialState().is_main_process:
-                for sub in ("checkpoints", "logs", "eval"):
-                    shutil.rmtree(self.output_dir / sub, ignore_errors=True)
-                (self.output_dir / "config.yaml").unlink(missing_ok=True)
-            PartialState().wait_for_everyone()
-        return None
-
     @property
     def unwrapped(self) -> StepAwarePreferenceModel:
         return self.accelerator.unwrap_model(self.spm)
@@ -346,7 +315,7 @@ class SPMTrainer:
                 # -- one optimizer step done ------------------------------------------------------
                 self.lr_scheduler.step()
                 self.global_step += 1
-                metrics = {f"train/{k}": total / count for k, (total, count) in sums.items()}
+                metrics = self._mean_over_processes(sums)
                 metrics["train/lr"] = float(self.lr_scheduler.get_last_lr()[0])
                 metrics["train/epoch"] = self.epoch + self.batch_in_epoch / len(self.train_loader)
                 sums = {}
@@ -366,6 +335,19 @@ class SPMTrainer:
         bar.close()
         return metrics
 
+    TRAIN_STATS = ("loss", "accuracy", "prob_preferred", "grad_norm")
+
+    def _mean_over_processes(self, sums: dict[str, list[float]]) -> dict[str, float]:
+        """``train/<stat>`` averaged over this step's micro-batches and over all processes (nan-aware:
+        a process whose micro-batches held only ties has no accuracy)."""
+        local = torch.tensor(
+            [sums[k][0] / sums[k][1] if k in sums else math.nan for k in self.TRAIN_STATS],
+            device=self.accelerator.device, dtype=torch.float64,
+        )
+        every = self.accelerator.gather(local[None]) if self.accelerator.num_processes > 1 else local[None]  # [P, K]
+        means = torch.nanmean(every, dim=0).tolist()
+        return {f"train/{k}": v for k, v in zip(self.TRAIN_STATS, means) if not math.isnan(v)}
+
     # ============================================================================================
     #### NOISY VIEWS #### and #### TRAINING ####
     # ============================================================================================
@@ -383,7 +365,7 @@ class SPMTrainer:
         cfg, acc = self.config, self.accelerator
         spm = self.unwrapped
         b = len(batch)
-        generator = torch.Generator(acc.device).manual_seed(_seed_for(cfg.seed, micro_step, acc.process_index))
+        generator = torch.Generator(acc.device).manual_seed(seed_for(cfg.seed, micro_step, acc.process_index))
         t = torch.randint(0, self.views.num_train_timesteps, (b,), generator=generator, device=acc.device)  # [B]
         if timesteps is not None:
             t = timesteps.to(acc.device).long()
@@ -423,7 +405,7 @@ class SPMTrainer:
         spm = self.unwrapped
         spm.eval()
         spm.clear_text_cache()  # the weights changed since the cache was filled
-        generator = torch.Generator(acc.device).manual_seed(_seed_for(cfg.seed, -1, acc.process_index))
+        generator = torch.Generator(acc.device).manual_seed(seed_for(cfg.seed, -1, acc.process_index))
         with acc.autocast():
             rows = evaluate_pair_accuracy(
                 spm, self.views, self.eval_loader, cfg.eval_timesteps, generator,
@@ -528,7 +510,12 @@ class SPMTrainer:
         logger.info("resumed from %s (optimizer step %d, epoch %d)", checkpoint, self.global_step, self.epoch)
 
     def cleanup(self) -> None:
+        from accelerate.state import AcceleratorState
+
         self.accelerator.end_training()
+        # accelerate keeps its state in a process-wide singleton; forgetting it lets the same process
+        # run another recipe with other settings.
+        AcceleratorState._reset_state()
 
 
 def run_train_spm(config: TrainSPMConfig) -> dict[str, float]:

@@ -36,7 +36,6 @@ from spotune.checkpoint import (
     optimizer_from_files,
     optimizer_to_files,
     read_state,
-    resolve_checkpoint,
     restore_rng_state,
     rng_state_to_files,
 )
@@ -227,9 +226,10 @@ class SPMTrainer:
             if pairs is not None:
                 pairs.resolution = self.resolution  # the model's own size, now that it is known
 
-        self.sampler = BlockShuffleSampler(train_set.blocks, cfg.seed)
+        # Shuffled row group by row group (parquet); the order of epoch e is fixed by (seed, e).
         loader = torch.utils.data.DataLoader(
-            train_set, batch_size=cfg.train_batch_size, sampler=self.sampler, collate_fn=collate_pairs,
+            train_set, batch_size=cfg.train_batch_size, sampler=BlockShuffleSampler(train_set.blocks, cfg.seed),
+            collate_fn=collate_pairs,
             num_workers=cfg.num_workers, drop_last=True, pin_memory=acc.device.type == "cuda",
         )
         self.eval_loader = None

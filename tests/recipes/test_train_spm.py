@@ -81,8 +81,9 @@ def test_training_lowers_the_loss_and_moves_the_time_conditioning(pairs_file, tm
 def test_cli_run_evaluates_checkpoints_and_resumes_exactly(pairs_file, eval_file, tmp_path, capsys):
     # 4 pairs per batch: two micro-batches per epoch, so the resume below starts in mid-epoch.
     common = [f"eval_data={eval_file}", "eval_every=3", "checkpoint_every=1", "train_batch_size=4"]
-    assert main(["train-spm", *_args(tmp_path / "a", pairs_file, "max_steps=3", *common)]) == 0
+    assert main(["train-spm", *_args(tmp_path / "a", pairs_file, "max_steps=3", *common, "log_with=tensorboard")]) == 0
     assert "done:" in capsys.readouterr().out
+    assert list((tmp_path / "a" / "logs").rglob("events.out.tfevents.*"))  # TensorBoard by default
 
     def table(run: Path) -> list[dict[str, str]]:
         with open(run / "eval" / "accuracy.csv", newline="") as fh:
@@ -118,6 +119,7 @@ def test_cli_run_evaluates_checkpoints_and_resumes_exactly(pairs_file, eval_file
 
 
 def test_bad_input_is_one_line_and_writes_nothing(pairs_file, tmp_path, capsys):
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     run = tmp_path / "run"
@@ -127,6 +129,17 @@ def test_bad_input_is_one_line_and_writes_nothing(pairs_file, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "no_caption.parquet: missing column(s) ['caption']" in err and "\n" not in err
     assert not (run / "checkpoints").exists() and not (run / "config.yaml").exists()
+
+    # An image that does not decode stops the run at its batch, naming the file, row and column.
+    table = pq.read_table(pairs_file)
+    cells = table.column("jpg_1").to_pylist()
+    cells[5] = b"not an image"
+    broken = tmp_path / "broken.parquet"
+    pq.write_table(table.set_column(2, "jpg_1", pa.array(cells, pa.binary())), broken)
+    assert main(["train-spm", *_args(tmp_path / "broken-run", broken, "train_batch_size=8")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "broken.parquet row 5, column jpg_1: image does not decode" in err and "\n" not in err
+    assert not (tmp_path / "broken-run" / "checkpoints").exists()
 
     assert main(["train-spm", "--config", CONFIG, f"output_dir={run}"]) == 1
     assert "train_data must name" in capsys.readouterr().err

@@ -10,7 +10,9 @@ import torch
 # Tests never download and never use more threads than CI's two cores.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# One thread: tiny models gain nothing from more, and on a loaded 2-core machine two threads per
+# process made tiny-model tests tens of times slower.
+torch.set_num_threads(1)
 
 SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 

@@ -23,7 +23,11 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 def preprocess_images(
     images: torch.Tensor, size: int, mean: Sequence[float], std: Sequence[float]
 ) -> torch.Tensor:
-    """Turn decoded images into CLIP pixel values, as the CLIP image processor does, on tensors.
+    """Turn decoded images into CLIP pixel values on tensors, exactly as SPO's judge does during sampling.
+
+    Shortest side resized to ``size`` (bicubic, no antialiasing, sizes rounded half up), centre crop
+    (offsets rounded as torchvision's ``CenterCrop``), [-1, 1] -> [0, 1], clamp, normalise. Matching
+    SPO here matters: official step-aware checkpoints were trained and used with this pipeline.
 
     Args:
         images: [B, 3, H, W] in [-1, 1] (VAE output; may overshoot slightly).
@@ -32,14 +36,14 @@ def preprocess_images(
     Returns:
         [B, 3, size, size] normalised pixel values, same dtype as ``images``.
     """
-    x = (images.float() + 1.0) / 2.0
+    x = images.float()
     h, w = x.shape[-2:]
     scale = size / min(h, w)
-    new_h, new_w = max(size, round(h * scale)), max(size, round(w * scale))
+    new_h, new_w = int(h * scale + 0.5), int(w * scale + 0.5)
     if (new_h, new_w) != (h, w):
-        x = F.interpolate(x, size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=True)
-    top, left = (new_h - size) // 2, (new_w - size) // 2
-    x = x[..., top : top + size, left : left + size].clamp(0.0, 1.0)
+        x = F.interpolate(x, size=(new_h, new_w), mode="bicubic", align_corners=False)
+    top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
+    x = (x[..., top : top + size, left : left + size] / 2 + 0.5).clamp(0.0, 1.0)
     mean_t = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
     std_t = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
     return ((x - mean_t) / std_t).to(images.dtype)

@@ -67,3 +67,24 @@ def prepare_run_folder(output_dir: str | Path, resume: str | None, overwrite: bo
                 shutil.rmtree(output_dir / sub, ignore_errors=True)
         state.wait_for_everyone()
     return None
+
+
+def end_accelerator(accelerator) -> None:
+    """Close the trackers and forget accelerate's process-wide state.
+
+    accelerate keeps its state in a singleton; forgetting it lets the same process run another recipe
+    with other settings (e.g. the demo's SPM run, then SPO, then the baseline).
+    """
+    from accelerate.state import AcceleratorState
+
+    accelerator.end_training()
+    AcceleratorState._reset_state()
+
+
+def run_recipe(trainer) -> dict[str, float]:
+    """``setup()``, ``train()`` and, whatever happens, ``cleanup()``; returns what ``train()`` returns."""
+    trainer.setup()
+    try:
+        return trainer.train()
+    finally:
+        trainer.cleanup()

@@ -58,7 +58,9 @@ from spotune.preference.step_aware import SPM_WEIGHTS_NAME, StepAwarePreferenceM
 from spotune.recipes.common import (
     MIXED_PRECISION_DTYPES,
     NonFiniteLossError,
+    end_accelerator,
     prepare_run_folder,
+    run_recipe,
     seed_for,
 )
 from spotune.utils.io import atomic_directory, atomic_save_safetensors, atomic_write_json, atomic_write_text
@@ -510,19 +512,9 @@ class SPMTrainer:
         logger.info("resumed from %s (optimizer step %d, epoch %d)", checkpoint, self.global_step, self.epoch)
 
     def cleanup(self) -> None:
-        from accelerate.state import AcceleratorState
-
-        self.accelerator.end_training()
-        # accelerate keeps its state in a process-wide singleton; forgetting it lets the same process
-        # run another recipe with other settings.
-        AcceleratorState._reset_state()
+        end_accelerator(self.accelerator)
 
 
 def run_train_spm(config: TrainSPMConfig) -> dict[str, float]:
     """Set up, train and clean up; returns the final step's metrics (training and evaluation)."""
-    trainer = SPMTrainer(config)
-    trainer.setup()
-    try:
-        return trainer.train()
-    finally:
-        trainer.cleanup()
+    return run_recipe(SPMTrainer(config))

@@ -52,7 +52,14 @@ from spotune.losses import spo_loss
 from spotune.models.loading import load_pipeline
 from spotune.models.lora import adapter_disabled, add_lora, load_lora_state_dict, lora_parameters, lora_state_dict
 from spotune.models.text import encode_prompts
-from spotune.recipes.common import MIXED_PRECISION_DTYPES, NonFiniteLossError, prepare_run_folder, seed_for
+from spotune.recipes.common import (
+    MIXED_PRECISION_DTYPES,
+    NonFiniteLossError,
+    end_accelerator,
+    prepare_run_folder,
+    run_recipe,
+    seed_for,
+)
 from spotune.recipes.train_spo_config import TrainSPOConfig
 from spotune.utils.io import atomic_directory, atomic_save_safetensors, atomic_write_json, atomic_write_text
 from spotune.utils.images import save_image_grid
@@ -517,19 +524,9 @@ class SPOTrainer:
         return path
 
     def cleanup(self) -> None:
-        from accelerate.state import AcceleratorState
-
-        self.accelerator.end_training()
-        # accelerate keeps its state in a process-wide singleton; forgetting it lets the same process
-        # run another recipe with other settings (e.g. the demo's SPO run, then its baseline).
-        AcceleratorState._reset_state()
+        end_accelerator(self.accelerator)
 
 
 def run_train_spo(config: TrainSPOConfig) -> dict[str, float]:
     """Set up, train and clean up; returns the final iteration's metrics."""
-    trainer = SPOTrainer(config)
-    trainer.setup()
-    try:
-        return trainer.train()
-    finally:
-        trainer.cleanup()
+    return run_recipe(SPOTrainer(config))

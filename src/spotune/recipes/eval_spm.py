@@ -28,7 +28,7 @@ from spotune.preference.spm_eval import (
     accuracy_csv,
     evaluate_pair_accuracy,
 )
-from spotune.recipes.common import MIXED_PRECISION_DTYPES
+from spotune.recipes.common import MIXED_PRECISION_DTYPES, end_accelerator
 from spotune.utils.io import atomic_write_json, atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -80,7 +80,6 @@ class EvalSPMConfig:
 def run_eval_spm(config: EvalSPMConfig) -> list[TimestepAccuracy]:
     """Measure the judge; print the table (main process) and write it to ``config.output`` if set."""
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
 
     cfg = config
     if cfg.output and Path(cfg.output).exists() and not cfg.overwrite:
@@ -90,7 +89,7 @@ def run_eval_spm(config: EvalSPMConfig) -> list[TimestepAccuracy]:
     try:
         return _measure(cfg, acc)
     finally:
-        AcceleratorState._reset_state()  # let the same process run another recipe with other settings
+        end_accelerator(acc)
 
 
 def _measure(cfg: EvalSPMConfig, acc) -> list[TimestepAccuracy]:

@@ -12,7 +12,8 @@ from spotune.toyworld.demo import DemoError, resource_dir
 
 RESOURCES = resource_dir()
 pytestmark = pytest.mark.skipif(
-    not (RESOURCES / "base" / "model_index.json").is_file(), reason="the toyworld weights are not in this checkout"
+    not (RESOURCES / "base" / "model_index.json").is_file() or not (RESOURCES / "spm" / "spm.safetensors").is_file(),
+    reason="the toyworld weights are not in this checkout",
 )
 
 
@@ -25,7 +26,7 @@ def _shrunken_yaml(src: Path, dst: Path, changes: dict) -> Path:
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
-    """Run the CLI once on a fresh cache and return (output folder, cache folder, exit code, shrunken args)."""
+    """Run the CLI once, training its own SPM (spm=train), on a fresh cache; return (output, cache, exit code, args)."""
     from spotune.cli import main
 
     tmp = tmp_path_factory.mktemp("demo")
@@ -34,7 +35,7 @@ def demo_run(tmp_path_factory):
     spo = _shrunken_yaml(RESOURCES / "configs" / "toyworld_spo.yaml", tmp / "spo.yaml",
                          {"num_inference_steps": 3, "divert_start_step": 1, "sample_batch_size": 2, "train_batch_size": 4})
     args = [
-        f"cache_dir={tmp / 'cache'}", "train_pairs=8", "eval_pairs=4", "data_inference_steps=2", "spm_steps=2",
+        "spm=train", f"cache_dir={tmp / 'cache'}", "train_pairs=8", "eval_pairs=4", "data_inference_steps=2", "spm_steps=2",
         "spo_iterations=1", "eval_seeds_per_prompt=1", "eval_inference_steps=2", "grid_columns=5", "threads=2",
         "progress=false", f"spm_config={spm}", f"spo_config={spo}",
     ]
@@ -59,6 +60,7 @@ def test_demo_writes_every_artifact_and_a_well_formed_report(demo_run):
     assert set(report["spm_accuracy"]["final"]) == {"0", "501"}
     assert {"pairs", "spm", "spo", "evaluation"} <= set(report["stages"])
     assert all(not s["cached"] for s in report["stages"].values())
+    assert report["preference_data"]["train_pairs"] == 8 and "trained in this run" in report["spm_accuracy"]["source"]
     html = (out / "report.html").read_text()
     assert 'src="grid.png"' in html and 'src="plots/spm.png"' in html and "aesthetic win rate" in html
 
@@ -103,6 +105,25 @@ def test_second_run_reuses_the_cache_and_never_overwrites_silently(demo_run, tmp
         assert report[key] == pytest.approx(old[key], abs=1e-9), key
 
 
+def test_default_demo_judges_with_the_shipped_spm(tmp_path):
+    """spm=shipped (the default): no pairs or spm stage; the shipped SPM's recorded accuracy is reported."""
+    from spotune.config import load_config
+    from spotune.toyworld.demo import DemoConfig, run_demo
+
+    spo = _shrunken_yaml(RESOURCES / "configs" / "toyworld_spo.yaml", tmp_path / "spo.yaml",
+                         {"num_inference_steps": 3, "divert_start_step": 1, "sample_batch_size": 2, "train_batch_size": 4})
+    config = load_config(DemoConfig, None, [
+        f"output={tmp_path / 'out'}", f"cache_dir={tmp_path / 'cache'}", "spo_iterations=1", "trajectory_baseline=false",
+        "eval_seeds_per_prompt=1", "eval_inference_steps=2", "progress=false", f"spo_config={spo}",
+    ])
+    report = run_demo(config)
+    assert set(report["stages"]) == {"spo", "evaluation"}
+    assert set(report["models"]) == {"base", "SPO"}
+    shipped = json.loads((RESOURCES / "spm" / "spm.json").read_text())
+    assert report["spm_accuracy"]["final"] == shipped["final"] and "shipped" in report["spm_accuracy"]["source"]
+    assert (tmp_path / "out" / "plots" / "spm.png").is_file()
+
+
 def test_a_missing_base_model_is_named(tmp_path):
     from spotune.config import load_config
     from spotune.toyworld.demo import DemoConfig, run_demo
@@ -125,3 +146,26 @@ def test_repository_configs_hold_the_demo_settings():
         by_hand = yaml.safe_load((repo / name).read_text())
         assert {k: by_hand[k] for k in packaged} == packaged
         load_config(cls, repo / name)
+
+
+def test_shipping_an_spm_run_writes_fp16_weights_a_judge_loads_and_its_record(demo_run, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from spotune.errors import SpotuneError
+    from spotune.preference.factory import build_judge
+    from spotune.toyworld.shipping import ship_spm
+
+    _, cache, _, _ = demo_run
+    run = next((cache / "toyworld").glob("spm-*")) / "run"
+    pairs = next((cache / "toyworld").glob("pairs-*"))
+    out = ship_spm(run, pairs, tmp_path / "spm")
+    weights = load_file(str(out / "spm.safetensors"))
+    assert all(v.dtype == torch.float16 for v in weights.values() if v.is_floating_point())
+    record = json.loads((out / "spm.json").read_text())
+    assert record["steps"] == 2 and set(record["final"]) == {"0", "501"} and record["data"]["train_pairs"] == 8
+    judge = build_judge("spm", clip_path=str(RESOURCES / "clip"), checkpoint=str(out / "spm.safetensors"))
+    scores = judge.score(torch.zeros(2, 3, 32, 32), ["a red circle on a blue background"] * 2, torch.tensor([0, 500]))
+    assert scores.shape == (2,) and torch.isfinite(scores).all()
+    with pytest.raises(SpotuneError, match="already holds"):
+        ship_spm(run, pairs, out)

@@ -36,12 +36,15 @@ def test_noise_free_labels_follow_the_utility_and_here_the_cleaner_image():
 
 def test_drawn_labels_are_seeded_and_noisy_but_mostly_right():
     captions, images = _pairs(100, 1)
-    weights = RaterWeights(aesthetic=1.0, layout=0.0, alignment=0.0)
+    weights = RaterWeights(aesthetic=1.0, layout=0.0, alignment=0.0, decisiveness=1.0)
     a = label_pairs(captions, images, weights, rng=random.Random(5))
     b = label_pairs(captions, images, weights, rng=random.Random(5))
     assert np.array_equal(a.labels, b.labels)
     agree = a.label_agrees_with_aesthetics
     assert 0.6 < agree < 1.0  # Bradley-Terry draws flip some close calls
+    decisive = label_pairs(captions, images, RaterWeights(1.0, 0.0, 0.0, decisiveness=20.0), rng=random.Random(5))
+    assert decisive.label_agrees_with_aesthetics > agree  # a more decisive rater flips fewer
+    assert a.label_follows_utility == agree  # aesthetics is all this rater weighs
 
 
 def test_layout_weight_can_outvote_aesthetics():

@@ -6,11 +6,15 @@ rebuilds exactly what depends on it:
 
 1. **base**: the shipped, pre-trained base model (``spotune/resources/toyworld/base``, a diffusers folder
    in the SD1.5 architecture family; made by :mod:`spotune.toyworld.pretrain`);
-2. **pairs**: generic preference data, pairs of base-model samples on the *training* prompts labelled by
-   a simulated rater who blends aesthetics, layout and alignment, with noise
-   (:mod:`spotune.toyworld.preferences`), plus evaluation pairs on the held-out prompts;
-3. **spm**: the step-aware preference model, trained with ``spotune train-spm``'s recipe from the world's
-   shipped CLIP (``resources/toyworld/clip``), its per-timestep pair accuracy measured;
+2. **spm**: the step-aware preference model. By default the shipped one (``resources/toyworld/spm``),
+   trained once with ``spotune train-spm``'s recipe on generic preference data of this base model, with
+   its per-timestep accuracy recorded when it was made (:mod:`spotune.toyworld.shipping`). With
+   ``spm=train`` the demo makes it itself, in two stages: **pairs**, generic preference data (pairs of
+   base-model samples on the *training* prompts, labelled by a simulated rater who blends aesthetics,
+   layout and alignment, with noise; :mod:`spotune.toyworld.preferences`) plus evaluation pairs on the
+   held-out prompts, then **spm**, ``train-spm`` from the world's CLIP (``resources/toyworld/clip``) with
+   its per-timestep pair accuracy measured. This takes far longer than the default demo, and a budget
+   that fits in minutes does not reach the accuracy SPO needs; that is why an SPM ships;
 4. **spo**: SPO fine-tuning (LoRA) with ``spotune train``'s recipe, judged by that SPM;
 5. **trajectory**: the same recipe, data, judge and budget with ``pairing=trajectory`` (the
    Diffusion-DPO-style baseline SPO argues against), when the recipe offers it;
@@ -33,7 +37,7 @@ import time
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import torch
 
@@ -69,15 +73,20 @@ class DemoConfig:
     clip_model: str | None = _help("CLIPModel folder the SPM extends; the shipped resources/toyworld/clip when unset.", None)
     spm_config: str | None = _help("train-spm YAML of the spm stage; the shipped toyworld_spm.yaml when unset.", None)
     spo_config: str | None = _help("train YAML of the spo and trajectory stages; the shipped toyworld_spo.yaml when unset.", None)
+    spm: Literal["shipped", "train"] = _help(
+        "shipped: judge with the packaged SPM (trained with train-spm when the package was made). train: make "
+        "preference pairs and train the SPM in this run (much slower).", "shipped")
+    spm_checkpoint: str | None = _help("spm=shipped: SPM weights to use instead of the packaged resources/toyworld/spm.", None)
     threads: int = _help("torch CPU threads.", 2)
     seed: int = _help("Seed of the data, the trainings and the evaluation noise.", 0)
     # -- preference data --
-    train_pairs: int = _help("Generic preference pairs on the training prompts.", 1536)
-    eval_pairs: int = _help("Pairs on the held-out prompts for the SPM's accuracy.", 256)
+    train_pairs: int = _help("spm=train: generic preference pairs on the training prompts.", 1024)
+    eval_pairs: int = _help("spm=train: pairs on the held-out prompts for the SPM's accuracy.", 128)
     data_inference_steps: int = _help("DDIM steps of the base-model samples in the preference data.", 20)
     rater_aesthetic: float = _help("Rater weight of aesthetics (background cleanliness, standardised).", 1.5)
     rater_layout: float = _help("Rater weight of layout (subject size, standardised).", 1.0)
     rater_alignment: float = _help("Rater weight of alignment (1 when the image shows the caption).", 1.0)
+    rater_decisiveness: float = _help("Scale of utility gaps in the rater's Bradley-Terry draw (higher: less label noise).", 3.0)
     # -- stage budgets (the YAML files hold everything else) --
     spm_steps: int | None = _help("SPM optimizer steps; the spm YAML's max_steps when unset.", None)
     spo_iterations: int | None = _help("SPO iterations; the spo YAML's max_iterations when unset.", None)
@@ -117,6 +126,10 @@ def digest_files(folder: Path) -> str:
         h.update(str(file.relative_to(folder)).encode())
         h.update(file.read_bytes())
     return h.hexdigest()[:16]
+
+
+def digest_file(file: Path) -> str:
+    return hashlib.sha256(file.read_bytes()).hexdigest()[:16]
 
 
 def stage_key(name: str, payload: dict[str, Any]) -> str:
@@ -192,6 +205,9 @@ class Demo:
         self.clip_dir = Path(config.clip_model) if config.clip_model else res / "clip"
         self.spm_yaml = Path(config.spm_config) if config.spm_config else res / "configs" / "toyworld_spm.yaml"
         self.spo_yaml = Path(config.spo_config) if config.spo_config else res / "configs" / "toyworld_spo.yaml"
+        from spotune.toyworld.shipping import SHIPPED_SPM_WEIGHTS
+
+        self.shipped_spm = Path(config.spm_checkpoint) if config.spm_checkpoint else res / "spm" / SHIPPED_SPM_WEIGHTS
         self.records: dict[str, StageRecord] = {}
 
     # -- checks -------------------------------------------------------------------------------------
@@ -202,6 +218,11 @@ class Demo:
                     f"{what} folder {folder} has no {marker}; the package ships it under spotune/resources/toyworld "
                     "(reinstall spotune, or make it with `python -m spotune.toyworld.pretrain configs/toyworld_pretrain.yaml`)"
                 )
+        if self.cfg.spm == "shipped" and not self.shipped_spm.is_file():
+            raise DemoError(
+                f"SPM checkpoint {self.shipped_spm} does not exist; pass spm=train to train one in this run, or "
+                "spm_checkpoint=FILE"
+            )
         for yaml_file in (self.spm_yaml, self.spo_yaml):
             if not yaml_file.is_file():
                 raise DemoError(f"stage config {yaml_file} does not exist")
@@ -226,7 +247,7 @@ class Demo:
         from spotune.toyworld.preferences import RaterWeights, write_dataset
 
         cfg = self.cfg
-        weights = RaterWeights(cfg.rater_aesthetic, cfg.rater_layout, cfg.rater_alignment)
+        weights = RaterWeights(cfg.rater_aesthetic, cfg.rater_layout, cfg.rater_alignment, cfg.rater_decisiveness)
         payload = {"base": base_key, "train_pairs": cfg.train_pairs, "eval_pairs": cfg.eval_pairs, "seed": cfg.seed,
                    "steps": cfg.data_inference_steps, "rater": dataclasses.asdict(weights)}
 
@@ -263,14 +284,15 @@ class Demo:
 
         return self._stage("spm", payload, build)
 
-    def spo_stage(self, name: str, base_key: str, clip_key: str, pairs: StageRecord, spm: StageRecord, pairing: str) -> StageRecord:
+    def spo_stage(self, name: str, base_key: str, clip_key: str, spm_path: Path, spm_key: str, pairing: str) -> StageRecord:
         from spotune.recipes.train_spo import run_train_spo
         from spotune.recipes.train_spo_config import TrainSPOConfig
+        from spotune.toyworld.world import prompt_split
 
         cfg = self.cfg
         overrides: dict[str, Any] = {
-            "pretrained_model": str(self.base_dir), "prompts": str(pairs.folder / "train_prompts.txt"),
-            "judge": "spm", "judge_clip_path": str(self.clip_dir), "judge_checkpoint": str(spm.folder / "run"),
+            "pretrained_model": str(self.base_dir), "prompts": "-",
+            "judge": "spm", "judge_clip_path": str(self.clip_dir), "judge_checkpoint": str(spm_path),
             "seed": cfg.seed, "progress": cfg.progress,
         }
         if pairing != "step":
@@ -278,11 +300,13 @@ class Demo:
         if cfg.spo_iterations is not None:
             overrides["max_iterations"] = cfg.spo_iterations
         template = _recipe_config(TrainSPOConfig, self.spo_yaml, {**overrides, "output_dir": "-"})
-        payload = {"base": base_key, "clip": clip_key, "pairs": pairs.key, "spm": spm.key,
+        payload = {"base": base_key, "clip": clip_key, "spm": spm_key, "train_prompts": [p.caption for p in prompt_split()[0]],
                    "config": {k: v for k, v in config_to_dict(template).items() if k not in ("output_dir", "pretrained_model", "prompts", "judge_clip_path", "judge_checkpoint", "progress")}}
 
         def build(folder: Path) -> dict[str, Any]:
-            config = dataclasses.replace(template, output_dir=str(folder / "run"))
+            prompts = folder / "train_prompts.txt"
+            atomic_write_text(prompts, "".join(p.caption + "\n" for p in prompt_split()[0]))
+            config = dataclasses.replace(template, output_dir=str(folder / "run"), prompts=str(prompts))
             config.validate()
             metrics = run_train_spo(config)
             return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
@@ -300,19 +324,34 @@ class Demo:
         base_key, clip_key = digest_files(self.base_dir), digest_files(self.clip_dir)
         print(f"spotune demo: base model {self.base_dir}, CLIP {self.clip_dir}, cache {self.cache.root}", flush=True)
 
-        pairs = self.pairs_stage(base_key)
-        spm = self.spm_stage(base_key, clip_key, pairs)
-        spo = self.spo_stage("spo", base_key, clip_key, pairs, spm, "step")
+        from spotune.toyworld.shipping import SHIPPED_SPM_INFO, spm_run_record
+
+        pairs_summary: dict[str, Any] | None = None
+        if self.cfg.spm == "train":
+            pairs = self.pairs_stage(base_key)
+            spm = self.spm_stage(base_key, clip_key, pairs)
+            spm_path, spm_key = spm.folder / "run", spm.key
+            spm_record = spm_run_record(spm_path)
+            spm_record["source"] = "trained in this run (spm=train)"
+            pairs_summary = StageCache.summary(pairs)
+        else:
+            spm_path, spm_key = self.shipped_spm, digest_file(self.shipped_spm)
+            info = self.shipped_spm.with_name(SHIPPED_SPM_INFO)
+            spm_record = json.loads(info.read_text()) if info.is_file() else {"final": {}, "start": None, "loss": []}
+            spm_record["source"] = f"shipped ({self.shipped_spm}), accuracy measured when it was trained"
+            pairs_summary = spm_record.get("data")
+            print(f"\n== spm: the shipped step-aware preference model ({self.shipped_spm})", flush=True)
+        spo = self.spo_stage("spo", base_key, clip_key, spm_path, spm_key, "step")
         trajectory = None
         if self.cfg.trajectory_baseline:
             if trajectory_pairing_available():
-                trajectory = self.spo_stage("trajectory", base_key, clip_key, pairs, spm, "trajectory")
+                trajectory = self.spo_stage("trajectory", base_key, clip_key, spm_path, spm_key, "trajectory")
             else:
                 print("\n== trajectory: skipped (this version of the SPO recipe has no pairing=trajectory) ==")
 
         print("\n== evaluation ==", flush=True)
         t0 = time.perf_counter()
-        results = self.evaluate(spm, spo, trajectory)
+        results = self.evaluate(spm_path, spo, trajectory)
         eval_seconds = time.perf_counter() - t0
         print(f"== evaluation: done ({eval_seconds:.0f} s)", flush=True)
 
@@ -321,22 +360,23 @@ class Demo:
         stages["evaluation"] = {"seconds": eval_seconds, "build_seconds": eval_seconds, "cached": False, "folder": None}
         report = report_mod.build_report(
             results, stages=stages,
-            pairs_summary=StageCache.summary(pairs),
-            spm_accuracy=report_mod.read_spm_accuracy(spm.folder / "run"),
+            pairs_summary=pairs_summary or {},
+            spm_record=spm_record,
             settings=config_to_dict(self.cfg),
             seconds_total=time.perf_counter() - t_start,
         )
         self.out.mkdir(parents=True, exist_ok=True)
-        report_mod.write_outputs(self.out, report, results, spm_run=spm.folder / "run",
+        report_mod.write_figures(self.out, report, results,
                                  spo_runs={"SPO": spo.folder / "run", **({"trajectory DPO": trajectory.folder / "run"} if trajectory else {})},
                                  grid_columns=self.cfg.grid_columns)
-        report["seconds_total"] = time.perf_counter() - t_start
+        report_mod.set_total_time(report, time.perf_counter() - t_start)
+        report_mod.write_html(self.out, report)
         atomic_write_json(self.out / "report.json", report)
         print("\n" + report_mod.format_table(report), flush=True)
         print(f"\nreport: {self.out / 'report.html'}  ({report['seconds_total']:.0f} s in all)", flush=True)
         return report
 
-    def evaluate(self, spm: StageRecord, spo: StageRecord, trajectory: StageRecord | None):
+    def evaluate(self, spm_path: Path, spo: StageRecord, trajectory: StageRecord | None):
         from spotune.models import load_pipeline
         from spotune.preference.factory import build_judge
         from spotune.toyworld.evaluate import EvaluationSet, evaluate_model, unet_with_lora
@@ -348,7 +388,7 @@ class Demo:
         seeds = [cfg.seed * 1000 + s for _ in held_out for s in range(cfg.eval_seeds_per_prompt)]
         evalset = EvaluationSet(captions, seeds, num_inference_steps=cfg.eval_inference_steps)
         pipe = load_pipeline(str(self.base_dir))
-        judge = build_judge("spm", clip_path=str(self.clip_dir), checkpoint=str(spm.folder / "run"))
+        judge = build_judge("spm", clip_path=str(self.clip_dir), checkpoint=str(spm_path))
         models = [("base", pipe.unet), ("SPO", unet_with_lora(pipe.unet, spo.folder / "run"))]
         if trajectory is not None:
             models.append(("trajectory DPO", unet_with_lora(pipe.unet, trajectory.folder / "run")))

@@ -10,9 +10,10 @@ preference labels mix layout opinions with aesthetics):
 * **alignment**: whether the image shows what the caption names.
 
 The rater's utility of an image is ``u = w_aes * z(cleanliness) + w_layout * z(subject size) +
-w_align * aligned``, where ``z`` standardises by the mean and standard deviation over all images of
-the dataset, and a pair is labelled by a Bradley-Terry draw: image 0 wins with probability
-``sigmoid(u_0 - u_1)`` (so close calls are often labelled "wrong", as with human raters). Evaluation
+w_align * aligned``, where ``z`` standardises by the mean and standard deviation over the training
+images, and a pair is labelled by a Bradley-Terry draw: image 0 wins with probability
+``sigmoid(decisiveness * (u_0 - u_1))``, so close calls are often labelled against the rater's own
+utility, as with human raters (with the default decisiveness about one label in six is). Evaluation
 pairs are labelled with the rater's underlying preference, ``u_0 > u_1``, without the draw, so accuracy
 on them measures how much of that preference a model recovered.
 
@@ -49,6 +50,7 @@ class RaterWeights:
     aesthetic: float = 1.5
     layout: float = 1.0
     alignment: float = 1.0
+    decisiveness: float = 3.0  # scales utility gaps in the Bradley-Terry draw; higher = less label noise
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,11 @@ class PreferenceData:
         cleaner_0 = self.cleanliness[:, 0] > self.cleanliness[:, 1]
         return float(((self.labels[:, 0] == 1) == cleaner_0)[differ].mean()) if differ.any() else float("nan")
 
+    @property
+    def label_follows_utility(self) -> float:
+        """Share of pairs whose label prefers the image of higher rater utility (1 - the label noise)."""
+        return float(((self.labels[:, 0] == 1) == (self.utility[:, 0] > self.utility[:, 1])).mean())
+
     def to_table(self) -> pa.Table:
         columns = {
             "caption": self.captions,
@@ -154,7 +161,7 @@ def label_pairs(
         if rng is None:
             first = diff > 0 or (diff == 0 and i % 2 == 0)
         else:
-            first = rng.random() < 1.0 / (1.0 + math.exp(-diff))
+            first = rng.random() < 1.0 / (1.0 + math.exp(-weights.decisiveness * diff))
         labels[i] = (1.0, 0.0) if first else (0.0, 1.0)
     return PreferenceData(
         captions=list(captions),
@@ -230,7 +237,7 @@ def write_dataset(
     progress=None,
 ) -> dict:
     """Write ``train.parquet`` (training prompts, rater-drawn labels), ``eval.parquet`` (held-out prompts,
-    noise-free labels) and ``train_prompts.txt`` into ``folder``; return a summary.
+    noise-free labels), ``train_prompts.txt`` and ``summary.json`` into ``folder``; return the summary.
 
     The seeds of the two files' images never overlap (10,000,000 + 100,000 seed and 20,000,000 + ...).
     """
@@ -253,16 +260,23 @@ def write_dataset(
     atomic_write_text(folder / "train_prompts.txt", "".join(p.caption + "\n" for p in train_prompts))
     from dataclasses import asdict
 
-    return {
+    from spotune.utils.io import atomic_write_json
+
+    summary = {
         "train_pairs": len(train),
         "eval_pairs": len(evals),
         "train_label_agrees_with_aesthetics": train.label_agrees_with_aesthetics,
+        "train_label_follows_utility": train.label_follows_utility,
         "eval_label_agrees_with_aesthetics": evals.label_agrees_with_aesthetics,
         "base_sample_alignment": float(train.aligned.mean()),
         "base_sample_aesthetic": float(train.cleanliness.mean()),
         "scale": asdict(train.scale),
         "rater": asdict(weights),
+        "seed": seed,
+        "num_inference_steps": num_inference_steps,
     }
+    atomic_write_json(folder / "summary.json", summary)
+    return summary
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import html
 import io
 import math
@@ -23,27 +22,11 @@ TARGETS = {"aesthetic_win_rate": 0.65, "alignment_drop_points": 2.0, "seconds_to
 # ================================================================================================
 # numbers
 # ================================================================================================
-def read_spm_accuracy(run: Path) -> dict[str, Any]:
-    """The train-spm run's per-timestep pair accuracy: ``{"final": {t: acc}, "start": {t: acc} | None, "step": n}``."""
-    file = run / "eval" / "accuracy.csv"
-    if not file.is_file():
-        return {"final": {}, "start": None, "step": None}
-    rows = list(csv.DictReader(file.read_text().splitlines()))
-    steps = sorted({int(r["step"]) for r in rows if r["step"] != ""})
-    if not steps:
-        return {"final": {}, "start": None, "step": None}
-
-    def at(step: int) -> dict[str, float]:
-        return {r["timestep"]: float(r["accuracy"]) for r in rows if r["step"] != "" and int(r["step"]) == step}
-
-    return {"final": at(steps[-1]), "start": at(steps[0]) if len(steps) > 1 and steps[0] == 0 else None, "step": steps[-1]}
-
-
 def build_report(
     results: list[ModelResult],
     stages: dict[str, dict[str, Any]],
     pairs_summary: dict[str, Any],
-    spm_accuracy: dict[str, Any],
+    spm_record: dict[str, Any],
     settings: dict[str, Any],
     seconds_total: float,
 ) -> dict[str, Any]:
@@ -68,18 +51,26 @@ def build_report(
         "alignment_metric": "shape, shape colour and background colour all as the caption names them",
         "models": models,
         "comparisons": comparisons,
-        "spm_accuracy": spm_accuracy,
+        "spm_accuracy": {"final": spm_record.get("final") or {}, "start": spm_record.get("start"),
+                         "steps": spm_record.get("steps"), "source": spm_record.get("source")},
+        "spm_training": {"loss": spm_record.get("loss", []), "history": spm_record.get("history", {})},
         "preference_data": pairs_summary,
         "stages": stages,
         "settings": settings,
     }
+    set_total_time(report, seconds_total)
+    return report
+
+
+def set_total_time(report: dict[str, Any], seconds_total: float) -> None:
+    """Record the demo's wall time and which of the issue's targets the numbers meet."""
+    report["seconds_total"] = seconds_total
     drop = 100.0 * (report["alignment_base"] - report["alignment_spo"])
     report["targets"] = {
         "aesthetic_win_rate >= 0.65": report["aesthetic_win_rate"] >= TARGETS["aesthetic_win_rate"],
         "alignment drop <= 2 points": drop <= TARGETS["alignment_drop_points"],
         "seconds_total < 600": seconds_total < TARGETS["seconds_total"],
     }
-    return report
 
 
 def _pct(value: float | None) -> str:
@@ -208,16 +199,15 @@ def _smooth(points: list[tuple[int, float]], window: int) -> list[tuple[int, flo
     return [(points[i + window - 1][0], float(y)) for i, y in enumerate(ys)]
 
 
-def write_plots(out: Path, report: dict[str, Any], spm_run: Path, spo_runs: dict[str, Path]) -> list[str]:
+def write_plots(out: Path, report: dict[str, Any], spo_runs: dict[str, Path]) -> list[str]:
     """Training-curve PNGs under ``out/plots``; returns their paths relative to ``out``."""
     written = []
-    spm = read_scalars(spm_run)
     acc = report["spm_accuracy"]
     accuracy_series = {}
     for label, key in (("trained", "final"), ("before training", "start")):
         if acc.get(key):
             accuracy_series[label] = sorted((int(t), a) for t, a in acc[key].items())
-    loss = spm.get("train/loss", [])
+    loss = [tuple(p) for p in report["spm_training"]["loss"]]
     if plot_curves(out / "plots" / "spm.png", [
         ("SPM training loss", {"loss": _smooth(loss, max(1, len(loss) // 30))}, "optimizer step"),
         ("SPM pair accuracy by timestep (held-out pairs)", accuracy_series, "timestep t"),
@@ -236,7 +226,9 @@ def write_plots(out: Path, report: dict[str, Any], spm_run: Path, spo_runs: dict
 # ================================================================================================
 # files
 # ================================================================================================
-def write_html(out: Path, report: dict[str, Any], plots: list[str]) -> None:
+def write_html(out: Path, report: dict[str, Any]) -> None:
+    """``out/report.html``: the table, targets, grid, SPM accuracy, training curves and stage times."""
+    plots = report.get("plots", [])
     header, rows = table_rows(report)
     esc = html.escape
     table = "<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>"
@@ -265,9 +257,11 @@ for every model. Aesthetic: {esc(report['aesthetic_metric'])}. Alignment: {esc(r
 <ul>{targets}</ul>
 <h2>Same seeds, base and fine-tuned</h2><p><img src="grid.png" alt="grid"></p>
 <h2>Step-aware preference model</h2>
-<p>Trained with <code>spotune train-spm</code> on {data.get('train_pairs')} generic preference pairs (labels agree with
-the aesthetic attribute on {_pct(data.get('train_label_agrees_with_aesthetics'))} of pairs; the rest follow layout,
-alignment and rater noise). Accuracy on held-out pairs labelled by the rater's noise-free preference:</p>{acc_html}
+<p>{esc(str(report['spm_accuracy'].get('source') or ''))}. Trained with <code>spotune train-spm</code> for
+{report['spm_accuracy'].get('steps')} steps on {data.get('train_pairs', '?')} generic preference pairs of base-model samples
+(labels prefer the cleaner image in {_pct(data.get('train_label_agrees_with_aesthetics'))} of pairs; the rest follow
+layout, alignment and rater noise). Pair accuracy on held-out pairs, labelled by the rater's noise-free preference,
+by the timestep of the noisy view:</p>{acc_html}
 <h2>Training curves</h2>{plots_html}
 <h2>Stages</h2><ul>{stages}</ul><p>Total: {report['seconds_total']:.0f} s.</p>
 </body></html>
@@ -275,14 +269,12 @@ alignment and rater noise). Accuracy on held-out pairs labelled by the rater's n
     atomic_write_text(out / "report.html", page)
 
 
-def write_outputs(out: Path, report: dict[str, Any], results: list[ModelResult], spm_run: Path,
+def write_figures(out: Path, report: dict[str, Any], results: list[ModelResult],
                   spo_runs: dict[str, Path], grid_columns: int) -> None:
-    """grid.png, plots/, report.html and the trained LoRA files into ``out`` (report.json is written by the caller)."""
+    """grid.png, plots/ and the trained LoRA files into ``out``; the plots' paths go to ``report["plots"]``."""
     per_prompt = int(report["settings"].get("eval_seeds_per_prompt", 1))
     _save_png(image_grid(results, grid_columns, per_prompt), out / "grid.png")
-    plots = write_plots(out, report, spm_run, spo_runs)
-    report["plots"] = plots
-    write_html(out, report, plots)
+    report["plots"] = write_plots(out, report, spo_runs)
     from spotune.checkpoint import resolve_checkpoint
 
     for name, run in spo_runs.items():

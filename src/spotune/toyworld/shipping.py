@@ -1,0 +1,101 @@
+"""Packaging a trained step-aware preference model for the package, with its provenance.
+
+The miniature world ships its SPM like its base model: trained once with the project's own recipe
+(``spotune train-spm``, on generic preference data written by :mod:`spotune.toyworld.preferences`),
+then copied here in fp16 with a JSON record of how it was made and how accurate it is per timestep::
+
+    python -m spotune.toyworld.shipping RUN_FOLDER DATA_FOLDER OUT_FOLDER [--overwrite]
+
+``OUT_FOLDER/spm.safetensors`` is a checkpoint that ``judge=spm`` (with the world's CLIP as
+``judge_clip_path``) loads; ``OUT_FOLDER/spm.json`` holds the run's config, its evaluation history
+(pair accuracy per timestep at every evaluation) and its training-loss curve, so the demo can report
+and plot them without the run folder.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from spotune.checkpoint import read_state, resolve_checkpoint
+from spotune.errors import SpotuneError
+from spotune.preference.step_aware import SPM_WEIGHTS_NAME, read_spm_state_dict
+from spotune.utils.io import atomic_save_safetensors, atomic_write_json
+
+SHIPPED_SPM_WEIGHTS = "spm.safetensors"
+SHIPPED_SPM_INFO = "spm.json"
+
+
+def accuracy_by_step(state: dict[str, Any]) -> dict[int, dict[str, float]]:
+    """``{optimizer step: {timestep: accuracy}}`` from a train-spm checkpoint's ``state.json``."""
+    out: dict[int, dict[str, float]] = {}
+    for row in state.get("eval", []):
+        total = int(row["total"])
+        out.setdefault(int(row["step"]), {})[str(row["timestep"])] = int(row["correct"]) / total if total else float("nan")
+    return out
+
+
+def spm_run_record(run: str | Path) -> dict[str, Any]:
+    """What the demo reports about a train-spm run: final and initial accuracy per timestep, history, loss curve."""
+    from spotune.toyworld.report import read_scalars
+
+    checkpoint = resolve_checkpoint(run)
+    state = read_state(checkpoint)
+    history = accuracy_by_step(state)
+    steps = sorted(history)
+    loss = read_scalars(Path(run)).get("train/loss", []) if (Path(run) / "logs").is_dir() else []
+    return {
+        "steps": int(state["optimizer_step"]),
+        "final": history[steps[-1]] if steps else {},
+        "final_step": steps[-1] if steps else None,
+        "start": history[0] if 0 in history and len(steps) > 1 else None,
+        "history": {str(k): v for k, v in history.items()},
+        "loss": [[int(s), float(v)] for s, v in loss],
+        "config": state.get("config", {}),
+    }
+
+
+def ship_spm(run: str | Path, data: str | Path | None, out: str | Path, overwrite: bool = False) -> Path:
+    """Copy the latest checkpoint of train-spm run ``run`` to ``out`` (fp16 weights + provenance JSON).
+
+    Args:
+        run: a train-spm run folder (its latest checkpoint is shipped).
+        data: the folder written by ``python -m spotune.toyworld.preferences`` (its ``summary.json`` is
+            recorded when present), or ``None``.
+        out: destination folder; refuses to replace files unless ``overwrite``.
+    """
+    out = Path(out)
+    weights_file, info_file = out / SHIPPED_SPM_WEIGHTS, out / SHIPPED_SPM_INFO
+    if not overwrite and (weights_file.exists() or info_file.exists()):
+        raise SpotuneError(f"{out} already holds a shipped SPM; pass --overwrite to replace it")
+    checkpoint = resolve_checkpoint(run)
+    state = read_spm_state_dict(checkpoint / SPM_WEIGHTS_NAME)
+    half = {k: v.to(torch.float16) if v.is_floating_point() else v for k, v in state.items()}
+    atomic_save_safetensors(half, weights_file, metadata={"format": "pt", "spotune_kind": "step-aware-preference-model"})
+    record = spm_run_record(run)
+    record["trained_with"] = "spotune train-spm (spotune.recipes.train_spm), all weights, from the world's CLIP"
+    if data is not None and (Path(data) / "summary.json").is_file():
+        record["data"] = json.loads((Path(data) / "summary.json").read_text())
+    atomic_write_json(info_file, record)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Ship a train-spm run's SPM (fp16) with its provenance.")
+    parser.add_argument("run")
+    parser.add_argument("data", help="the preference-data folder it was trained on (for the record)")
+    parser.add_argument("out")
+    parser.add_argument("--overwrite", action="store_true")
+    args = parser.parse_args(argv)
+    print(ship_spm(args.run, args.data, args.out, args.overwrite))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

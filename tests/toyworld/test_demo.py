@@ -35,7 +35,7 @@ def demo_run(tmp_path_factory):
     spo = _shrunken_yaml(RESOURCES / "configs" / "toyworld_spo.yaml", tmp / "spo.yaml",
                          {"num_inference_steps": 3, "divert_start_step": 1, "sample_batch_size": 2, "train_batch_size": 4})
     args = [
-        "spm=train", f"cache_dir={tmp / 'cache'}", "train_pairs=8", "eval_pairs=4", "data_inference_steps=2", "spm_steps=2",
+        "spm=train", f"cache_dir={tmp / 'cache'}", "train_pairs=8", "eval_pairs=4", "data_inference_steps=2", "pickscore_steps=2", "spm_steps=2",
         "spo_iterations=1", "eval_seeds_per_prompt=1", "eval_inference_steps=2", "grid_columns=5", "threads=2",
         "progress=false", f"spm_config={spm}", f"spo_config={spo}",
     ]
@@ -58,7 +58,8 @@ def test_demo_writes_every_artifact_and_a_well_formed_report(demo_run):
     assert report["num_eval_images"] == 24  # every held-out prompt, one seed
     assert set(report["models"]) >= {"base", "SPO"}
     assert set(report["spm_accuracy"]["final"]) == {"0", "501"}
-    assert {"pairs", "spm", "spo", "evaluation"} <= set(report["stages"])
+    assert {"pairs", "pickscore", "spm", "spo", "evaluation"} <= set(report["stages"])
+    assert 0.0 <= report["pickscore"]["eval_accuracy_after"] <= 1.0
     assert all(not s["cached"] for s in report["stages"].values())
     assert report["preference_data"]["train_pairs"] == 8 and "trained in this run" in report["spm_accuracy"]["source"]
     html = (out / "report.html").read_text()
@@ -164,7 +165,8 @@ def test_shipping_an_spm_run_writes_fp16_weights_a_judge_loads_and_its_record(de
     assert all(v.dtype == torch.float16 for v in weights.values() if v.is_floating_point())
     record = json.loads((out / "spm.json").read_text())
     assert record["steps"] == 2 and set(record["final"]) == {"0", "501"} and record["data"]["train_pairs"] == 8
-    judge = build_judge("spm", clip_path=str(RESOURCES / "clip"), checkpoint=str(out / "spm.safetensors"))
+    pickscore = next((cache / "toyworld").glob("pickscore-*")) / "model"
+    judge = build_judge("spm", clip_path=str(pickscore), checkpoint=str(out / "spm.safetensors"))
     scores = judge.score(torch.zeros(2, 3, 32, 32), ["a red circle on a blue background"] * 2, torch.tensor([0, 500]))
     assert scores.shape == (2,) and torch.isfinite(scores).all()
     with pytest.raises(SpotuneError, match="already holds"):

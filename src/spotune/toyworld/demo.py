@@ -6,15 +6,17 @@ rebuilds exactly what depends on it:
 
 1. **base**: the shipped, pre-trained base model (``spotune/resources/toyworld/base``, a diffusers folder
    in the SD1.5 architecture family; made by :mod:`spotune.toyworld.pretrain`);
-2. **spm**: the step-aware preference model. By default the shipped one (``resources/toyworld/spm``),
-   trained once with ``spotune train-spm``'s recipe on generic preference data of this base model, with
-   its per-timestep accuracy recorded when it was made (:mod:`spotune.toyworld.shipping`). With
-   ``spm=train`` the demo makes it itself, in two stages: **pairs**, generic preference data (pairs of
-   base-model samples on the *training* prompts, labelled by a simulated rater who blends aesthetics,
-   layout and alignment, with noise; :mod:`spotune.toyworld.preferences`) plus evaluation pairs on the
-   held-out prompts, then **spm**, ``train-spm`` from the world's CLIP (``resources/toyworld/clip``) with
-   its per-timestep pair accuracy measured. This takes far longer than the default demo, and a budget
-   that fits in minutes does not reach the accuracy SPO needs; that is why an SPM ships;
+2. **spm**: the step-aware preference model. By default the shipped one (``resources/toyworld/spm``, on
+   the world's PickScore ``resources/toyworld/pickscore``), trained once with ``spotune train-spm``'s
+   recipe on generic preference data of this base model, with its per-timestep accuracy recorded when it
+   was made (:mod:`spotune.toyworld.shipping`). With ``spm=train`` the demo makes both itself, in three
+   stages: **pairs**, generic preference data (pairs of base-model samples on the *training* prompts,
+   labelled by a simulated rater who blends aesthetics, layout and alignment, with noise;
+   :mod:`spotune.toyworld.preferences`) plus evaluation pairs on the held-out prompts; **pickscore**, the
+   world's CLIP (``resources/toyworld/clip``) fine-tuned on those pairs' clean images
+   (:mod:`spotune.toyworld.pickscore`), as PickScore is CLIP fine-tuned on Pick-a-Pic; and **spm**,
+   ``train-spm`` from that PickScore, its per-timestep pair accuracy measured. That takes longer than the
+   default demo (the data is the slow part);
 4. **spo**: SPO fine-tuning (LoRA) with ``spotune train``'s recipe, judged by that SPM;
 5. **trajectory**: the same recipe, data, judge and budget with ``pairing=trajectory`` (the
    Diffusion-DPO-style baseline SPO argues against), when the recipe offers it;
@@ -70,7 +72,10 @@ class DemoConfig:
     overwrite: bool = _help("Write into an output folder that already holds files (replacing the demo's own files).", False)
     cache_dir: str | None = _help(f"Stage cache; ${CACHE_ENV} or ~/.cache/spotune when unset.", None)
     base_model: str | None = _help("Base model folder; the shipped resources/toyworld/base when unset.", None)
-    clip_model: str | None = _help("CLIPModel folder the SPM extends; the shipped resources/toyworld/clip when unset.", None)
+    clip_model: str | None = _help("spm=train: the world's CLIP that the pickscore stage fine-tunes; the shipped "
+                                   "resources/toyworld/clip when unset.", None)
+    pickscore_model: str | None = _help("spm=shipped: the CLIPModel folder the shipped SPM extends; the shipped "
+                                        "resources/toyworld/pickscore when unset.", None)
     spm_config: str | None = _help("train-spm YAML of the spm stage; the shipped toyworld_spm.yaml when unset.", None)
     spo_config: str | None = _help("train YAML of the spo and trajectory stages; the shipped toyworld_spo.yaml when unset.", None)
     spm: Literal["shipped", "train"] = _help(
@@ -88,6 +93,7 @@ class DemoConfig:
     rater_alignment: float = _help("Rater weight of alignment (1 when the image shows the caption).", 1.0)
     rater_decisiveness: float = _help("Scale of utility gaps in the rater's Bradley-Terry draw (higher: less label noise).", 3.0)
     # -- stage budgets (the YAML files hold everything else) --
+    pickscore_steps: int = _help("spm=train: optimizer steps of the pickscore stage (batch 32).", 600)
     spm_steps: int | None = _help("SPM optimizer steps; the spm YAML's max_steps when unset.", None)
     spo_iterations: int | None = _help("SPO iterations; the spo YAML's max_iterations when unset.", None)
     trajectory_baseline: bool = _help("Also train the trajectory-level (Diffusion-DPO-style) baseline.", True)
@@ -203,6 +209,7 @@ class Demo:
         res = resource_dir()
         self.base_dir = Path(config.base_model) if config.base_model else res / "base"
         self.clip_dir = Path(config.clip_model) if config.clip_model else res / "clip"
+        self.pickscore_dir = Path(config.pickscore_model) if config.pickscore_model else res / "pickscore"
         self.spm_yaml = Path(config.spm_config) if config.spm_config else res / "configs" / "toyworld_spm.yaml"
         self.spo_yaml = Path(config.spo_config) if config.spo_config else res / "configs" / "toyworld_spo.yaml"
         from spotune.toyworld.shipping import SHIPPED_SPM_WEIGHTS
@@ -212,7 +219,8 @@ class Demo:
 
     # -- checks -------------------------------------------------------------------------------------
     def check(self) -> None:
-        for what, folder, marker in (("base model", self.base_dir, "model_index.json"), ("CLIP model", self.clip_dir, "config.json")):
+        judge_backbone = ("CLIP model", self.clip_dir) if self.cfg.spm == "train" else ("PickScore model", self.pickscore_dir)
+        for what, folder, marker in (("base model", self.base_dir, "model_index.json"), (*judge_backbone, "config.json")):
             if not (folder / marker).is_file():
                 raise DemoError(
                     f"{what} folder {folder} has no {marker}; the package ships it under spotune/resources/toyworld "
@@ -261,19 +269,32 @@ class Demo:
 
         return self._stage("pairs", payload, build)
 
-    def spm_stage(self, base_key: str, clip_key: str, pairs: StageRecord) -> StageRecord:
+    def pickscore_stage(self, clip_key: str, pairs: StageRecord) -> StageRecord:
+        from spotune.toyworld.pickscore import PickScoreTraining, train_pickscore
+
+        cfg = self.cfg
+        settings = PickScoreTraining(steps=cfg.pickscore_steps, seed=cfg.seed)
+        payload = {"clip": clip_key, "pairs": pairs.key, "settings": dataclasses.asdict(settings)}
+
+        def build(folder: Path) -> dict[str, Any]:
+            record = train_pickscore(self.clip_dir, pairs.folder, folder / "model", settings)
+            return {k: v for k, v in record.items() if k != "loss"}
+
+        return self._stage("pickscore", payload, build)
+
+    def spm_stage(self, base_key: str, pickscore: StageRecord, pairs: StageRecord) -> StageRecord:
         from spotune.recipes.train_spm import TrainSPMConfig, run_train_spm
 
         cfg = self.cfg
         overrides: dict[str, Any] = {
-            "pretrained_model": str(self.base_dir), "clip_path": str(self.clip_dir), "processor_path": None,
+            "pretrained_model": str(self.base_dir), "clip_path": str(pickscore.folder / "model"), "processor_path": None,
             "train_data": str(pairs.folder / "train.parquet"), "eval_data": str(pairs.folder / "eval.parquet"),
             "seed": cfg.seed, "progress": cfg.progress,
         }
         if cfg.spm_steps is not None:
             overrides["max_steps"] = cfg.spm_steps
         template = _recipe_config(TrainSPMConfig, self.spm_yaml, {**overrides, "output_dir": "-"})
-        payload = {"base": base_key, "clip": clip_key, "pairs": pairs.key,
+        payload = {"base": base_key, "pickscore": pickscore.key, "pairs": pairs.key,
                    "config": {k: v for k, v in config_to_dict(template).items() if k not in ("output_dir", "pretrained_model", "clip_path", "train_data", "eval_data", "progress")}}
 
         def build(folder: Path) -> dict[str, Any]:
@@ -284,7 +305,8 @@ class Demo:
 
         return self._stage("spm", payload, build)
 
-    def spo_stage(self, name: str, base_key: str, clip_key: str, spm_path: Path, spm_key: str, pairing: str) -> StageRecord:
+    def spo_stage(self, name: str, base_key: str, judge_clip: Path, judge_key: str, spm_path: Path, spm_key: str,
+                  pairing: str) -> StageRecord:
         from spotune.recipes.train_spo import run_train_spo
         from spotune.recipes.train_spo_config import TrainSPOConfig
         from spotune.toyworld.world import prompt_split
@@ -292,7 +314,7 @@ class Demo:
         cfg = self.cfg
         overrides: dict[str, Any] = {
             "pretrained_model": str(self.base_dir), "prompts": "-",
-            "judge": "spm", "judge_clip_path": str(self.clip_dir), "judge_checkpoint": str(spm_path),
+            "judge": "spm", "judge_clip_path": str(judge_clip), "judge_checkpoint": str(spm_path),
             "seed": cfg.seed, "progress": cfg.progress,
         }
         if pairing != "step":
@@ -300,7 +322,7 @@ class Demo:
         if cfg.spo_iterations is not None:
             overrides["max_iterations"] = cfg.spo_iterations
         template = _recipe_config(TrainSPOConfig, self.spo_yaml, {**overrides, "output_dir": "-"})
-        payload = {"base": base_key, "clip": clip_key, "spm": spm_key, "train_prompts": [p.caption for p in prompt_split()[0]],
+        payload = {"base": base_key, "judge_clip": judge_key, "spm": spm_key, "train_prompts": [p.caption for p in prompt_split()[0]],
                    "config": {k: v for k, v in config_to_dict(template).items() if k not in ("output_dir", "pretrained_model", "prompts", "judge_clip_path", "judge_checkpoint", "progress")}}
 
         def build(folder: Path) -> dict[str, Any]:
@@ -321,37 +343,43 @@ class Demo:
         self.check()
         torch.set_num_threads(self.cfg.threads)
         _quiet_libraries()
-        base_key, clip_key = digest_files(self.base_dir), digest_files(self.clip_dir)
-        print(f"spotune demo: base model {self.base_dir}, CLIP {self.clip_dir}, cache {self.cache.root}", flush=True)
+        base_key = digest_files(self.base_dir)
+        print(f"spotune demo: base model {self.base_dir}, cache {self.cache.root}", flush=True)
 
         from spotune.toyworld.shipping import SHIPPED_SPM_INFO, spm_run_record
 
         pairs_summary: dict[str, Any] | None = None
         if self.cfg.spm == "train":
             pairs = self.pairs_stage(base_key)
-            spm = self.spm_stage(base_key, clip_key, pairs)
+            pickscore = self.pickscore_stage(digest_files(self.clip_dir), pairs)
+            spm = self.spm_stage(base_key, pickscore, pairs)
+            judge_clip, judge_key = pickscore.folder / "model", pickscore.key
             spm_path, spm_key = spm.folder / "run", spm.key
             spm_record = spm_run_record(spm_path)
             spm_record["source"] = "trained in this run (spm=train)"
             pairs_summary = StageCache.summary(pairs)
+            pickscore_record = StageCache.summary(pickscore)
         else:
+            judge_clip, judge_key = self.pickscore_dir, digest_files(self.pickscore_dir)
             spm_path, spm_key = self.shipped_spm, digest_file(self.shipped_spm)
             info = self.shipped_spm.with_name(SHIPPED_SPM_INFO)
             spm_record = json.loads(info.read_text()) if info.is_file() else {"final": {}, "start": None, "loss": []}
             spm_record["source"] = f"shipped ({self.shipped_spm}), accuracy measured when it was trained"
             pairs_summary = spm_record.get("data")
+            ps_info = self.pickscore_dir / "pickscore.json"
+            pickscore_record = json.loads(ps_info.read_text()) if ps_info.is_file() else {}
             print(f"\n== spm: the shipped step-aware preference model ({self.shipped_spm})", flush=True)
-        spo = self.spo_stage("spo", base_key, clip_key, spm_path, spm_key, "step")
+        spo = self.spo_stage("spo", base_key, judge_clip, judge_key, spm_path, spm_key, "step")
         trajectory = None
         if self.cfg.trajectory_baseline:
             if trajectory_pairing_available():
-                trajectory = self.spo_stage("trajectory", base_key, clip_key, spm_path, spm_key, "trajectory")
+                trajectory = self.spo_stage("trajectory", base_key, judge_clip, judge_key, spm_path, spm_key, "trajectory")
             else:
                 print("\n== trajectory: skipped (this version of the SPO recipe has no pairing=trajectory) ==")
 
         print("\n== evaluation ==", flush=True)
         t0 = time.perf_counter()
-        results = self.evaluate(spm_path, spo, trajectory)
+        results = self.evaluate(judge_clip, spm_path, spo, trajectory)
         eval_seconds = time.perf_counter() - t0
         print(f"== evaluation: done ({eval_seconds:.0f} s)", flush=True)
 
@@ -362,6 +390,7 @@ class Demo:
             results, stages=stages,
             pairs_summary=pairs_summary or {},
             spm_record=spm_record,
+            pickscore_record={k: v for k, v in pickscore_record.items() if k != "loss"},
             settings=config_to_dict(self.cfg),
             seconds_total=time.perf_counter() - t_start,
         )
@@ -376,7 +405,7 @@ class Demo:
         print(f"\nreport: {self.out / 'report.html'}  ({report['seconds_total']:.0f} s in all)", flush=True)
         return report
 
-    def evaluate(self, spm_path: Path, spo: StageRecord, trajectory: StageRecord | None):
+    def evaluate(self, judge_clip: Path, spm_path: Path, spo: StageRecord, trajectory: StageRecord | None):
         from spotune.models import load_pipeline
         from spotune.preference.factory import build_judge
         from spotune.toyworld.evaluate import EvaluationSet, evaluate_model, unet_with_lora
@@ -388,7 +417,7 @@ class Demo:
         seeds = [cfg.seed * 1000 + s for _ in held_out for s in range(cfg.eval_seeds_per_prompt)]
         evalset = EvaluationSet(captions, seeds, num_inference_steps=cfg.eval_inference_steps)
         pipe = load_pipeline(str(self.base_dir))
-        judge = build_judge("spm", clip_path=str(self.clip_dir), checkpoint=str(spm_path))
+        judge = build_judge("spm", clip_path=str(judge_clip), checkpoint=str(spm_path))
         models = [("base", pipe.unet), ("SPO", unet_with_lora(pipe.unet, spo.folder / "run"))]
         if trajectory is not None:
             models.append(("trajectory DPO", unet_with_lora(pipe.unet, trajectory.folder / "run")))

@@ -27,6 +27,7 @@ def build_report(
     stages: dict[str, dict[str, Any]],
     pairs_summary: dict[str, Any],
     spm_record: dict[str, Any],
+    pickscore_record: dict[str, Any],
     settings: dict[str, Any],
     seconds_total: float,
 ) -> dict[str, Any]:
@@ -53,6 +54,7 @@ def build_report(
         "comparisons": comparisons,
         "spm_accuracy": {"final": spm_record.get("final") or {}, "start": spm_record.get("start"),
                          "steps": spm_record.get("steps"), "source": spm_record.get("source")},
+        "pickscore": pickscore_record,
         "spm_training": {"loss": spm_record.get("loss", []), "history": spm_record.get("history", {})},
         "preference_data": pairs_summary,
         "stages": stages,
@@ -112,6 +114,10 @@ def format_table(report: dict[str, Any]) -> str:
         out.append("")
         out.append("Step-aware preference model, pair accuracy on held-out pairs by timestep: "
                    + ", ".join(f"t={t}: {_pct(a)}" for t, a in sorted(acc.items(), key=lambda kv: int(kv[0]))))
+    ps = report.get("pickscore") or {}
+    if "eval_accuracy_after" in ps:
+        out.append(f"The world's PickScore (timestep-blind, clean images), pair accuracy on held-out pairs: "
+                   f"{_pct(ps['eval_accuracy_before'])} as CLIP, {_pct(ps['eval_accuracy_after'])} fine-tuned")
     out.append("")
     out.append("Stages: " + ", ".join(
         f"{name} {s['seconds']:.0f} s" + (" (cached)" if s["cached"] else "") for name, s in report["stages"].items()))

@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "spotune.commands.eval",
     "spotune.commands.train_spm",
     "spotune.commands.eval_spm",
+    "spotune.commands.demo",
 ]
 
 

@@ -4,12 +4,13 @@ Runs SPO's sampler with the base model of the miniature world and a judge, recor
 decoded x0-prediction, and reports, per denoising step, how often the candidate the judge ranks best
 has a cleaner background (exact metric) than the one it ranks worst, among decisive pairs.
 
-    python bench/diag_step_labels.py PICKSCORE_DIR SPM_CHECKPOINT [num_prompts]
+    python bench/diag_step_labels.py [--pickscore DIR] [--spm CHECKPOINT] [--prompts N]
+
+The judge defaults to the shipped one (resources/toyworld/pickscore and spm/spm.safetensors).
 """
 
 from __future__ import annotations
 
-import sys
 from collections import defaultdict
 
 import numpy as np
@@ -18,11 +19,15 @@ import torch
 from spotune.diffusion.sampler import spo_sample
 from spotune.models import load_pipeline
 from spotune.models.text import encode_prompts
+from spotune.preference import select_pair
 from spotune.preference.factory import build_judge
 from spotune.toyworld.demo import resource_dir
 from spotune.toyworld.metrics import cleanliness
 from spotune.toyworld.render import to_uint8
 from spotune.toyworld.world import prompt_split
+
+
+THRESHOLD = 0.3  # SPO's select_pair threshold
 
 
 class RecordingJudge:
@@ -41,32 +46,28 @@ def main(pickscore: str, spm: str, num_prompts: int = 40) -> None:
     judge = RecordingJudge(build_judge("spm", clip_path=pickscore, checkpoint=spm))
     train, _ = prompt_split()
     prompts = [p.caption for p in train[:num_prompts]]
-    agree, total, gap = defaultdict(int), defaultdict(int), defaultdict(list)
+    agree, total = defaultdict(int), defaultdict(int)
+    negative = encode_prompts(pipe.tokenizer, pipe.text_encoder, [""])
+    channels, size = pipe.unet.config.in_channels, pipe.unet.config.sample_size
     for start in range(0, len(prompts), 10):
         batch = prompts[start : start + 10]
         b = len(batch)
         embeds = encode_prompts(pipe.tokenizer, pipe.text_encoder, batch)
-        neg = encode_prompts(pipe.tokenizer, pipe.text_encoder, [""])
         g = torch.Generator().manual_seed(start)
-        latents = torch.randn(b, 4, 8, 8, generator=g)
+        latents = torch.randn(b, channels, size, size, generator=g)
         judge.calls.clear()
         with torch.no_grad():
-            spo_sample(pipe.unet, pipe.vae, pipe.scheduler, judge, batch, embeds, neg, latents, generator=g, decode_chunk_size=64)
+            spo_sample(pipe.unet, pipe.vae, pipe.scheduler, judge, batch, embeds, negative, latents, generator=g,
+                       decode_chunk_size=64, threshold=THRESHOLD)
         for images, t, scores in judge.calls:
             k = len(scores) // b
-            s = scores.view(k, b)
-            clean = np.array([cleanliness(im) for im in to_uint8(images)]).reshape(k, b)
-            best, worst = s.argmax(0), s.argmin(0)
-            p = torch.softmax(torch.stack([s.max(0).values, s.min(0).values]), 0)
-            for j in range(b):
-                if p[0, j] - p[1, j] <= 0.3:
-                    continue
-                cb, cw = clean[best[j], j], clean[worst[j], j]
-                if cb == cw:
-                    continue
-                total[t] += 1
-                agree[t] += int(cb > cw)
-                gap[t].append(cb - cw)
+            clean = np.array([cleanliness(im) for im in to_uint8(images)]).reshape(k, b)  # candidate-major, as scored
+            indices, valid = select_pair(scores.view(k, b), THRESHOLD)  # the sampler's own pair selection
+            for j in valid.nonzero().squeeze(1).tolist():
+                best, worst = clean[indices[0, j], j], clean[indices[1, j], j]
+                if best != worst:
+                    total[t] += 1
+                    agree[t] += int(best > worst)
     print("| judged at t | decisive pairs with a cleanliness difference | judge agrees with cleanliness |")
     print("| ---: | ---: | ---: |")
     for t in sorted(total, reverse=True):
@@ -74,4 +75,11 @@ def main(pickscore: str, spm: str, num_prompts: int = 40) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 40)
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pickscore", default=str(resource_dir() / "pickscore"), help="CLIPModel folder the SPM extends")
+    parser.add_argument("--spm", default=str(resource_dir() / "spm" / "spm.safetensors"), help="SPM weights or train-spm run")
+    parser.add_argument("--prompts", type=int, default=40, help="training captions to sample (batches of 10)")
+    args = parser.parse_args()
+    main(args.pickscore, args.spm, args.prompts)

@@ -22,11 +22,12 @@ def register(subparsers) -> None:
     parser.add_argument("--config", help="YAML file of demo settings")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="settings that override the file")
     parser.add_argument("--list-keys", action="store_true", help="print every setting with its default and help, then exit")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved settings as YAML, then exit")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from spotune.config import describe_config, load_config
+    from spotune.config import config_to_yaml, describe_config, load_config
     from spotune.toyworld.demo import DemoConfig, run_demo
 
     if args.list_keys:
@@ -38,5 +39,8 @@ def run(args: argparse.Namespace) -> int:
     if args.overwrite:
         overrides.append("overwrite=true")
     config = load_config(DemoConfig, args.config, overrides)
+    if args.print_config:
+        print(config_to_yaml(config), end="")
+        return 0
     report = run_demo(config)
     return 0 if report else 1

@@ -21,17 +21,21 @@ def register(subparsers) -> None:
     parser.add_argument("--config", help="YAML file of settings")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="settings that override the file")
     parser.add_argument("--list-keys", action="store_true", help="print every config key with its default and help, then exit")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML, then exit")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from spotune.config import describe_config, load_config
+    from spotune.config import config_to_yaml, describe_config, load_config
     from spotune.recipes.eval_spm import EvalSPMConfig
 
     if args.list_keys:
         print(describe_config(EvalSPMConfig))
         return 0
     config = load_config(EvalSPMConfig, args.config, args.overrides)
+    if args.print_config:
+        print(config_to_yaml(config), end="")
+        return 0
     from spotune.preference.spm_eval import format_accuracy_table
     from spotune.recipes.eval_spm import run_eval_spm
 

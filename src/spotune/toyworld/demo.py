@@ -189,14 +189,12 @@ class StageCache:
 # the demo
 # ================================================================================================
 def _recipe_config(cls, yaml_path: Path, overrides: dict[str, Any]):
-    """Load a recipe's YAML and apply overrides given as values (not strings)."""
-    import yaml
+    """Load a recipe's YAML as ``--config`` reads it and apply overrides given as values (not strings)."""
+    from spotune.config import config_from_dict, read_config_file
 
-    values = yaml.safe_load(yaml_path.read_text()) or {}
+    values = read_config_file(yaml_path)
     values.update(overrides)
-    from spotune.config import config_from_dict
-
-    return config_from_dict(cls, values, f"{yaml_path} + demo settings")
+    return config_from_dict(cls, values, str(yaml_path), dict.fromkeys(overrides, "demo settings"))
 
 
 class Demo:

@@ -227,3 +227,25 @@ def test_the_train_command_keeps_no_as_text(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "\nmixed_precision: 'no'\n" in text and "\nnegative_prompt: 'no'\n" in text
     assert "\ngradient_checkpointing: true\n" in text and "\nlearning_rate: 1.0e-05\n" in text
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["train", "negative_prompt=no", "mixed_precision=no", "overwrite=no"],
+     ["negative_prompt: 'no'", "mixed_precision: 'no'", "overwrite: false"]),
+    (["train-spm", "train_data=p.parquet", "clip_path=builtin:tiny-clip", "negative_prompt=no", "mixed_precision=no",
+      "learning_rate=1e-5"], ["negative_prompt: 'no'", "mixed_precision: 'no'", "learning_rate: 1.0e-05"]),
+    (["eval-spm", "data=p.parquet", "negative_prompt=no", "mixed_precision=no", "overwrite=yes"],
+     ["negative_prompt: 'no'", "mixed_precision: 'no'", "overwrite: true"]),
+    (["generate", "model=builtin:tiny-sd15", "output_dir=g", "prompts=[no, yes]", "negative_prompt=no", "grid=no"],
+     ["prompts: ['no', 'yes']", "negative_prompt: 'no'", "grid: false"]),
+    (["eval", "images=[g]", "output_dir=r", "title=no", "baseline=off"], ["title: 'no'", "baseline: 'off'"]),
+    (["demo", "spm_config=no", "trajectory_baseline=no", "seed=1e1"],
+     ["spm_config: 'no'", "trajectory_baseline: false", "seed: 10"]),
+])
+def test_every_key_value_command_reads_values_through_the_config_system(argv, expected, capsys):
+    from spotune.cli import main
+
+    assert main([*argv, "--print-config"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    for line in expected:
+        assert line in lines, (argv[0], line)

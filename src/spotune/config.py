@@ -137,23 +137,25 @@ def _load_text_yaml(text: str) -> Any:
 
 
 def _resolve_core(value: Any) -> Any:
-    """Give bare text (also inside lists and mappings) its YAML 1.2 core-schema type, for untyped fields."""
+    """Give bare text (also inside lists and mappings) its YAML 1.2 core-schema type, for untyped fields.
+
+    The scalar's tag comes from :class:`CoreSchemaLoader`'s own resolvers, so the schema is defined once.
+    """
     if isinstance(value, PlainText):
         text = str(value)
-        if _NULL.match(text):
-            return None
-        if _BOOL.match(text):
-            return text.lower() == "true"
-        if _INT.match(text):
-            return _core_int(text)
-        if _FLOAT.match(text) or _INF_NAN.match(text):
-            return _core_float(text)
-        if text.lstrip().startswith(("[", "{")):
+        if text.lstrip().startswith(("[", "{")):  # a flow list or mapping typed on the command line
             try:
                 return _resolve_core(_load_text_yaml(text))
             except yaml.YAMLError:
                 return text
-        return text
+        tag = CoreSchemaLoader.resolve(CoreSchemaLoader, yaml.ScalarNode, text.strip(), (True, False))  # type: ignore[arg-type]
+        readers = {
+            "tag:yaml.org,2002:null": lambda t: None,
+            "tag:yaml.org,2002:bool": lambda t: t.lower() == "true",
+            "tag:yaml.org,2002:int": _core_int,
+            "tag:yaml.org,2002:float": _core_float,
+        }
+        return readers[tag](text.strip()) if tag in readers else text
     if isinstance(value, list):
         return [_resolve_core(v) for v in value]
     if isinstance(value, dict):
@@ -399,10 +401,10 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         ) from None
     try:
         loaded = _load_text_yaml(text)
-    except yaml.YAMLError as exc:
+    except (yaml.YAMLError, ValueError) as exc:  # ValueError: an explicit tag on a bad value (!!int abc)
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        problem = getattr(exc, "problem", None) or (str(exc).splitlines() or ["unreadable"])[0]
         raise ConfigError(f"config file {path} is not valid YAML{where}: {problem}") from None
     if loaded is None:
         return {}

@@ -55,12 +55,16 @@ def test_diffusers_file_has_the_layout_of_diffusers_save_lora_weights(lora_run, 
     theirs = load_file(str(tmp_path / "theirs" / "pytorch_lora_weights.safetensors"))
     mine = load_file(str(ours))
     assert set(mine) == set(theirs)
-    assert all(torch.equal(mine[k], theirs[k]) for k in mine)
+    # Same tensors, except that alpha / rank (2 / 4) is folded into lora_B so every version scales by 1.
+    for key, value in mine.items():
+        expected = theirs[key] * (LORA_ALPHA / LORA_RANK) if ".lora_B." in key else theirs[key]
+        assert torch.equal(value, expected), key
     with safe_open(str(ours), "pt") as handle:
         meta = handle.metadata()
     config = json.loads(meta["lora_adapter_metadata"])
     assert meta["format"] == "pt"
-    assert config["unet.r"] == LORA_RANK and config["unet.lora_alpha"] == LORA_ALPHA
+    assert config["unet.r"] == LORA_RANK and config["unet.lora_alpha"] == LORA_RANK
+    assert config["unet.rank_pattern"] == {} and config["unet.alpha_pattern"] == {}
 
 
 def test_webui_key_names_and_metadata(lora_run, tmp_path):
@@ -89,7 +93,7 @@ def test_webui_key_names_and_metadata(lora_run, tmp_path):
     assert meta["ss_network_dim"] == str(LORA_RANK)
     assert float(meta["ss_network_alpha"]) == LORA_ALPHA
     assert meta["ss_base_model_version"] == "sd_v1"
-    assert meta["modelspec.sai_model_spec"] == "1.0.0"
+    assert meta["modelspec.sai_model_spec"] == "1.0.1"  # kohya's current ModelSpec version
     assert meta["modelspec.architecture"] == "stable-diffusion-v1/lora"
     assert meta["modelspec.implementation"] == "diffusers"
     assert meta["modelspec.title"] == "lora-run-iter-00000010"
@@ -101,12 +105,19 @@ def test_every_format_reads_back_the_same_weights(lora_run, tmp_path):
     webui = export_checkpoint(lora_run.run, "webui", tmp_path / "w.safetensors", dtype="fp32")
     folder = export_checkpoint(lora_run.run, "diffusers", tmp_path / "d", dtype="fp32")
     single = export_checkpoint(lora_run.run, "diffusers", tmp_path / "d.safetensors", dtype="fp32")
-    sources = {"run": lora_run.run, "checkpoint": lora_run.checkpoint, "webui": webui, "folder": folder, "file": single}
-    for name, path in sources.items():
+    reference = load_lora_file(lora_run.run)
+    for name, path in {"run": lora_run.run, "checkpoint": lora_run.checkpoint, "webui": webui}.items():
         weights = load_lora_file(path)
         assert (weights.rank, weights.alpha) == (LORA_RANK, LORA_ALPHA), name
         assert set(weights.state_dict) == set(lora_run.lora), name
         assert all(torch.equal(weights.state_dict[k], lora_run.lora[k]) for k in lora_run.lora), name
+    for name, path in {"folder": folder, "file": single}.items():
+        # The diffusers files carry alpha / rank inside lora_B: alpha reads back as the rank, the update is the same.
+        weights = load_lora_file(path)
+        assert (weights.rank, weights.alpha) == (LORA_RANK, float(LORA_RANK)), name
+        assert weights.modules == reference.modules, name
+        for module in reference.modules:
+            assert torch.allclose(weights.delta(module), reference.delta(module), atol=1e-7), (name, module)
     assert load_lora_file(webui).source_format == "webui"
     assert load_lora_file(folder).source_format == "diffusers"
     assert load_lora_file(lora_run.run).source_format == "spotune"
@@ -119,3 +130,6 @@ def test_fp16_export_is_close_and_bf16_is_accepted(lora_run, tmp_path):
     assert all(v.dtype == torch.bfloat16 for v in bf16.state_dict.values())
     for key, value in lora_run.lora.items():
         assert torch.allclose(half.state_dict[key].float(), value, atol=2e-3)
+    reference = load_lora_file(lora_run.run)
+    for module in reference.modules:
+        assert torch.allclose(bf16.delta(module), reference.delta(module), atol=2e-2)

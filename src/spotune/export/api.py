@@ -17,7 +17,6 @@ old content or the new, never half of it; an existing output is replaced only wi
 from __future__ import annotations
 
 import contextlib
-import datetime
 import os
 import shutil
 import tempfile
@@ -29,6 +28,8 @@ from typing import Iterator, Literal
 import torch
 
 from spotune.export.lora_files import DIFFUSERS_LORA_FILE, diffusers_lora_file, webui_lora_file
+from spotune.export.metadata import single_file_metadata
+from spotune.export.pipeline_folder import make_folder_loadable_everywhere
 from spotune.export.source import ExportError, ExportSource, read_export_source
 
 EXPORT_FORMATS = ("diffusers", "webui", "merged", "single-file")
@@ -135,18 +136,8 @@ def _require_lora(source: ExportSource, fmt: str):
     return source.lora
 
 
-def _single_file_metadata(source: ExportSource, base: str) -> dict[str, str]:
-    return {
-        "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": "stable-diffusion-v1",
-        "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
-        "modelspec.title": source.title,
-        "modelspec.description": source.description,
-        "modelspec.resolution": f"{source.resolution}x{source.resolution}",
-        "modelspec.prediction_type": "epsilon",
-        "modelspec.date": datetime.datetime.now().replace(microsecond=0).isoformat(),
-        "modelspec.merged_from": str(base),
-    }
+def _single_file_metadata(source: ExportSource, base: str | None) -> dict[str, str]:
+    return single_file_metadata(source.title, source.description, source.resolution, base)
 
 
 def export_checkpoint(
@@ -200,7 +191,9 @@ def export_checkpoint(
         if format == "diffusers":
             tensors, metadata = diffusers_lora_file(lora, torch_dtype)
         else:
-            tensors, metadata = webui_lora_file(lora, torch_dtype, src.title, src.description, src.resolution)
+            tensors, metadata = webui_lora_file(
+                lora, torch_dtype, src.title, src.description, src.resolution, base_model or src.base_model
+            )
         with staged_output(output, overwrite, folder=not wants_file) as tmp:
             _save_safetensors(tensors, tmp if wants_file else tmp / DIFFUSERS_LORA_FILE, metadata)
         return output
@@ -212,11 +205,12 @@ def export_checkpoint(
         pipe.to(dtype=torch_dtype)
         with staged_output(output, overwrite, folder=True) as tmp:
             pipe.save_pretrained(tmp, safe_serialization=True)
+            make_folder_loadable_everywhere(tmp)
         return output
 
     from spotune.export.original_layout import to_original
 
     tensors = to_original(pipe.unet, pipe.vae, pipe.text_encoder, dtype=torch_dtype)
     with staged_output(output, overwrite, folder=False) as tmp:
-        _save_safetensors(tensors, tmp, _single_file_metadata(src, str(recorded_base)))
+        _save_safetensors(tensors, tmp, _single_file_metadata(src, recorded_base))
     return output

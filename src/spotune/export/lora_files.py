@@ -12,7 +12,6 @@ The scale of a module's update is ``alpha / rank``: ``W' = W + (alpha / r) * B @
 from __future__ import annotations
 
 import collections
-import datetime
 import json
 import re
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from typing import Any
 import torch
 
 from spotune.errors import SpotuneError
+from spotune.export.metadata import SAI_MODEL_SPEC_VERSION, SD15_DEFAULT_RESOLUTION, kohya_hashes, model_name, now_iso
 from spotune.export.naming import (
     DIFFUSERS_UNET_PREFIX,
     KOHYA_ALPHA,
@@ -304,49 +304,91 @@ def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return tensor.detach().to("cpu", dtype=dtype).contiguous()
 
 
+def diffusers_lora_tensors(weights: LoraWeights) -> dict[str, torch.Tensor]:
+    """peft-named fp32 tensors whose plain product is the update: ``B' @ A' = (alpha / r) * B @ A``.
+
+    diffusers before 0.34 ignores any alpha in a diffusers-format file: it builds its LoraConfig from
+    the tensors alone, with ``r`` the most common rank of the ``lora_B`` tensors and ``lora_alpha`` the
+    rank of the first one, so every module gets scale ``first rank / its rank``; 0.34 on reads the
+    LoraConfig from the ``lora_adapter_metadata`` header. A file is applied the same by both only if
+    that header says what the old rule assumes. So each module's alpha / r is folded into its
+    lora_B, and modules of lower rank are zero-padded to the largest rank (zero rows of A and zero
+    columns of B add nothing to ``B @ A``): every module then has rank R and alpha R, scale 1.
+
+    Returns:
+        ``<module>.lora_A.weight`` [R, in] (or [R, in, kh, kw]) and ``<module>.lora_B.weight``
+        [out, R] (or [out, R, 1, 1]), float32.
+    """
+    full_rank = max(weights.module_rank(m) for m in weights.modules)
+    out: dict[str, torch.Tensor] = {}
+    for module in weights.modules:
+        a = weights.state_dict[f"{module}.{PEFT_A}"].detach().float().cpu()
+        b = weights.state_dict[f"{module}.{PEFT_B}"].detach().float().cpu() * weights.module_scale(module)
+        missing = full_rank - a.shape[0]
+        if missing:
+            a = torch.cat([a, a.new_zeros((missing, *a.shape[1:]))], dim=0)
+            b = torch.cat([b, b.new_zeros((b.shape[0], missing, *b.shape[2:]))], dim=1)
+        out[f"{module}.{PEFT_A}"] = a
+        out[f"{module}.{PEFT_B}"] = b
+    return out
+
+
 def diffusers_lora_file(weights: LoraWeights, dtype: torch.dtype = torch.float16) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and metadata in the layout of diffusers' ``StableDiffusionPipeline.save_lora_weights``.
 
-    Keys are ``unet.<module>.lora_A.weight`` / ``lora_B.weight``. Alphas travel as diffusers does when
-    given ``unet_lora_adapter_metadata``: the adapter's ``LoraConfig`` as JSON under
-    ``lora_adapter_metadata``, keys prefixed ``unet.``; ``load_lora_weights`` builds its LoraConfig from
-    it, so alpha != rank survives. Only the fields that define the update are written (r, lora_alpha,
-    target_modules, rank_pattern, alpha_pattern): a full ``LoraConfig.to_dict()`` names fields that
-    older peft releases reject, which would make the file unloadable there.
+    Keys are ``unet.<module>.lora_A.weight`` / ``lora_B.weight`` holding :func:`diffusers_lora_tensors`
+    (alpha / r folded into lora_B, one rank R for all modules), so every diffusers version applies the
+    same update. The ``lora_adapter_metadata`` header (read from diffusers 0.34 on) is the LoraConfig
+    with ``r = lora_alpha = R``, keys prefixed ``unet.``; only the fields that define the update are
+    written (r, lora_alpha, target_modules, rank_pattern, alpha_pattern): a full
+    ``LoraConfig.to_dict()`` names fields that older peft releases reject.
     """
-    modules = weights.modules
+    folded = diffusers_lora_tensors(weights)
+    rank = int(next(iter(folded.values())).shape[0])
     config = {
-        "r": weights.rank,
-        "lora_alpha": weights.alpha,
-        "target_modules": modules,
-        # Anchored as diffusers anchors its own rank patterns, so a path never matches a deeper suffix.
-        "rank_pattern": {f"^{m}": r for m in modules if (r := weights.module_rank(m)) != weights.rank},
-        "alpha_pattern": {f"^{m}": a for m in modules if (a := weights.module_alpha(m)) != weights.alpha},
+        "r": rank,
+        "lora_alpha": rank,
+        "target_modules": weights.modules,
+        "rank_pattern": {},
+        "alpha_pattern": {},
     }
     packed = {f"{DIFFUSERS_UNET_PREFIX}{key}": value for key, value in config.items()}
-    tensors = {f"{DIFFUSERS_UNET_PREFIX}{k}": _cast(v, dtype) for k, v in sorted(weights.state_dict.items())}
+    tensors = {f"{DIFFUSERS_UNET_PREFIX}{k}": _cast(v, dtype) for k, v in sorted(folded.items())}
     metadata = {"format": "pt", DIFFUSERS_METADATA_KEY: json.dumps(packed, indent=2, sort_keys=True)}
     return tensors, metadata
 
 
-def webui_metadata(weights: LoraWeights, title: str, description: str = "", resolution: int = 512) -> dict[str, str]:
-    """kohya ``ss_*`` and Stability's ``modelspec.*`` metadata for an SD1.5 LoRA (every value a string)."""
+def webui_metadata(
+    weights: LoraWeights,
+    title: str,
+    description: str = "",
+    resolution: int = SD15_DEFAULT_RESOLUTION,
+    base_model: str | None = None,
+) -> dict[str, str]:
+    """kohya ``ss_*`` and Stability's ``modelspec.*`` metadata for an SD1.5 LoRA (every value a string).
+
+    The values kohya's ``train_network.py`` writes for an SD1.5 LoRA: webui shows ``ss_output_name``
+    as the LoRA's alias, reads ``ss_base_model_version`` / ``ss_v2`` for its family, and lists
+    ``ss_sd_model_name`` (the base model's name, never a local path: :func:`model_name`).
+    The ``sshs_*`` hashes are added by :func:`webui_lora_file`, which knows the tensors.
+    """
     return {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(weights.rank),
         "ss_network_alpha": str(float(weights.alpha)),
         "ss_base_model_version": "sd_v1",
         "ss_v2": "False",
+        "ss_sd_model_name": model_name(base_model),
         "ss_output_name": title,
         "ss_training_comment": description,
-        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.sai_model_spec": SAI_MODEL_SPEC_VERSION,
         "modelspec.architecture": "stable-diffusion-v1/lora",
         "modelspec.implementation": "diffusers",
         "modelspec.title": title,
         "modelspec.description": description,
         "modelspec.resolution": f"{resolution}x{resolution}",
         "modelspec.prediction_type": "epsilon",
-        "modelspec.date": datetime.datetime.now().replace(microsecond=0).isoformat(),
+        "modelspec.date": now_iso(),
     }
 
 
@@ -355,13 +397,16 @@ def webui_lora_file(
     dtype: torch.dtype = torch.float16,
     title: str = "spotune LoRA",
     description: str = "",
-    resolution: int = 512,
+    resolution: int = SD15_DEFAULT_RESOLUTION,
+    base_model: str | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """One kohya-named state dict for A1111/Forge/ComfyUI, plus its metadata.
 
     Keys: ``lora_unet_<module>.lora_down.weight`` (= lora_A), ``.lora_up.weight`` (= lora_B) and
-    ``.alpha`` (0-dim). The alpha stays fp32 whatever ``dtype`` is, so e.g. 0.3 is not rounded to
-    fp16's 0.2998 (readers call ``.item()`` on it, so its dtype does not matter to them).
+    ``.alpha`` (0-dim); every client scales by ``alpha / rank``, the rank read from lora_down. The alpha
+    stays fp32 whatever ``dtype`` is, so e.g. 0.3 is not rounded to fp16's 0.2998 (readers call
+    ``.item()`` on it, so its dtype does not matter to them). ``sshs_model_hash`` /
+    ``sshs_legacy_hash`` are computed from exactly these tensors (:func:`kohya_hashes`).
     """
     tensors: dict[str, torch.Tensor] = {}
     for module in weights.modules:
@@ -369,4 +414,6 @@ def webui_lora_file(
         tensors[f"{name}.{KOHYA_DOWN}"] = _cast(weights.state_dict[f"{module}.{PEFT_A}"], dtype)
         tensors[f"{name}.{KOHYA_UP}"] = _cast(weights.state_dict[f"{module}.{PEFT_B}"], dtype)
         tensors[f"{name}.{KOHYA_ALPHA}"] = torch.tensor(weights.module_alpha(module), dtype=torch.float32)
-    return tensors, webui_metadata(weights, title, description, resolution)
+    metadata = webui_metadata(weights, title, description, resolution, base_model)
+    metadata["sshs_model_hash"], metadata["sshs_legacy_hash"] = kohya_hashes(tensors, metadata)
+    return tensors, metadata

@@ -9,6 +9,7 @@ import torch
 
 from spotune.errors import SpotuneError
 from spotune.export.lora_files import LoraWeights, load_lora_file
+from spotune.export.metadata import SD15_DEFAULT_RESOLUTION, model_default_resolution, model_name
 
 
 class ExportError(SpotuneError, ValueError):
@@ -26,8 +27,9 @@ class ExportSource:
         unet_state: the whole trained UNet state dict (kind "full").
         base_model: the model source the run trained on (state.json), ``None`` for a bare LoRA file.
         title: a human-readable name for metadata (run name and checkpoint).
-        description: one sentence for metadata.
-        resolution: training image size in pixels (for modelspec metadata).
+        description: one sentence for metadata; names the base model, never its local path.
+        resolution: training image size in pixels (for modelspec metadata): the run's setting, or the
+            base model's default when it was unset; SD1.5's 512 for a bare LoRA file.
     """
 
     path: Path
@@ -37,7 +39,7 @@ class ExportSource:
     base_model: str | None
     title: str
     description: str
-    resolution: int = 512
+    resolution: int = SD15_DEFAULT_RESOLUTION
 
 
 def _is_checkpoint_or_run(path: Path) -> bool:
@@ -72,11 +74,12 @@ def read_export_source(source: str | Path) -> ExportSource:
     run_name = checkpoint.parent.parent.name if checkpoint.parent.name == "checkpoints" else checkpoint.parent.name
     title = f"{run_name}-{checkpoint.name}"
     config = state.get("config") or {}
-    resolution = int(config.get("resolution") or 512)
     base_model = state.get("base_model")
+    # What training used: train_spo samples at cfg.resolution or, unset, the VAE's sample_size.
+    resolution = int(config.get("resolution") or model_default_resolution(base_model))
     description = (
         f"SPO (Step-by-step Preference Optimization) fine-tune made with spotune: run {run_name}, "
-        f"{checkpoint.name} (iteration {state.get('iteration')}), base model {base_model}"
+        f"{checkpoint.name} (iteration {state.get('iteration')}), base model {model_name(base_model) or 'unknown'}"
     )
     if state.get("finetune") == "full":
         _, unet_state = load_weights(checkpoint)

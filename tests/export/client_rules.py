@@ -230,8 +230,9 @@ def diffusers_scales_from_034(tensors: Mapping[str, torch.Tensor], metadata: Map
     config = {k.removeprefix("unet."): v for k, v in json.loads(metadata["lora_adapter_metadata"]).items()}
 
     def pattern(module: str, patterns: Mapping[str, Any], default: Any) -> Any:
+        # peft's get_pattern_key: a pattern matches a suffix of the module path (diffusers anchors with ^).
         for key, value in patterns.items():
-            if re.fullmatch(rf"(.*\.)?(?:{key.lstrip('^')})", module) or (key.startswith("^") and module == key[1:]):
+            if re.match(rf"(.*\.)?({key})$", module):
                 return value
         return default
 

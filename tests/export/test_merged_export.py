@@ -80,3 +80,41 @@ def test_single_file_agrees_with_diffusers_own_converter(lora_run, base_dir, tmp
         assert set(converted) == set(expected)
         for key, value in expected.items():
             assert torch.equal(converted[key].reshape(value.shape), value), key
+
+
+def test_merged_text_encoder_has_transformers_4_names_and_loads_unchanged(lora_run, base_dir, tmp_path):
+    from transformers import CLIPTextModel
+
+    out = export_checkpoint(lora_run.run, "merged", tmp_path / "merged", dtype="fp32")
+    files = sorted((out / "text_encoder").glob("*.safetensors"))
+    assert files
+    for file in files:
+        with safe_open(str(file), "pt") as handle:
+            keys = list(handle.keys())
+        # transformers 4 finds nothing without the prefix and silently initialises the encoder at random.
+        assert keys and all(k.startswith("text_model.") for k in keys), keys[:3]
+    loaded, info = CLIPTextModel.from_pretrained(out / "text_encoder", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    base = load_pipeline(str(base_dir)).text_encoder
+    ids = torch.tensor([[1, 5, 9, 2] + [0] * 4])
+    with torch.no_grad():
+        assert torch.equal(loaded(ids)[0], base(ids)[0])
+
+
+def test_merged_tokenizer_loads_from_vocab_and_merges_alone(lora_run, base_dir, tmp_path):
+    import shutil
+
+    from transformers import CLIPTokenizer
+
+    out = export_checkpoint(lora_run.run, "merged", tmp_path / "merged", dtype="fp32")
+    assert (out / "tokenizer" / "vocab.json").is_file() and (out / "tokenizer" / "merges.txt").is_file()
+    assert (out / "tokenizer" / "merges.txt").read_text(encoding="utf-8").startswith("#version: 0.2\n")
+    # What the slow CLIPTokenizer of transformers 4 reads: the folder without tokenizer.json.
+    slow_only = tmp_path / "slow"
+    shutil.copytree(out / "tokenizer", slow_only)
+    (slow_only / "tokenizer.json").unlink()
+    slow = CLIPTokenizer.from_pretrained(str(slow_only), local_files_only=True)
+    fast = CLIPTokenizer.from_pretrained(str(out / "tokenizer"), local_files_only=True)
+    assert slow.get_vocab() == fast.get_vocab()
+    for prompt in ("a red circle on a blue background", "Déjà vu, 4K!!", ""):
+        assert slow(prompt).input_ids == fast(prompt).input_ids == load_pipeline(str(base_dir)).tokenizer(prompt).input_ids

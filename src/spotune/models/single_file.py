@@ -2,7 +2,8 @@
 
 A single-file checkpoint carries weights only. The component configs (UNet, VAE, CLIP text encoder,
 scheduler) ship with spotune under ``spotune/resources/sd15/`` (SD1.5's published architecture), and
-the tokenizer is derived from CLIP's BPE merges file shipped under ``spotune/resources/clip/``: that
+the tokenizer (``sd15/tokenizer/``, or built in memory when a config folder has none) is derived from
+CLIP's BPE merges file shipped under ``spotune/resources/clip/``: that
 file is OpenAI CLIP's ``bpe_simple_vocab_16e6.txt.gz`` (MIT licence, copy beside it), taken verbatim
 from the ``clip-anytorch`` 2.6.0 package on PyPI (``clip/bpe_simple_vocab_16e6.txt.gz``, sha256
 924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a). Nothing is downloaded.

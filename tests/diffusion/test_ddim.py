@@ -92,3 +92,23 @@ def test_bad_arguments():
         ddim_step_with_logprob(s, x, 501, x, eta=0.0)
     with pytest.raises(ValueError, match="timestep"):
         ddim_step_with_logprob(s, x, torch.tensor([1, 2, 3]), x, eta=1.0)
+
+
+@pytest.mark.parametrize("use_clipped", [False, True])
+def test_clipped_x0_follows_diffusers_use_clipped_model_output(use_clipped):
+    """With clip_sample on, epsilon is re-derived from the clipped x0 only when asked, as in diffusers."""
+    s = DDIMScheduler.from_config(sd15_ddim_scheduler().config, clip_sample=True, clip_sample_range=0.5)
+    s.set_timesteps(20)
+    g = torch.Generator().manual_seed(4)
+    x, out = 3 * torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    t = 451
+    _, eps_model = predict_x0_and_eps(s, out, torch.full((2,), t), x)
+    torch.testing.assert_close(eps_model, out)  # the default (SPO's): the model's own epsilon
+    ours, _ = ddim_step_with_logprob(s, out, t, x, eta=1.0, generator=torch.Generator().manual_seed(7),
+                                     use_clipped_model_output=use_clipped)
+    theirs = s.step(out, t, x, eta=1.0, generator=torch.Generator().manual_seed(7),
+                    use_clipped_model_output=use_clipped).prev_sample
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    other, _ = ddim_step_with_logprob(s, out, t, x, eta=1.0, generator=torch.Generator().manual_seed(7),
+                                      use_clipped_model_output=not use_clipped)
+    assert not torch.allclose(other, theirs, atol=1e-3)  # the clip is active here, so the choice matters

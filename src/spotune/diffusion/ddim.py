@@ -53,7 +53,11 @@ def _alphas(scheduler: DDIMScheduler, timestep: torch.Tensor, device: torch.devi
 
 
 def predict_x0_and_eps(
-    scheduler: DDIMScheduler, model_output: torch.Tensor, timestep: torch.Tensor, sample: torch.Tensor
+    scheduler: DDIMScheduler,
+    model_output: torch.Tensor,
+    timestep: torch.Tensor,
+    sample: torch.Tensor,
+    use_clipped_model_output: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Turn a model output into (x0 prediction, epsilon prediction) for any parameterisation.
 
@@ -61,8 +65,12 @@ def predict_x0_and_eps(
         model_output: [B, C, H, W] the (guided) UNet output.
         timestep: [B] long timesteps of ``sample``.
         sample: [B, C, H, W] x_t.
+        use_clipped_model_output: re-derive epsilon from the clipped/thresholded x0, as diffusers'
+            ``DDIMScheduler.step(use_clipped_model_output=True)`` does. Off by default, as in diffusers'
+            default and in SPO's sampler and trainer, which never turn it on. Without clipping or
+            thresholding in the scheduler's config (SD1.5's) it changes nothing.
     Returns:
-        x0_hat, eps_hat, both [B, C, H, W] float32 (clipped/thresholded as the scheduler's config says).
+        x0_hat, eps_hat, both [B, C, H, W] float32 (x0 clipped/thresholded as the scheduler's config says).
     """
     out = model_output.float()
     x_t = sample.float()
@@ -85,8 +93,9 @@ def predict_x0_and_eps(
     elif scheduler.config.clip_sample:
         r = scheduler.config.clip_sample_range
         x0 = x0.clamp(-r, r)
-    if scheduler.config.thresholding or scheduler.config.clip_sample:
-        # As diffusers does: once x0 is clipped, epsilon is re-derived from it.
+    if use_clipped_model_output and (scheduler.config.thresholding or scheduler.config.clip_sample):
+        # diffusers does this only when asked (use_clipped_model_output=True); SPO never asks, so by
+        # default the step's direction uses the model's own epsilon even when x0 was clipped.
         eps = (x_t - a.sqrt() * x0) / (1 - a).sqrt()
     return x0, eps
 
@@ -99,6 +108,7 @@ def ddim_step_with_logprob(
     eta: float = 1.0,
     prev_sample: torch.Tensor | None = None,
     generator: torch.Generator | list[torch.Generator] | None = None,
+    use_clipped_model_output: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One DDIM step x_t -> x_{t-1} and the log-density of x_{t-1} under that step.
 
@@ -110,6 +120,7 @@ def ddim_step_with_logprob(
         eta: DDIM stochasticity; must be > 0 for the density to exist (SPO: 1.0).
         prev_sample: [B, C, H, W] a given x_{t-1} to evaluate; drawn from the posterior when ``None``.
         generator: torch generator(s) for the draw.
+        use_clipped_model_output: see :func:`predict_x0_and_eps` (off, as in SPO).
     Returns:
         prev_sample: [B, C, H, W] in ``sample``'s dtype.
         log_prob: [B] float32, the Gaussian log-density averaged over C, H, W.
@@ -117,7 +128,7 @@ def ddim_step_with_logprob(
     if eta <= 0:
         raise ValueError(f"eta must be > 0 for a step with a log-density, got {eta}")
     t = _timesteps_tensor(timestep, sample.shape[0], sample.device)
-    x0, eps = predict_x0_and_eps(scheduler, model_output, t, sample)
+    x0, eps = predict_x0_and_eps(scheduler, model_output, t, sample, use_clipped_model_output)
     alpha_t, alpha_prev = _alphas(scheduler, t, sample.device)
     variance = (1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev)  # [B]
     std = _per_sample(eta * variance.clamp(min=0).sqrt(), x0)

@@ -19,6 +19,7 @@ _LAZY = {
     "JudgeLoadError": "spotune.preference.loading",
     "build_judge": "spotune.preference.factory",
     "JUDGE_KINDS": "spotune.preference.factory",
+    "JUDGE_DTYPES": "spotune.preference.factory",
 }
 
 __all__ = ["PreferenceModel", "select_pair", *_LAZY]

@@ -160,13 +160,16 @@ class ClipStyleJudge(nn.Module):
             prompts: B captions, or [B, L] input ids.
             timesteps: [B] timesteps (ignored by timestep-blind judges); 0 when omitted.
         Returns:
-            [B] float32 scores.
+            [B] float32 scores, computed in the judge's own dtype with autocast off.
         """
         if timesteps is None:
             timesteps = torch.zeros(pixel_values.shape[0], device=pixel_values.device)
         if len(prompts) != pixel_values.shape[0]:
             raise ValueError(f"got {pixel_values.shape[0]} images but {len(prompts)} prompts")
-        with torch.no_grad():
+        # The judge computes in its own weights' dtype, outside any autocast the caller has on (a
+        # sampling loop under fp16 autocast, say): SPO's judge runs in fp32, and scores are 100 x cosine
+        # compared through a 0.3 softmax gap, so half-precision error can flip near-threshold pairs.
+        with torch.no_grad(), torch.autocast(device_type=self.device.type, enabled=False):
             if isinstance(prompts, torch.Tensor):
                 text = self.text_features(prompts.to(self.device))
             else:

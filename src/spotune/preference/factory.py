@@ -9,6 +9,9 @@ from spotune.preference.loading import BUILTIN_TINY_CLIP, JudgeLoadError
 from spotune.preference.step_aware import StepAwarePreferenceModel
 
 JUDGE_KINDS = ("spm", "pickscore", "tiny-clip", "tiny-spm")
+# The precisions a judge can run in (the config's judge_dtype). fp32 is SPO's: its judge is built in
+# fp32 and never runs under autocast; bf16/fp16 trade some pair decisions for speed.
+JUDGE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def build_judge(

@@ -155,15 +155,17 @@ class SPOTrainer:
             raise SpotuneError(f"config: resolution {resolution} is not a multiple of the VAE's factor {vae_scale}")
         self.latent_shape = (unet.config.in_channels, resolution // vae_scale, resolution // vae_scale)
 
-        from spotune.preference.factory import build_judge
+        from spotune.preference.factory import JUDGE_DTYPES, build_judge
 
+        # The judge's precision is its own (judge_dtype, fp32 as SPO's), not the training dtype; it
+        # scores with autocast off (ClipStyleJudge.score), so the sampling autocast does not reach it.
         self.judge = build_judge(
             cfg.judge,
             clip_path=cfg.judge_clip_path,
             checkpoint=cfg.judge_checkpoint,
             processor_path=cfg.judge_processor_path,
             device=acc.device,
-            dtype=self.weight_dtype,
+            dtype=JUDGE_DTYPES[cfg.judge_dtype],
         )
 
         # -- optimizer and schedule --------------------------------------------------------------
@@ -319,6 +321,7 @@ class SPOTrainer:
         self.scheduler.set_timesteps(cfg.num_inference_steps, device=acc.device)
         self.unet.train()
         sums: dict[str, float] = {}
+        norms: list[float] = []  # gradient norm before clipping, per optimizer step
         micro = 0
         batches = [share.select(idx) for idx in torch.arange(len(share), device=share.latents.device).split(cfg.train_batch_size)]
         for _ in range(cfg.num_inner_epochs):
@@ -334,18 +337,35 @@ class SPOTrainer:
                     for key, value in {"loss": loss.detach(), **stats}.items():
                         sums[key] = sums.get(key, 0.0) + float(value.float().mean())
                     micro += 1
-                if cfg.max_grad_norm > 0:
-                    acc.clip_grad_norm_(self.trainable, cfg.max_grad_norm)
+                grad_norm = self._grad_norm_and_clip()
                 self.optimizer.step()
                 self.lr_scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.optimizer_step += 1
+                # Every optimizer step, on its own axis, so a run shows what a clip would have done.
+                acc.log({"grad_norm_per_optimizer_step": grad_norm}, step=self.optimizer_step)
+                norms.append(grad_norm)
         means = {k: v / micro for k, v in sums.items()}
+        means["grad_norm"] = sum(norms) / len(norms)  # the same on every process: gradients are synchronised
         if acc.num_processes > 1:  # every process ran the same number of micro-batches: average the means
             keys = sorted(means)
             reduced = acc.reduce(torch.tensor([means[k] for k in keys], device=acc.device), reduction="mean")
             means = dict(zip(keys, reduced.tolist()))
         return means
+
+    def _grad_norm_and_clip(self) -> float:
+        """The L2 norm of the trainable parameters' gradient before clipping; clips when max_grad_norm > 0.
+
+        The gradient is unscaled first (fp16's loss scaling), so the norm is the true one.
+        """
+        cfg, acc = self.config, self.accelerator
+        if cfg.max_grad_norm > 0:
+            return float(acc.clip_grad_norm_(self.trainable, cfg.max_grad_norm))
+        acc.unscale_gradients()
+        grads = [p.grad for p in self.trainable if p.grad is not None]
+        if not grads:
+            return 0.0
+        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
 
     def _pair_loss(self, batch: StepPairs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """SPO loss of a micro-batch: one guided pass of the policy and one of the reference per tuple.

@@ -31,6 +31,10 @@ class TrainSPOConfig:
     judge_checkpoint: str | None = help_field(
         "Step-aware checkpoint (.bin official, .safetensors, or a train-spm run folder); judge=spm only.", None)
     judge_processor_path: str | None = help_field("Folder with the judge's preprocessor_config.json; defaults to judge_clip_path.", None)
+    judge_dtype: Literal["fp32", "bf16", "fp16"] = help_field(
+        "Precision of the judge while sampling, whatever mixed_precision says: fp32 outside autocast as SPO's "
+        "(default); bf16/fp16 are faster but flip some near-threshold pair decisions (README: the judge's precision).",
+        "fp32")
     # -- SPO sampling --------------------------------------------------------------------------------
     num_inference_steps: int = help_field("DDIM steps per chain.", 20)
     eta: float = help_field("DDIM eta; must be > 0 since SPO needs the step's density.", 1.0)
@@ -63,7 +67,8 @@ class TrainSPOConfig:
     adam_beta2: float = help_field("AdamW beta2.", 0.999)
     adam_weight_decay: float = help_field("AdamW weight decay.", 1e-4)
     adam_epsilon: float = help_field("AdamW epsilon.", 1e-8)
-    max_grad_norm: float = help_field("Gradient clipping norm (0 disables).", 1.0)
+    max_grad_norm: float = help_field(
+        "Gradient clipping norm (0 disables). The gradient norm before clipping is logged every optimizer step.", 1.0)
     lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = help_field("Learning-rate schedule.", "constant")
     lr_warmup_steps: int = help_field("Warm-up optimizer steps.", 0)
     num_epochs: int = help_field("Passes over the prompt list.", 10)
@@ -101,6 +106,7 @@ class TrainSPOConfig:
             (self.max_iterations is None or self.max_iterations >= 1, "max_iterations must be >= 1"),
             (not (self.resume and self.overwrite), "resume and overwrite=true contradict each other"),
             (self.judge in ("spm", "pickscore", "tiny-clip", "tiny-spm"), f"judge must be spm, pickscore, tiny-clip or tiny-spm, got {self.judge!r}"),
+            (self.max_grad_norm >= 0, f"max_grad_norm must be >= 0 (0 disables clipping), got {self.max_grad_norm}"),
         ]
         for ok, message in checks:
             if not ok:

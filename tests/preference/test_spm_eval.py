@@ -79,16 +79,23 @@ def test_one_noise_per_pair_and_views_change_with_t(tiny_pipeline, make_images):
     assert v0.shape == (2, 3, 32, 32) and v0.dtype == torch.float32
 
 
-def test_pair_correctness_counts_strict_wins_and_leaves_out_ties():
+def test_pair_correctness_counts_strict_wins_and_ties_as_spo_does():
     judge = BrightBorderJudge()
     bright, dark = torch.ones(1, 3, 4, 4), -torch.ones(1, 3, 4, 4)
-    images_0 = torch.cat([bright, dark, bright, bright, bright])
-    images_1 = torch.cat([dark, bright, dark, bright, dark])
-    label_0 = torch.tensor([1.0, 1.0, 0.5, 1.0, 0.0])
-    label_1 = torch.tensor([0.0, 0.0, 0.5, 0.0, 1.0])
-    result = pair_correctness(judge, images_0, images_1, ["x"] * 5, torch.zeros(5), label_0, label_1)
-    # right, wrong, tie (left out), equal scores (wrong), wrong
-    assert result.tolist() == [[1, 1], [0, 1], [0, 0], [0, 1], [0, 1]]
+    images_0 = torch.cat([bright, dark, bright, bright, bright, bright])
+    images_1 = torch.cat([dark, bright, dark, bright, dark, bright])
+    label_0 = torch.tensor([1.0, 1.0, 0.5, 1.0, 0.0, 0.5])
+    label_1 = torch.tensor([0.0, 0.0, 0.5, 0.0, 1.0, 0.5])
+    result = pair_correctness(judge, images_0, images_1, ["x"] * 6, torch.zeros(6), label_0, label_1)
+    # (correct, decisive, tie, tie scored apart): right, wrong, tie scored apart, equal scores (wrong),
+    # wrong, tie with equal scores
+    assert result.tolist() == [[1, 1, 0, 0], [0, 1, 0, 0], [0, 0, 1, 1], [0, 1, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0]]
+    row = TimestepAccuracy(0, *result.sum(0).tolist())
+    assert row.accuracy == 1 / 4  # ties left out
+    # SPO's figure, written out as spm_task.py computes it: (p0 > p1) * label_0 + (p0 < p1) * label_1 per pair
+    s0, s1 = judge.score(images_0, ["x"] * 6), judge.score(images_1, ["x"] * 6)
+    spo = ((s0 > s1).float() * label_0 + (s0 < s1).float() * label_1).mean()
+    assert row.accuracy_with_ties == pytest.approx(float(spo)) == pytest.approx((1 + 0.5) / 6)
 
 
 def test_accuracy_is_reported_at_all_five_timesteps(tiny_pipeline):
@@ -103,7 +110,8 @@ def test_accuracy_is_reported_at_all_five_timesteps(tiny_pipeline):
     table = format_accuracy_table(rows)
     assert all(f"| {t} |" in table for t in SPM_EVAL_TIMESTEPS) and "| 1.0000 |" in table
     csv = accuracy_csv([(5, r) for r in rows]).splitlines()
-    assert csv[0] == "step,timestep,accuracy,correct,total" and csv[1].startswith("5,0,1.000000,")
+    assert csv[0] == "step,timestep,accuracy,correct,total,accuracy_with_ties,ties,ties_apart"
+    assert csv[1].startswith("5,0,1.000000,")
     assert TimestepAccuracy(0, 0, 0).accuracy != TimestepAccuracy(0, 0, 0).accuracy  # nan without pairs
 
 

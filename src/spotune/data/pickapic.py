@@ -3,7 +3,8 @@
 A row is one human judgement: ``caption`` (str), ``jpg_0`` and ``jpg_1`` (encoded image bytes, or the
 ``{"bytes", "path"}`` struct the ``datasets`` Image feature stores), ``label_0`` and ``label_1``
 (1/0, 0/1, or 0.5/0.5 for a tie). Optional columns are used when present: ``has_label`` (rows
-without a label are dropped) and ``num_example_per_prompt`` (otherwise counted from the captions).
+without a label are dropped, unless ``keep_unlabelled`` asks to keep them as SPO's SPM trainer keeps
+them in its training split) and ``num_example_per_prompt`` (otherwise counted from the captions).
 
 Accepted sources (read with pyarrow; the ``datasets`` package is not needed):
 
@@ -38,6 +39,10 @@ from spotune.errors import SpotuneError
 REQUIRED_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0", "label_1")
 IMAGE_COLUMNS = ("jpg_0", "jpg_1")
 VALID_LABELS = {(1.0, 0.0), (0.0, 1.0), (0.5, 0.5)}
+# A row with has_label false may carry no preference at all (0/0). In the PickScore/SPO loss such a row
+# counts as a tie term with zero target: a constant, so it adds no gradient, only weight to the batch's
+# normalisation, which is what keeping it in training reproduces.
+UNLABELLED_LABELS = VALID_LABELS | {(0.0, 0.0)}
 
 
 class PairDataError(SpotuneError, ValueError):
@@ -241,13 +246,22 @@ class PickAPicPairs(torch.utils.data.Dataset):
         resolution: images are resized and centre-cropped to this square size (the diffusion model's);
             an attribute that may be changed until pairs are fetched.
         max_pairs: keep only the first N labelled pairs (evaluation subsets).
+        keep_unlabelled: keep rows whose ``has_label`` is false (their labels may also be 0/0), as SPO's
+            SPM trainer does in its training split; evaluation splits drop them (the default).
     Raises:
         PairDataError: a missing source, missing columns, a null caption or labels that are not
             1/0, 0/1 or 0.5/0.5 (naming the file and row). Undecodable images are reported when the
             pair is fetched, by the training loop (workers hand the message back rather than raising).
     """
 
-    def __init__(self, path: str | Path, split: str | None = None, resolution: int = 512, max_pairs: int | None = None) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        split: str | None = None,
+        resolution: int = 512,
+        max_pairs: int | None = None,
+        keep_unlabelled: bool = False,
+    ) -> None:
         self.resolution = resolution
         self.sources = [_Source(f) for f in find_pair_files(path, split)]
         captions: list[str] = []
@@ -264,8 +278,9 @@ class PickAPicPairs(torch.utils.data.Dataset):
             if counts is None:
                 given_counts = None
             for row in range(source.num_rows):
-                if has_label is not None and not has_label[row]:
-                    continue  # Pick-a-Pic keeps unlabelled judgements; there is nothing to learn from them
+                unlabelled = has_label is not None and not has_label[row]
+                if unlabelled and not keep_unlabelled:
+                    continue  # Pick-a-Pic keeps unlabelled judgements; evaluation has nothing to score them by
                 where = f"{source.file} row {row}"
                 caption = cols["caption"][row]
                 if not isinstance(caption, str):
@@ -275,8 +290,9 @@ class PickAPicPairs(torch.utils.data.Dataset):
                     pair = (float(pair[0]), float(pair[1]))
                 except (TypeError, ValueError):
                     raise PairDataError(f"{where}: labels {pair} are not numbers") from None
-                if pair not in VALID_LABELS:
-                    raise PairDataError(f"{where}: labels (label_0, label_1) = {pair}; expected (1, 0), (0, 1) or (0.5, 0.5)")
+                if pair not in (UNLABELLED_LABELS if unlabelled else VALID_LABELS):
+                    expected = "(1, 0), (0, 1), (0.5, 0.5) or (0, 0)" if unlabelled else "(1, 0), (0, 1) or (0.5, 0.5)"
+                    raise PairDataError(f"{where}: labels (label_0, label_1) = {pair}; expected {expected}")
                 if given_counts is not None:
                     count = counts[row]
                     if count is None or not count >= 1:
@@ -344,7 +360,13 @@ class PickAPicPairs(torch.utils.data.Dataset):
 
     @property
     def num_ties(self) -> int:
-        return int((self.labels[:, 0] == self.labels[:, 1]).sum())
+        """Pairs labelled 0.5/0.5."""
+        return int(((self.labels[:, 0] == 0.5) & (self.labels[:, 1] == 0.5)).sum())
+
+    @property
+    def num_without_preference(self) -> int:
+        """Kept unlabelled pairs labelled 0/0 (no gradient; they only weigh in the loss normalisation)."""
+        return int(((self.labels[:, 0] == 0) & (self.labels[:, 1] == 0)).sum())
 
 
 def collate_pairs(items: list[dict[str, Any]]) -> PairBatch | dict[str, str]:

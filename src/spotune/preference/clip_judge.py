@@ -49,6 +49,32 @@ def preprocess_images(
     return ((x - mean_t) / std_t).to(images.dtype)
 
 
+def spm_training_pixels(
+    images: torch.Tensor, size: int, mean: Sequence[float], std: Sequence[float]
+) -> torch.Tensor:
+    """Turn noisy views into CLIP pixel values in the order SPO's SPM trainer uses (not the sampling path).
+
+    ``step_aware_preference_model/trainer/tasks/spm_task.py``: [-1, 1] -> [0, 1] and clamp, bicubic resize
+    straight to ``size`` x ``size`` (no antialiasing, no crop: the views are square), clamp again (bicubic
+    overshoots), normalise. :func:`preprocess_images` (sampling) instead resizes the unclamped image,
+    crops, then clamps; the two differ where a view leaves [-1, 1], as x0-predictions of noisy steps do.
+
+    Args:
+        images: [B, 3, R, R] views in about [-1, 1].
+        size: the processor's crop size (224 for PickScore).
+        mean, std: the processor's per-channel normalisation.
+    Returns:
+        [B, 3, size, size] float32 normalised pixel values.
+    """
+    x = (images.float() / 2 + 0.5).clamp(0.0, 1.0)
+    if tuple(x.shape[-2:]) != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False)
+    x = x.clamp(0.0, 1.0)
+    mean_t = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    return (x - mean_t) / std_t
+
+
 class ClipStyleJudge(nn.Module):
     """Shared machinery of CLIP-based judges; subclasses define the two feature functions.
 

@@ -33,7 +33,8 @@ def spm_pair_loss(
         text_features: [B, D] projected text features (normalised here).
         image_0_features, image_1_features: [B, D] projected image features (normalised here).
         logit_scale: scalar, the log of the temperature (CLIP's ``logit_scale`` parameter).
-        label_0, label_1: [B] 1/0, 0/1 or 0.5/0.5.
+        label_0, label_1: [B] 1/0, 0/1 or 0.5/0.5; 0/0 for a kept unlabelled row, whose term is the
+            constant log 0.5 (no gradient; its weight still counts in the normalisation, as in SPO).
         num_pairs: [B] how many pairs the dataset holds for each example's caption.
         weight_total: the sum of weights to normalise by; ``None`` uses this batch's sum. Data-parallel
             training passes the mean over processes of each process's sum, so the gradient DDP averages

@@ -113,7 +113,7 @@ def _measure(cfg: EvalSPMConfig, acc) -> list[TimestepAccuracy]:
             progress=cfg.progress and acc.is_local_main_process,
         )
     if acc.is_main_process:
-        logger.info("measured the %s judge on %d pairs (%d ties left out)", cfg.judge, len(pairs), pairs.num_ties)
+        logger.info("measured the %s judge on %d pairs (%d ties: left out of accuracy, 0.5 each in accuracy_with_ties)", cfg.judge, len(pairs), pairs.num_ties)
         if cfg.output:
             if cfg.output.endswith(".csv"):
                 atomic_write_text(cfg.output, accuracy_csv([(None, r) for r in rows]))
@@ -121,6 +121,9 @@ def _measure(cfg: EvalSPMConfig, acc) -> list[TimestepAccuracy]:
                 atomic_write_json(cfg.output, {
                     "judge": cfg.judge, "checkpoint": cfg.judge_checkpoint, "data": cfg.data, "split": cfg.split,
                     "pairs": len(pairs), "ties": pairs.num_ties,
-                    "rows": [{"timestep": r.timestep, "accuracy": None if math.isnan(r.accuracy) else r.accuracy, "correct": r.correct, "total": r.total} for r in rows],
+                    "rows": [{"timestep": r.timestep, "accuracy": None if math.isnan(r.accuracy) else r.accuracy,
+                              "correct": r.correct, "total": r.total,
+                              "accuracy_with_ties": None if math.isnan(r.accuracy_with_ties) else r.accuracy_with_ties,
+                              "ties": r.ties, "ties_apart": r.ties_apart} for r in rows],
                 })
     return rows

@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import shutil
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -43,7 +44,7 @@ from spotune.config import ConfigError, config_to_dict, config_to_yaml, help_fie
 from spotune.data.pickapic import BlockShuffleSampler, PairBatch, PickAPicPairs, checked_batch, collate_pairs
 from spotune.errors import SpotuneError
 from spotune.models.loading import load_pipeline
-from spotune.preference.clip_judge import preprocess_images
+from spotune.preference.clip_judge import spm_training_pixels
 from spotune.preference.loading import BUILTIN_TINY_CLIP, load_clip
 from spotune.preference.noisy_views import NoisyViewMaker
 from spotune.preference.spm_eval import (
@@ -64,6 +65,7 @@ from spotune.recipes.common import (
     seed_for,
 )
 from spotune.utils.io import atomic_directory, atomic_save_safetensors, atomic_write_json, atomic_write_text
+from spotune.utils.lr_schedules import build_lr_scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +90,10 @@ class TrainSPMConfig:
     eval_data: str | None = help_field("Pairs for the per-timestep accuracy evaluation (unset: no evaluation).", None)
     eval_split: str | None = help_field("Split of eval_data (e.g. validation_unique).", None)
     max_eval_pairs: int | None = help_field("Evaluate on the first N labelled pairs only (unset: all).", None)
+    train_keep_unlabelled: bool = help_field(
+        "Keep training rows whose has_label is false, as SPO's trainer does (it filters only the evaluation "
+        "splits); they add no gradient and count in the per-batch weight normalisation. Evaluation always drops them.",
+        True)
     # -- noisy views ---------------------------------------------------------------------------------
     resolution: int | None = help_field(
         "Pairs are resized and centre-cropped to this size before the VAE; the VAE's sample_size when unset.", None)
@@ -95,6 +101,9 @@ class TrainSPMConfig:
     negative_prompt: str = help_field("Unconditional prompt of the guidance (SPO: empty).", "")
     eval_timesteps: list[int] = help_field("Timesteps of the accuracy evaluation (SPO: 0, 251, 501, 701, 951).", list(SPM_EVAL_TIMESTEPS))
     decode_chunk_size: int = help_field("Latents decoded by the VAE at once (memory bound).", 16)
+    views_dtype: Literal["fp16", "bf16", "fp32"] | None = help_field(
+        "Precision of the frozen diffusion model that makes the noisy views, run without autocast (SPO: fp16). "
+        "Unset: mixed_precision's dtype under its autocast.", None)
     # -- optimisation --------------------------------------------------------------------------------
     train_batch_size: int = help_field("Pairs per micro-batch, per process.", 16)
     eval_batch_size: int = help_field("Pairs per evaluation batch, per process.", 16)
@@ -105,9 +114,12 @@ class TrainSPMConfig:
     adam_weight_decay: float = help_field("AdamW weight decay.", 0.01)
     adam_epsilon: float = help_field("AdamW epsilon.", 1e-8)
     max_grad_norm: float = help_field("Gradient clipping norm (0 disables).", 1.0)
-    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = help_field(
-        "Learning-rate schedule.", "constant_with_warmup")
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine", "warmup_decay"] = help_field(
+        "Learning-rate schedule; warmup_decay is DeepSpeed's WarmupDecayLR (SPO's): warm-up, then linear decay to 0 "
+        "at max_steps.", "constant_with_warmup")
     lr_warmup_steps: int = help_field("Warm-up optimizer steps.", 500)
+    lr_warmup_type: Literal["log", "linear"] = help_field(
+        "Warm-up shape of warmup_decay: log (DeepSpeed's default, SPO's) or linear.", "log")
     max_steps: int = help_field("Optimizer steps in total.", 4000)
     seed: int = help_field("Seed of the data order, the timesteps and the noise.", 42)
     mixed_precision: Literal["no", "fp16", "bf16"] = help_field(
@@ -171,8 +183,6 @@ class SPMTrainer:
     def setup(self) -> None:
         from accelerate import Accelerator
         from accelerate.utils import ProjectConfiguration
-        from diffusers.optimization import get_scheduler
-
         cfg = self.config
         log_with = None if cfg.log_with == "none" else cfg.log_with
         if log_with and importlib.util.find_spec(log_with) is None:
@@ -197,7 +207,8 @@ class SPMTrainer:
         self.weight_dtype = MIXED_PRECISION_DTYPES[cfg.mixed_precision]
 
         # -- data (read first: a bad path, column or label fails before any model loads) -----------
-        train_set = PickAPicPairs(cfg.train_data, cfg.train_split, cfg.resolution or 512)
+        train_set = PickAPicPairs(cfg.train_data, cfg.train_split, cfg.resolution or 512,
+                                  keep_unlabelled=cfg.train_keep_unlabelled)
         if len(train_set) < cfg.train_batch_size * acc.num_processes:
             raise SpotuneError(
                 f"{cfg.train_data}: {len(train_set)} labelled pairs are fewer than one batch "
@@ -219,7 +230,8 @@ class SPMTrainer:
             spm.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
         # -- the frozen diffusion model and the views it makes ------------------------------------
-        pipe = load_pipeline(cfg.pretrained_model, dtype=self.weight_dtype, device=acc.device)
+        self.views_dtype = MIXED_PRECISION_DTYPES[cfg.views_dtype] if cfg.views_dtype else self.weight_dtype
+        pipe = load_pipeline(cfg.pretrained_model, dtype=self.views_dtype, device=acc.device)
         for module in (pipe.vae, pipe.unet, pipe.text_encoder):
             module.requires_grad_(False).eval()
         self.views = NoisyViewMaker(pipe, cfg.guidance_scale, cfg.negative_prompt, cfg.decode_chunk_size)
@@ -248,8 +260,8 @@ class SPMTrainer:
         )
         # Stepped once per optimizer step by this loop (not handed to accelerate, which would step
         # it once per process).
-        self.lr_scheduler = get_scheduler(
-            cfg.lr_scheduler, optimizer=optimizer, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=cfg.max_steps
+        self.lr_scheduler = build_lr_scheduler(
+            cfg.lr_scheduler, optimizer, cfg.lr_warmup_steps, cfg.max_steps, cfg.lr_warmup_type
         )
         self.spm, self.optimizer, self.train_loader = acc.prepare(spm, optimizer, loader)
         if self.eval_loader is not None:
@@ -264,9 +276,10 @@ class SPMTrainer:
             tracker_cfg = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in config_to_dict(cfg).items()}
             acc.init_trackers(cfg.tracker_project, config=tracker_cfg)
         logger.info(
-            "SPM: %d training pairs (%d ties), %d eval pairs, %d micro-batches/epoch, %d optimizer steps, "
-            "%d parameters, %d process(es)",
-            len(train_set), train_set.num_ties, len(self.eval_loader.dataset) if self.eval_loader else 0,
+            "SPM: %d training pairs (%d ties, %d unlabelled 0/0), %d eval pairs, %d micro-batches/epoch, "
+            "%d optimizer steps, %d parameters, %d process(es)",
+            len(train_set), train_set.num_ties, train_set.num_without_preference,
+            len(self.eval_loader.dataset) if self.eval_loader else 0,
             len(self.train_loader), cfg.max_steps, sum(p.numel() for p in spm.parameters()), acc.num_processes,
         )
 
@@ -372,10 +385,11 @@ class SPMTrainer:
         if timesteps is not None:
             t = timesteps.to(acc.device).long()
         with torch.no_grad():
-            with acc.autocast():
+            # views_dtype set: the views in that dtype with autocast off, as SPO builds them (fp16).
+            with acc.autocast() if self.config.views_dtype is None else nullcontext():
                 views_0, views_1 = self.views(batch.pixel_values_0, batch.pixel_values_1, batch.captions, t, generator)
-            # [2B, 3, S, S]: the views, resized and normalised as the judge does when scoring.
-            pixels = preprocess_images(torch.cat([views_0, views_1]), spm.image_size, spm.image_mean, spm.image_std)
+            # [2B, 3, S, S]: the views in SPO's training order (clamp, resize to S x S, clamp, normalise).
+            pixels = spm_training_pixels(torch.cat([views_0, views_1]), spm.image_size, spm.image_mean, spm.image_std)
             input_ids = spm.tokenize(batch.captions)  # [B, 77]
         text, image, logit_scale = self.spm(pixels, torch.cat([t, t]), input_ids)  # [B, D], [2B, D], scalar
         image_0, image_1 = image.chunk(2)
@@ -408,7 +422,7 @@ class SPMTrainer:
         spm.eval()
         spm.clear_text_cache()  # the weights changed since the cache was filled
         generator = torch.Generator(acc.device).manual_seed(seed_for(cfg.seed, -1, acc.process_index))
-        with acc.autocast():
+        with acc.autocast() if cfg.views_dtype is None else nullcontext():  # the views as in training
             rows = evaluate_pair_accuracy(
                 spm, self.views, self.eval_loader, cfg.eval_timesteps, generator,
                 gather=acc.gather_for_metrics, progress=cfg.progress and acc.is_local_main_process,
@@ -417,9 +431,13 @@ class SPMTrainer:
         self.eval_history = [(s, r) for s, r in self.eval_history if s != self.global_step]
         self.eval_history += [(self.global_step, r) for r in rows]
         metrics = {f"eval/accuracy_t{r.timestep}": r.accuracy for r in rows}
-        finite = [r.accuracy for r in rows if not math.isnan(r.accuracy)]
-        if finite:
-            metrics["eval/accuracy_mean"] = sum(finite) / len(finite)
+        # SPO's own figure: ties count 0.5 (see spotune.preference.spm_eval).
+        metrics.update({f"eval/accuracy_with_ties_t{r.timestep}": r.accuracy_with_ties for r in rows})
+        for name, values in (("accuracy_mean", [r.accuracy for r in rows]),
+                             ("accuracy_with_ties_mean", [r.accuracy_with_ties for r in rows])):
+            finite = [v for v in values if not math.isnan(v)]
+            if finite:
+                metrics[f"eval/{name}"] = sum(finite) / len(finite)
         if acc.is_main_process:
             atomic_write_text(self.output_dir / "eval" / "accuracy.csv", accuracy_csv(self.eval_history))
             logger.info("SPM pairwise accuracy at step %d:\n%s", self.global_step, format_accuracy_table(rows))
@@ -476,7 +494,8 @@ class SPMTrainer:
             "processor_path": cfg.processor_path,
             "image_size": spm.image_size,
             "num_processes": self.accelerator.num_processes,
-            "eval": [{"step": s, "timestep": r.timestep, "correct": r.correct, "total": r.total} for s, r in self.eval_history],
+            "eval": [{"step": s, "timestep": r.timestep, "correct": r.correct, "total": r.total, "ties": r.ties,
+                      "ties_apart": r.ties_apart} for s, r in self.eval_history],
             "config": config_to_dict(cfg),
         }
 
@@ -506,7 +525,8 @@ class SPMTrainer:
         self.epoch = int(state["epoch"])
         self.batch_in_epoch = int(state["batch_in_epoch"])
         self.eval_history = [
-            (int(e["step"]), TimestepAccuracy(int(e["timestep"]), int(e["correct"]), int(e["total"])))
+            (int(e["step"]), TimestepAccuracy(int(e["timestep"]), int(e["correct"]), int(e["total"]),
+                                              int(e.get("ties", 0)), int(e.get("ties_apart", 0))))
             for e in state.get("eval", [])
         ]
         logger.info("resumed from %s (optimizer step %d, epoch %d)", checkpoint, self.global_step, self.epoch)

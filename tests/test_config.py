@@ -79,7 +79,8 @@ def test_shipped_configs_load_and_carry_the_paper_recipe():
     assert (sd15.num_samples_per_step, sd15.preference_threshold, sd15.beta, sd15.eps) == (4, 0.3, 10.0, 0.1)
     assert (sd15.lora_rank, sd15.lora_alpha, sd15.lora_init) == (4, 4.0, "gaussian")
     assert sd15.lora_targets == ["to_q", "to_k", "to_v", "to_out.0"]
-    assert (sd15.learning_rate, sd15.adam_weight_decay, sd15.max_grad_norm, sd15.adam_epsilon) == (6e-5, 1e-4, 1.0, 1e-8)
+    # max_grad_norm 0: the authors' scripts clip an exhausted iterator, so nothing (configs/sd15_spo.yaml says why)
+    assert (sd15.learning_rate, sd15.adam_weight_decay, sd15.max_grad_norm, sd15.adam_epsilon) == (6e-5, 1e-4, 0.0, 1e-8)
     assert (sd15.sample_batch_size, sd15.train_batch_size, sd15.num_epochs, sd15.seed) == (10, 10, 10, 42)
     assert sd15.mixed_precision == "fp16" and sd15.judge == "spm"
     load_config(TrainSPOConfig, root / "tiny_cpu.yaml")

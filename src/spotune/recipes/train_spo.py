@@ -342,11 +342,11 @@ class SPOTrainer:
                 self.lr_scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.optimizer_step += 1
-                # Every optimizer step, on its own axis, so a run shows what a clip would have done.
-                acc.log({"grad_norm_per_optimizer_step": grad_norm}, step=self.optimizer_step)
+                self._log_grad_norm(grad_norm)
                 norms.append(grad_norm)
         means = {k: v / micro for k, v in sums.items()}
-        means["grad_norm"] = sum(norms) / len(norms)  # the same on every process: gradients are synchronised
+        # The same on every process: gradients are synchronised before they are measured.
+        means["grad_norm"], means["grad_norm_max"] = sum(norms) / len(norms), max(norms)
         if acc.num_processes > 1:  # every process ran the same number of micro-batches: average the means
             keys = sorted(means)
             reduced = acc.reduce(torch.tensor([means[k] for k in keys], device=acc.device), reduction="mean")
@@ -366,6 +366,14 @@ class SPOTrainer:
         if not grads:
             return 0.0
         return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
+
+    def _log_grad_norm(self, grad_norm: float) -> None:
+        """TensorBoard's ``grad_norm_per_optimizer_step``, on the optimizer-step axis, so a run shows what a clip
+        would have done. Written to TensorBoard's writer directly: the iteration metrics use the iteration
+        axis, and trackers such as wandb need one increasing step (they get the per-iteration mean and max)."""
+        for tracker in self.accelerator.trackers:
+            if tracker.name == "tensorboard":
+                tracker.writer.add_scalar("grad_norm_per_optimizer_step", grad_norm, self.optimizer_step)
 
     def _pair_loss(self, batch: StepPairs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """SPO loss of a micro-batch: one guided pass of the policy and one of the reference per tuple.

@@ -167,7 +167,8 @@ class ClipStyleJudge(nn.Module):
         """
         if len(prompts) != images.shape[0]:
             raise ValueError(f"got {images.shape[0]} images but {len(prompts)} prompts")
-        pixel_values = preprocess_images(images, self.image_size, self.image_mean, self.image_std)
+        # In the judge's dtype from here on: fp16 images from an fp16 VAE reach an fp32 judge as fp32 pixels.
+        pixel_values = preprocess_images(images.to(self.dtype), self.image_size, self.image_mean, self.image_std)
         return self.score_pixel_values(pixel_values, prompts, timesteps)
 
     def score_pixel_values(

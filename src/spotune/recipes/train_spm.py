@@ -183,6 +183,7 @@ class SPMTrainer:
     def setup(self) -> None:
         from accelerate import Accelerator
         from accelerate.utils import ProjectConfiguration
+
         cfg = self.config
         log_with = None if cfg.log_with == "none" else cfg.log_with
         if log_with and importlib.util.find_spec(log_with) is None:

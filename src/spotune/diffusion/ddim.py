@@ -143,3 +143,34 @@ def ddim_step_with_logprob(
     log_prob = -((prev.detach() - mean) ** 2) / (2 * std**2) - torch.log(std) - math.log(math.sqrt(2 * math.pi))
     log_prob = log_prob.mean(dim=tuple(range(1, log_prob.dim())))
     return prev.to(sample.dtype), log_prob
+
+
+def ddim_posterior(
+    scheduler: DDIMScheduler,
+    model_output: torch.Tensor,
+    timestep: int | torch.Tensor,
+    sample: torch.Tensor,
+    eta: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and standard deviation of the DDIM step x_t -> x_{t-1}, for samplers that draw the noise themselves.
+
+    The same arithmetic as :func:`ddim_step_with_logprob`, so ``mean + std * z`` with z drawn as it draws
+    it gives the same x_{t-1} bit for bit.
+
+    Args:
+        model_output: [B, C, H, W] guided UNet output at (sample, timestep).
+        timestep: a scalar or [B] per-sample timesteps.
+        sample: [B, C, H, W] x_t.
+    Returns:
+        mean: [B, C, H, W] float32; std: [B, 1, 1, 1] float32 (s_t of the module docstring).
+    """
+    if eta <= 0:
+        raise ValueError(f"eta must be > 0 for a stochastic step, got {eta}")
+    t = _timesteps_tensor(timestep, sample.shape[0], sample.device)
+    x0, eps = predict_x0_and_eps(scheduler, model_output, t, sample)
+    alpha_t, alpha_prev = _alphas(scheduler, t, sample.device)
+    variance = (1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev)  # [B]
+    std = _per_sample(eta * variance.clamp(min=0).sqrt(), x0)
+    a_prev = _per_sample(alpha_prev, x0)
+    direction = (1 - a_prev - std**2).clamp(min=0).sqrt() * eps
+    return a_prev.sqrt() * x0 + direction, std

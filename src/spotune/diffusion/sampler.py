@@ -84,6 +84,8 @@ class StepPairs:
         step_index: [N] long, index i of the denoising step.
         latents_lose: [N, C, h, w] x_t the losing step starts from, only for trajectory-level pairs (two
             different chains); ``None`` when both steps share ``latents``, as in SPO.
+        noise_delta: [N, C, h, w] float32 (z_win - z_lose) / 2 of the standard-normal draws behind the two
+            candidates, only for GradSPO (the winner's offset; the loser's is its negative); else ``None``.
     """
 
     latents: torch.Tensor
@@ -94,6 +96,7 @@ class StepPairs:
     prompt_index: torch.Tensor
     step_index: torch.Tensor
     latents_lose: torch.Tensor | None = None
+    noise_delta: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.latents.shape[0]

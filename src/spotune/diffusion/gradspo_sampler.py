@@ -1,0 +1,158 @@
+"""GradSPO's step-wise sampler: SPO's branching, plus the noise offset of every kept pair.
+
+GradSPO (official code: JoshuaTTJ/GradSPO, built on SPO's) samples exactly as SPO does (see
+:mod:`spotune.diffusion.sampler`), with two changes:
+
+1. each candidate's standard-normal draw z_j (x_{t-1}^j = mean + s_t * z_j) is kept, and every kept
+   pair stores ``noise_delta = (z_best - z_worst) / 2``, the winner's offset (the loser's is its
+   negative); the loss turns it into targets for the noise prediction;
+2. at the last step the final candidates are judged at t = t_last (the schedule's last timestep, 1 for
+   SD1.5's 20 steps), not at 0, and every final pair is kept whatever the threshold.
+
+The candidates are drawn from the same generator in the same order as :func:`spo_sample` draws them,
+so with the same seed both samplers visit the same states; only the last step's judging differs.
+The model passed in is the one that samples: for GradSPO, the EMA copy of the trained model.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from diffusers import DDIMScheduler, UNet2DConditionModel
+from diffusers.utils.torch_utils import randn_tensor
+
+from spotune.diffusion.ddim import ddim_posterior, ddim_step_with_logprob, predict_x0_and_eps, previous_timestep
+from spotune.diffusion.sampler import SamplingResult, StepPairs, decode_latents, guided_noise_pred
+from spotune.preference.protocol import PreferenceModel
+from spotune.preference.select import select_pair
+
+
+@torch.no_grad()
+def gradspo_sample(
+    unet: UNet2DConditionModel,
+    vae,
+    scheduler: DDIMScheduler,
+    judge: PreferenceModel,
+    prompts: list[str],
+    prompt_embeds: torch.Tensor,
+    negative_embeds: torch.Tensor,
+    latents: torch.Tensor,
+    *,
+    num_inference_steps: int = 20,
+    eta: float = 1.0,
+    guidance_scale: float = 5.0,
+    divert_start_step: int = 4,
+    num_candidates: int = 4,
+    threshold: float = 0.3,
+    generator: torch.Generator | None = None,
+    decode_chunk_size: int = 8,
+    progress: Callable[[int], None] | None = None,
+) -> SamplingResult:
+    """Run GradSPO's step-wise sampling for one batch of prompts (see the module docstring).
+
+    Args:
+        unet, vae, scheduler: the sampling model (GradSPO: the EMA model, in eval mode) and its DDIM scheduler.
+        judge: ``score(images [B,3,H,W], prompts, timesteps [B]) -> [B]``.
+        prompts: b captions; prompt_embeds [b, L, D]; negative_embeds [1, L, D].
+        latents: [b, C, h, w] initial noise x_T (already scaled by ``init_noise_sigma``).
+        num_candidates: k (GradSPO SD1.5: 4). threshold: ``select_pair``'s, except at the last step.
+        generator: drives all noise and the choice of the continued candidate.
+    Returns:
+        A :class:`SamplingResult` whose pairs carry ``noise_delta`` [N, C, h, w] float32.
+    """
+    if not 0 <= divert_start_step < num_inference_steps:
+        raise ValueError(f"divert_start_step must be in [0, {num_inference_steps}), got {divert_start_step}")
+    if num_candidates < 2:
+        raise ValueError(f"num_candidates must be >= 2 to form pairs, got {num_candidates}")
+    b, k = latents.shape[0], num_candidates
+    if len(prompts) != b or prompt_embeds.shape[0] != b:
+        raise ValueError(f"{b} latents but {len(prompts)} prompts and {prompt_embeds.shape[0]} embeddings")
+    device = latents.device
+    scheduler.set_timesteps(num_inference_steps, device=device)
+    timesteps = scheduler.timesteps
+    x = latents
+    noise_pred: torch.Tensor | None = None  # guided output at (x, t_i), when already known
+    kept: list[StepPairs] = []
+    all_scores, all_valid, all_choices = [], [], []
+    judge_calls = unet_calls = 0
+    cand_embeds = prompt_embeds.repeat(k, 1, 1)  # [k*b, L, D], candidate-major: row j*b + p
+    cand_prompts = list(prompts) * k
+
+    for i, t in enumerate(timesteps):
+        t_batch = t.expand(b)
+        if noise_pred is None:
+            noise_pred = guided_noise_pred(unet, x, t_batch, prompt_embeds, negative_embeds, guidance_scale)
+            unet_calls += 1
+        if i < divert_start_step:
+            x, _ = ddim_step_with_logprob(scheduler, noise_pred, t_batch, x, eta, generator=generator)
+            noise_pred = None
+            if progress:
+                progress(1)
+            continue
+
+        # Branch: k candidates from the shared x_{t_i}, drawn as ddim_step_with_logprob draws them,
+        # but with the standard-normal z kept: the loss needs it.
+        mean, std = ddim_posterior(scheduler, noise_pred.repeat(k, 1, 1, 1), t.expand(k * b), x.repeat(k, 1, 1, 1), eta)
+        z = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)  # [k*b, C, h, w]
+        cands = (mean + std * z).to(x.dtype)
+        last = i == len(timesteps) - 1
+        if last:
+            # GradSPO judges the final images at the last step's own timestep and keeps every pair.
+            x0 = cands.float()
+            judge_t = t.expand(k * b).long()
+            cand_noise = None
+        else:
+            judge_t = previous_timestep(scheduler, t.expand(k * b))
+            cand_noise = guided_noise_pred(unet, cands, judge_t, cand_embeds, negative_embeds, guidance_scale)
+            unet_calls += 1
+            x0, _ = predict_x0_and_eps(scheduler, cand_noise, judge_t, cands)
+        images = decode_latents(vae, x0, decode_chunk_size)
+        scores = judge.score(images, cand_prompts, judge_t).float().view(k, b)  # [k, b]
+        judge_calls += 1
+        indices, valid = select_pair(scores, threshold)  # [2, b], [b]
+        if last:
+            valid = torch.ones_like(valid)
+
+        cands_kb = cands.view(k, b, *cands.shape[1:])  # [k, b, C, h, w]
+        z_kb = z.view(k, b, *z.shape[1:])
+        rows = torch.arange(b, device=device)
+        keep = valid.nonzero().squeeze(1)
+        if keep.numel():
+            best, worst = indices[0, keep], indices[1, keep]
+            kept.append(
+                StepPairs(
+                    latents=x[keep],
+                    win=cands_kb[best, keep],
+                    lose=cands_kb[worst, keep],
+                    timesteps=t_batch[keep].long(),
+                    prompt_embeds=prompt_embeds[keep],
+                    prompt_index=keep,
+                    step_index=torch.full_like(keep, i),
+                    noise_delta=(z_kb[best, keep] - z_kb[worst, keep]) / 2,
+                )
+            )
+        # Continue from a uniformly random candidate, and reuse its already computed UNet output.
+        choice = torch.randint(0, k, (b,), generator=generator, device=generator.device if generator else "cpu").to(device)
+        x = cands_kb[choice, rows]
+        noise_pred = None if cand_noise is None else cand_noise.view(k, b, *cand_noise.shape[1:])[choice, rows]
+        all_scores.append(scores)
+        all_valid.append(valid)
+        all_choices.append(choice)
+        if progress:
+            progress(1)
+
+    if kept:
+        pairs = StepPairs.cat(kept)
+    else:
+        empty = StepPairs.empty_like(x, prompt_embeds)
+        pairs = StepPairs(**{**empty.tensors(), "noise_delta": x[:0].float()})
+    return SamplingResult(
+        pairs=pairs,
+        final_latents=x,
+        scores=torch.stack(all_scores),
+        valid=torch.stack(all_valid),
+        choices=torch.stack(all_choices),
+        judge_calls=judge_calls,
+        unet_calls=unet_calls,
+    )

@@ -344,6 +344,7 @@ class SPOTrainer:
                 self.optimizer_step += 1
                 self._log_grad_norm(grad_norm)
                 norms.append(grad_norm)
+                self._after_optimizer_step()
         means = {k: v / micro for k, v in sums.items()}
         # The same on every process: gradients are synchronised before they are measured.
         means["grad_norm"], means["grad_norm_max"] = sum(norms) / len(norms), max(norms)
@@ -464,6 +465,7 @@ class SPOTrainer:
                 for rank, (tensors, meta) in enumerate(all_rng):
                     atomic_save_safetensors(tensors, tmp / f"rng_rank{rank}.safetensors")
                     atomic_write_json(tmp / f"rng_rank{rank}.json", meta)
+                self._save_extra_weights(tmp)
                 # state.json last: its presence marks the folder complete.
                 atomic_write_json(tmp / "state.json", self._state_dict())
             self._prune_checkpoints()
@@ -504,6 +506,10 @@ class SPOTrainer:
         state = read_state(checkpoint)
         if state["finetune"] != self.config.finetune:
             raise SpotuneError(f"{checkpoint}: checkpoint is finetune={state['finetune']}, config says {self.config.finetune}")
+        trained_with = (state.get("config") or {}).get("algorithm", "spo")
+        if trained_with != self.config.algorithm:
+            raise SpotuneError(f"{checkpoint}: checkpoint was trained with algorithm={trained_with}, config says "
+                               f"algorithm={self.config.algorithm}; set algorithm={trained_with} to resume it")
         kind, weights = load_weights(checkpoint)
         unet = acc.unwrap_model(self.unet)
         if kind == "lora":
@@ -533,7 +539,7 @@ class SPOTrainer:
         if not cfg.validation_prompts or not acc.is_main_process:
             acc.wait_for_everyone()
             return None
-        unet = acc.unwrap_model(self.unet)
+        unet = self._sampling_unet()
         unet.eval()
         prompts = [p for p in cfg.validation_prompts for _ in range(cfg.num_validation_images)]
         generator = torch.Generator(acc.device).manual_seed(cfg.seed)
@@ -554,7 +560,24 @@ class SPOTrainer:
     def cleanup(self) -> None:
         end_accelerator(self.accelerator)
 
+    # ============================================================================================
+    # what a variant of the recipe (recipes/train_gradspo.py) adds; nothing for SPO
+    # ============================================================================================
+    def _sampling_unet(self):
+        """The model that samples (validation images too): SPO samples with the model being trained."""
+        return self.accelerator.unwrap_model(self.unet)
+
+    def _after_optimizer_step(self) -> None:
+        """Called after every optimizer step."""
+
+    def _save_extra_weights(self, folder: Path) -> None:
+        """Write further weights into a checkpoint's temporary folder (main process, before state.json)."""
+
 
 def run_train_spo(config: TrainSPOConfig) -> dict[str, float]:
     """Set up, train and clean up; returns the final iteration's metrics."""
+    if config.algorithm == "gradspo":
+        from spotune.recipes.train_gradspo import GradSPOTrainer
+
+        return run_recipe(GradSPOTrainer(config))
     return run_recipe(SPOTrainer(config))

@@ -89,6 +89,13 @@ class TrainSPOConfig:
     validate_every_epochs: int = help_field("Render validation images every N epochs (0 disables).", 1)
     num_validation_images: int = help_field("Images per validation prompt.", 1)
     progress: bool = help_field("Show progress bars.", True)
+    # -- the algorithm -------------------------------------------------------------------------------
+    algorithm: Literal["spo", "gradspo"] = help_field(
+        "spo: SPO's loss on step log-densities, sampling with the trained model. gradspo: GradSPO (its official "
+        "code, JoshuaTTJ/GradSPO): sampling with an EMA copy of the trained model, and a loss on noise-prediction "
+        "targets built from the pair's noise offset (see README).", "spo")
+    ema_decay: float = help_field("gradspo: decay of the EMA model, updated after every optimizer step (GradSPO: 0.9).", 0.9)
+    grad_scale: float = help_field("gradspo: step s of the noise-prediction targets along the pair's noise offset (GradSPO: 0.5).", 0.5)
 
     def validate(self) -> None:
         """Cross-field checks, so a bad combination fails before any model is loaded."""
@@ -107,6 +114,12 @@ class TrainSPOConfig:
             (not (self.resume and self.overwrite), "resume and overwrite=true contradict each other"),
             (self.judge in ("spm", "pickscore", "tiny-clip", "tiny-spm"), f"judge must be spm, pickscore, tiny-clip or tiny-spm, got {self.judge!r}"),
             (self.max_grad_norm >= 0, f"max_grad_norm must be >= 0 (0 disables clipping), got {self.max_grad_norm}"),
+        ]
+        checks += [
+            (self.algorithm in ("spo", "gradspo"), f"algorithm must be spo or gradspo, got {self.algorithm!r}"),
+            (0.0 <= self.ema_decay <= 1.0, f"ema_decay must be in [0, 1], got {self.ema_decay}"),
+            (self.algorithm != "gradspo" or self.pairing == "step",
+             "algorithm=gradspo needs pairing=step (its noise offset exists only for candidates of one x_t)"),
         ]
         for ok, message in checks:
             if not ok:

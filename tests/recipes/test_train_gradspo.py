@@ -1,0 +1,113 @@
+"""`spotune train algorithm=gradspo` on tiny models: every LoRA weight trains, the EMA follows its rule and
+samples, checkpoints carry it, and a resumed run is bit-exact."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from spotune.checkpoint import list_checkpoints, read_state
+from spotune.cli import main
+
+CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny_cpu.yaml"
+FAST = [
+    "algorithm=gradspo", "num_inference_steps=8", "divert_start_step=4", "sample_batch_size=2", "train_batch_size=4",
+    "log_with=none", "progress=false", "validate_every_epochs=0",
+]
+
+
+def train(out: Path, *extra: str) -> int:
+    return main(["train", "--config", str(CONFIG), f"output_dir={out}", *FAST, *extra])
+
+
+def _initial_lora() -> dict[str, torch.Tensor]:
+    from spotune.models.lora import add_lora, lora_state_dict
+    from spotune.models.tiny import build_tiny_unet
+
+    unet = build_tiny_unet(seed=2)  # the seed builtin:tiny-sd15 uses for its UNet
+    torch.manual_seed(42)
+    add_lora(unet, rank=4, targets=["to_q", "to_k", "to_v", "to_out.0"])
+    return lora_state_dict(unet)
+
+
+def test_two_iterations_change_every_lora_parameter_and_keep_the_ema(tmp_path):
+    assert train(tmp_path / "run", "max_iterations=2") == 0
+    (ckpt,) = list_checkpoints(tmp_path / "run")
+    state = read_state(ckpt)
+    assert state["config"]["algorithm"] == "gradspo" and state["ema"] == {"file": "ema.safetensors", "decay": 0.9}
+    assert state["optimizer_step"] >= 2
+    trained = load_file(str(ckpt / "lora.safetensors"))
+    ema = load_file(str(ckpt / "ema.safetensors"))
+    initial = _initial_lora()
+    assert set(trained) == set(initial) == set(ema) and len(trained) > 0
+    unchanged = [k for k in trained if torch.equal(trained[k], initial[k])]
+    assert not unchanged, f"parameters that did not change: {unchanged[:5]}"
+    # the EMA lags the trained weights: moved from the start, not equal to the end
+    assert all(v.dtype == torch.float32 for v in ema.values())
+    assert any(not torch.equal(ema[k], initial[k]) for k in ema)
+    assert all(not torch.equal(ema[k], trained[k]) for k in ema if "lora_B" in k)
+
+
+def test_ema_follows_its_rule_after_every_optimizer_step_and_samples(tmp_path, monkeypatch):
+    from spotune.config import load_config
+    from spotune.models.lora import lora_state_dict
+    from spotune.recipes import train_gradspo
+    from spotune.recipes.train_gradspo import GradSPOTrainer
+    from spotune.recipes.train_spo_config import TrainSPOConfig
+
+    cfg = load_config(TrainSPOConfig, CONFIG, [f"output_dir={tmp_path / 'unit'}", *FAST, "train_batch_size=2", "ema_decay=0.75"])
+    trainer = GradSPOTrainer(cfg)
+    trainer.setup()
+    sampled_with = []
+    real_sample = train_gradspo.gradspo_sample
+    monkeypatch.setattr(train_gradspo, "gradspo_sample", lambda unet, *a, **k: sampled_with.append(unet) or real_sample(unet, *a, **k))
+    try:
+        expected = {k: v.clone() for k, v in lora_state_dict(trainer.ema_unet).items()}
+        original = trainer._after_optimizer_step
+
+        def step_and_track():
+            # ema_k = decay * ema_{k-1} + (1 - decay) * w_k, with w_k the weights after optimizer step k
+            for k, w in lora_state_dict(trainer.accelerator.unwrap_model(trainer.unet)).items():
+                expected[k] = 0.75 * expected[k] + 0.25 * w.detach()
+            original()
+
+        trainer._after_optimizer_step = step_and_track
+        pairs = trainer.sample(["a red circle on a white background", "a blue square on a black background"]).pairs
+        assert sampled_with == [trainer.ema_unet] and pairs.noise_delta is not None
+        trainer.train_on_pairs(pairs)
+        assert trainer.optimizer_step >= 2  # several steps, so the rule is checked more than once
+        ema = lora_state_dict(trainer.ema_unet)
+        for k in expected:
+            torch.testing.assert_close(ema[k], expected[k], rtol=1e-6, atol=1e-8)
+        assert trainer._sampling_unet() is trainer.ema_unet  # validation images come from the EMA too
+    finally:
+        trainer.cleanup()
+
+
+def test_resume_is_bit_exact_with_the_ema(tmp_path):
+    assert train(tmp_path / "straight", "max_iterations=4") == 0
+    assert train(tmp_path / "split", "max_iterations=2") == 0
+    assert train(tmp_path / "split", "max_iterations=4", "resume=latest") == 0
+    a = list_checkpoints(tmp_path / "straight")[-1]
+    b = list_checkpoints(tmp_path / "split")[-1]
+    assert a.name == b.name == "iter-00000004"
+    for name in ("lora.safetensors", "ema.safetensors", "optimizer.safetensors"):
+        wa, wb = load_file(str(a / name)), load_file(str(b / name))
+        assert set(wa) == set(wb) and all(torch.equal(wa[k], wb[k]) for k in wa), name
+    assert read_state(a)["optimizer_step"] == read_state(b)["optimizer_step"]
+
+
+def test_resume_with_the_other_algorithm_is_refused(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train(out, "max_iterations=1") == 0
+    assert main(["train", "--config", str(CONFIG), f"output_dir={out}", *FAST[1:], "max_iterations=2", "resume=latest"]) == 1
+    err = capsys.readouterr().err
+    assert "trained with algorithm=gradspo" in err and "set algorithm=gradspo" in err
+
+
+def test_gradspo_needs_step_pairs(capsys):
+    assert main(["train", "--config", str(CONFIG), "algorithm=gradspo", "pairing=trajectory"]) == 1
+    assert "algorithm=gradspo needs pairing=step" in capsys.readouterr().err

@@ -10,6 +10,7 @@ A run folder::
           lora.safetensors         finetune=lora: peft LoRA weights, diffusers module names
                                    (``down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight``)
           unet.safetensors         finetune=full: the whole UNet state dict
+          ema.safetensors          algorithm=gradspo: the EMA model's weights, same keys as the file above
           optimizer.safetensors    optimizer tensors (``state.<param index>.<name>``)
           optimizer.json           optimizer param groups and scalar state
           scheduler.json           learning-rate scheduler state
@@ -36,6 +37,8 @@ import torch
 from safetensors.torch import load_file
 
 CHECKPOINT_FORMAT = "spotune-checkpoint-v1"
+EMA_FILE = "ema.safetensors"
+WEIGHT_CHOICES = ("trained", "ema")
 _CKPT_RE = re.compile(r"^iter-(\d{8})$")
 
 
@@ -87,12 +90,26 @@ def read_state(checkpoint: str | Path) -> dict[str, Any]:
     return state
 
 
-def load_weights(checkpoint: str | Path) -> tuple[str, dict[str, torch.Tensor]]:
-    """Return ``("lora", peft state dict)`` or ``("full", unet state dict)`` of a checkpoint."""
+def load_weights(checkpoint: str | Path, weights: str = "trained") -> tuple[str, dict[str, torch.Tensor]]:
+    """Return ``("lora", peft state dict)`` or ``("full", unet state dict)`` of a checkpoint.
+
+    Args:
+        weights: "trained" (the optimised weights) or "ema" (a GradSPO run's EMA model, ``ema.safetensors``).
+    """
     checkpoint = Path(checkpoint)
     state = read_state(checkpoint)
     kind = state["finetune"]
+    if weights not in WEIGHT_CHOICES:
+        raise CheckpointError(f"weights must be one of {', '.join(WEIGHT_CHOICES)}, got {weights!r}")
     file = checkpoint / ("lora.safetensors" if kind == "lora" else "unet.safetensors")
+    if weights == "ema":
+        file = checkpoint / EMA_FILE
+        if not file.is_file():
+            trained_with = (state.get("config") or {}).get("algorithm", "spo")
+            raise CheckpointError(
+                f"{file} does not exist: only algorithm=gradspo runs keep EMA weights (this one is "
+                f"algorithm={trained_with}); use --weights trained"
+            )
     try:
         return kind, load_file(str(file))
     except Exception as exc:

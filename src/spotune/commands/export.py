@@ -1,7 +1,11 @@
 """``spotune export``: write a trained run as a LoRA for diffusers or webui, a merged pipeline, or one file.
 
     spotune export RUN_OR_CHECKPOINT --format diffusers|webui|merged|single-file --output PATH
-                   [--base-model SRC] [--dtype fp16|bf16|fp32] [--overwrite] [--config export.yaml]
+                   [--base-model SRC] [--dtype fp16|bf16|fp32] [--weights trained|ema] [--overwrite]
+                   [--config export.yaml]
+
+--weights ema writes the EMA weights a GradSPO run (algorithm=gradspo) samples with; the default,
+trained, writes the optimised weights, which is what GradSPO's official code releases.
 
 Flags override the optional YAML config (fields of :class:`spotune.export.ExportConfig`).
 """
@@ -24,6 +28,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--output", "-o", help="file or folder to write")
     parser.add_argument("--base-model", dest="base_model", help="base model to merge into (default: the run's)")
     parser.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], help="dtype of the written weights (default fp16)")
+    parser.add_argument("--weights", choices=["trained", "ema"],
+                        help="trained (default) or ema: the EMA weights of an algorithm=gradspo run")
     parser.add_argument("--overwrite", action="store_true", default=None, help="replace an existing output")
     parser.add_argument("--config", help="YAML file with ExportConfig fields (flags take precedence)")
     parser.set_defaults(func=run)
@@ -51,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
         base_model=config.base_model,
         dtype=config.dtype,
         overwrite=config.overwrite,
+        weights=config.weights,
     )
     print(f"wrote {config.format} export of {config.source} to {written}")
     return 0

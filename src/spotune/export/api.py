@@ -50,6 +50,11 @@ class ExportConfig:
     base_model: str | None = field(default=None, metadata={"help": "Base model to merge into; the one recorded in the checkpoint when unset."})
     dtype: Literal["fp16", "bf16", "fp32"] = field(default="fp16", metadata={"help": "Floating-point type of the written weights."})
     overwrite: bool = field(default=False, metadata={"help": "Replace an existing output instead of refusing."})
+    weights: Literal["trained", "ema"] = field(
+        default="trained",
+        metadata={"help": "trained: the optimised weights (what GradSPO's official code releases). ema: the EMA "
+                          "model a GradSPO run samples with (algorithm=gradspo runs only)."},
+    )
 
 
 # -- output staging -------------------------------------------------------------------------------
@@ -148,6 +153,7 @@ def export_checkpoint(
     base_model: str | None = None,
     dtype: str = "fp16",
     overwrite: bool = False,
+    weights: str = "trained",
 ) -> Path:
     """Export a spotune run/checkpoint (or convert a LoRA file) to ``format`` at ``output``.
 
@@ -158,6 +164,7 @@ def export_checkpoint(
         base_model: the model to merge into; defaults to ``base_model`` in the checkpoint's state.json.
         dtype: "fp16", "bf16" or "fp32" for the written weights.
         overwrite: replace an existing ``output``; without it an existing output is an error.
+        weights: "trained" or "ema" (the EMA weights of an ``algorithm=gradspo`` run).
     Returns:
         The path written.
     Raises:
@@ -181,7 +188,7 @@ def export_checkpoint(
     if base_model and Path(base_model).expanduser().exists():
         protected.append(Path(base_model).expanduser())
     check_output(output, overwrite, protected)
-    src = read_export_source(source)
+    src = read_export_source(source, weights)
     recorded_base = base_model or src.base_model
     if recorded_base and Path(recorded_base).expanduser().exists():
         check_output(output, overwrite, [Path(recorded_base).expanduser()])

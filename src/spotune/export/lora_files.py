@@ -230,12 +230,12 @@ def _from_diffusers(tensors: dict[str, torch.Tensor], metadata: dict[str, str], 
     return _finish(state, alphas, "diffusers", source)
 
 
-def _from_checkpoint(folder: Path) -> LoraWeights:
+def _from_checkpoint(folder: Path, which: str = "trained") -> LoraWeights:
     from spotune.checkpoint import load_weights, read_state, resolve_checkpoint
 
     checkpoint = resolve_checkpoint(folder)
     state = read_state(checkpoint)
-    kind, weights = load_weights(checkpoint)
+    kind, weights = load_weights(checkpoint, which)
     if kind != "lora":
         raise LoraFormatError(
             f"{checkpoint}: a full fine-tune checkpoint holds a whole UNet, not a LoRA "
@@ -247,7 +247,7 @@ def _from_checkpoint(folder: Path) -> LoraWeights:
     modules = {split_peft_key(k)[0] for k in weights if split_peft_key(k)}  # type: ignore[index]
     unknown = [k for k in weights if not split_peft_key(k)]
     if unknown:
-        raise LoraFormatError(f"{checkpoint}/lora.safetensors: key {unknown[0]} is not a peft LoRA weight")
+        raise LoraFormatError(f"{checkpoint}/{'ema' if which == 'ema' else 'lora'}.safetensors: key {unknown[0]} is not a peft LoRA weight")
     return _finish(weights, {m: alpha for m in modules}, "spotune", checkpoint)
 
 
@@ -259,12 +259,13 @@ def _detect(tensors: dict[str, torch.Tensor]) -> str | None:
     return None
 
 
-def load_lora_file(path: str | Path) -> LoraWeights:
+def load_lora_file(path: str | Path, weights: str = "trained") -> LoraWeights:
     """Read a UNet LoRA from any of the formats spotune knows.
 
     Args:
         path: a spotune run folder (latest checkpoint) or checkpoint folder; a diffusers LoRA folder
             (with ``pytorch_lora_weights.safetensors``) or file; a kohya/webui ``.safetensors``.
+        weights: for a run or checkpoint folder, "trained" or "ema" (a GradSPO run's EMA LoRA).
     Raises:
         LoraFormatError: naming the file and the first key that does not fit (text-encoder-only,
             original-layout/SDXL names, LyCORIS variants, corrupt files).
@@ -274,7 +275,7 @@ def load_lora_file(path: str | Path) -> LoraWeights:
         raise LoraFormatError(f"{path} does not exist (expected a LoRA .safetensors file, or a run/checkpoint folder)")
     if path.is_dir():
         if (path / "state.json").is_file() or (path / "checkpoints").is_dir():
-            return _from_checkpoint(path)
+            return _from_checkpoint(path, weights)
         if (path / DIFFUSERS_LORA_FILE).is_file():
             path = path / DIFFUSERS_LORA_FILE
         else:

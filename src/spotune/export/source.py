@@ -46,8 +46,12 @@ def _is_checkpoint_or_run(path: Path) -> bool:
     return path.is_dir() and ((path / "state.json").is_file() or (path / "checkpoints").is_dir())
 
 
-def read_export_source(source: str | Path) -> ExportSource:
+def read_export_source(source: str | Path, weights: str = "trained") -> ExportSource:
     """Read a run folder (its latest checkpoint), a checkpoint folder, or a LoRA file/folder.
+
+    Args:
+        weights: "trained" (default; what GradSPO's official code releases too) or "ema", the EMA
+            model that a GradSPO run keeps beside them.
 
     Raises:
         CheckpointError / LoraFormatError / ExportError: naming the path and what was expected.
@@ -56,6 +60,8 @@ def read_export_source(source: str | Path) -> ExportSource:
     if not path.exists():
         raise ExportError(f"{path} does not exist (expected a spotune run folder, a checkpoint folder, or a LoRA file)")
     if not _is_checkpoint_or_run(path):
+        if weights != "trained":
+            raise ExportError(f"{path}: --weights {weights} needs a spotune run or checkpoint folder, not a LoRA file")
         lora = load_lora_file(path)
         return ExportSource(
             path=lora.source,
@@ -81,8 +87,14 @@ def read_export_source(source: str | Path) -> ExportSource:
         f"SPO (Step-by-step Preference Optimization) fine-tune made with spotune: run {run_name}, "
         f"{checkpoint.name} (iteration {state.get('iteration')}), base model {model_name(base_model) or 'unknown'}"
     )
+    if config.get("algorithm") == "gradspo":
+        title = f"{title}-ema" if weights == "ema" else title
+        description = (
+            f"GradSPO fine-tune made with spotune ({'EMA' if weights == 'ema' else 'trained'} weights): run {run_name}, "
+            f"{checkpoint.name} (iteration {state.get('iteration')}), base model {base_model}"
+        )
     if state.get("finetune") == "full":
-        _, unet_state = load_weights(checkpoint)
+        _, unet_state = load_weights(checkpoint, weights)
         return ExportSource(checkpoint, "full", None, unet_state, base_model, title, description, resolution)
-    lora = load_lora_file(checkpoint)
+    lora = load_lora_file(checkpoint, weights)
     return ExportSource(checkpoint, "lora", lora, None, base_model, title, description, resolution)

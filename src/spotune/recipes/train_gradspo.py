@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from spotune.checkpoint import CheckpointError
+from spotune.checkpoint import EMA_FILE, CheckpointError
 from spotune.diffusion.ddim import predict_x0_and_eps
 from spotune.diffusion.gradspo_sampler import gradspo_sample
 from spotune.diffusion.sampler import SamplingResult, StepPairs, guided_noise_pred
@@ -41,8 +41,6 @@ from spotune.recipes.train_spo import SPOTrainer
 from spotune.utils.io import atomic_save_safetensors
 
 logger = logging.getLogger(__name__)
-
-EMA_FILE = "ema.safetensors"
 
 
 class GradSPOTrainer(SPOTrainer):

@@ -171,3 +171,40 @@ def test_shipping_an_spm_run_writes_fp16_weights_a_judge_loads_and_its_record(de
     assert scores.shape == (2,) and torch.isfinite(scores).all()
     with pytest.raises(SpotuneError, match="already holds"):
         ship_spm(run, pairs, out)
+
+
+def test_methods_chooses_the_fine_tunings_and_gradspo_joins_the_report(tmp_path):
+    """methods=[gradspo]: GradSPO trained with the demo's YAML, seeds and budget, and reported like SPO."""
+    from spotune.config import load_config
+    from spotune.toyworld.demo import DemoConfig, run_demo
+
+    spo = _shrunken_yaml(RESOURCES / "configs" / "toyworld_spo.yaml", tmp_path / "spo.yaml",
+                         {"num_inference_steps": 3, "divert_start_step": 1, "sample_batch_size": 2, "train_batch_size": 4})
+    out = tmp_path / "out"
+    config = load_config(DemoConfig, None, [
+        f"output={out}", f"cache_dir={tmp_path / 'cache'}", "spo_iterations=1", "methods=[gradspo]",
+        "eval_seeds_per_prompt=1", "eval_inference_steps=2", "progress=false", f"spo_config={spo}",
+    ])
+    report = run_demo(config)
+    assert list(report["models"]) == ["base", "GradSPO"] and report["headline_model"] == "GradSPO"
+    assert set(report["stages"]) == {"gradspo", "evaluation"} and set(report["comparisons"]) == {"GradSPO"}
+    stage = json.loads((Path(report["stages"]["gradspo"]["folder"]) / "stage.json").read_text())
+    assert stage["payload"]["config"]["algorithm"] == "gradspo"
+    assert (out / "gradspo_lora.safetensors").is_file() and "GradSPO" in (out / "report.html").read_text()
+
+
+def test_spo_stage_keys_leave_out_the_gradspo_settings(tmp_path, monkeypatch):
+    """Caches made before GradSPO existed stay valid: spo/trajectory stage keys do not see its settings."""
+    from spotune.config import load_config
+    from spotune.toyworld import demo as demo_mod
+
+    seen = {}
+    monkeypatch.setattr(demo_mod.Demo, "_stage", lambda self, name, payload, build: seen.setdefault(name, payload))
+    d = demo_mod.Demo(load_config(demo_mod.DemoConfig, None, [f"cache_dir={tmp_path}"]))
+    for method in ("spo", "trajectory", "gradspo"):
+        d.spo_stage(method, "base", tmp_path, "clip", tmp_path / "spm", "spm", method)
+    for method in ("spo", "trajectory"):
+        assert not {"algorithm", "ema_decay", "grad_scale"} & set(seen[method]["config"]), method
+    assert seen["trajectory"]["config"]["pairing"] == "trajectory"
+    assert {k: seen["gradspo"]["config"][k] for k in ("algorithm", "ema_decay", "grad_scale")} == {
+        "algorithm": "gradspo", "ema_decay": 0.9, "grad_scale": 0.5}

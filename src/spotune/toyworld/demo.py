@@ -20,7 +20,12 @@ rebuilds exactly what depends on it:
 4. **spo**: SPO fine-tuning (LoRA) with ``spotune train``'s recipe, judged by that SPM;
 5. **trajectory**: the same recipe, data, judge and budget with ``pairing=trajectory`` (the
    Diffusion-DPO-style baseline SPO argues against), when the recipe offers it;
-6. **evaluation**: base vs each fine-tuned model on the held-out prompts with the same seeds.
+6. **gradspo**: the same again with ``algorithm=gradspo`` (GradSPO: EMA sampling model, loss on
+   noise-prediction targets), evaluated with its trained LoRA, the one GradSPO's official code releases;
+7. **evaluation**: base vs each fine-tuned model on the held-out prompts with the same seeds.
+
+``methods`` chooses which of stages 4-6 run (default ``[spo, trajectory]``, which keeps the demo's time);
+the report shows every one that ran side by side.
 
 The report (``report.json``, ``report.html``, ``grid.png``, ``plots/``, the trained LoRA) goes to the
 output folder, which must be new or empty unless ``overwrite`` is set.
@@ -51,6 +56,14 @@ logger = logging.getLogger(__name__)
 
 CACHE_ENV = "SPOTUNE_CACHE"
 DEMO_FORMAT = 1  # bump when a stage's outputs change meaning, so old caches are not reused
+# The fine-tuning methods the demo can compare: name -> (model name in the report, train overrides).
+METHODS: dict[str, tuple[str, dict[str, Any]]] = {
+    "spo": ("SPO", {}),
+    "trajectory": ("trajectory DPO", {"pairing": "trajectory"}),
+    "gradspo": ("GradSPO", {"algorithm": "gradspo"}),
+}
+# Train keys that only GradSPO reads: left out of the spo/trajectory stage keys, so their caches stay valid.
+_GRADSPO_KEYS = ("algorithm", "ema_decay", "grad_scale")
 
 
 class DemoError(SpotuneError, RuntimeError):
@@ -58,6 +71,8 @@ class DemoError(SpotuneError, RuntimeError):
 
 
 def _help(text: str, default):
+    if isinstance(default, list):  # a fresh list per config
+        return field(default_factory=lambda: list(default), metadata={"help": text})
     return field(default=default, metadata={"help": text})
 
 
@@ -96,7 +111,11 @@ class DemoConfig:
     pickscore_steps: int = _help("spm=train: optimizer steps of the pickscore stage (batch 32).", 600)
     spm_steps: int | None = _help("SPM optimizer steps; the spm YAML's max_steps when unset.", None)
     spo_iterations: int | None = _help("SPO iterations; the spo YAML's max_iterations when unset.", None)
-    trajectory_baseline: bool = _help("Also train the trajectory-level (Diffusion-DPO-style) baseline.", True)
+    methods: list[str] = _help(
+        "Fine-tuning methods to run and compare, any of spo, trajectory (the Diffusion-DPO-style baseline) and "
+        "gradspo (GradSPO), e.g. methods=[spo,gradspo]; each adds one training stage of the same budget.",
+        ["spo", "trajectory"])
+    trajectory_baseline: bool = _help("false drops trajectory from methods (the older way to skip the baseline).", True)
     # -- evaluation --
     eval_seeds_per_prompt: int = _help("Same-seed images per held-out prompt and model.", 8)
     eval_inference_steps: int = _help("DDIM steps of the evaluation images (eta 0, CFG 5).", 20)
@@ -111,6 +130,9 @@ class DemoConfig:
             (self.spm_steps is None or self.spm_steps >= 1, "spm_steps must be >= 1"),
             (self.spo_iterations is None or self.spo_iterations >= 1, "spo_iterations must be >= 1"),
             (self.grid_columns >= 1, "grid_columns must be >= 1"),
+            (len(self.methods) >= 1 and all(m in METHODS for m in self.methods) and len(set(self.methods)) == len(self.methods),
+             f"methods must be distinct names among {', '.join(METHODS)} (e.g. methods=[spo,gradspo]), got {self.methods}"),
+            (self.trajectory_baseline or self.methods != ["trajectory"], "trajectory_baseline=false leaves no method to run"),
         ]
         for ok, message in checks:
             if not ok:
@@ -304,7 +326,8 @@ class Demo:
         return self._stage("spm", payload, build)
 
     def spo_stage(self, name: str, base_key: str, judge_clip: Path, judge_key: str, spm_path: Path, spm_key: str,
-                  pairing: str) -> StageRecord:
+                  method: str) -> StageRecord:
+        """Fine-tune with ``spotune train``'s recipe: ``method`` is a key of :data:`METHODS`."""
         from spotune.recipes.train_spo import run_train_spo
         from spotune.recipes.train_spo_config import TrainSPOConfig
         from spotune.toyworld.world import prompt_split
@@ -315,13 +338,14 @@ class Demo:
             "judge": "spm", "judge_clip_path": str(judge_clip), "judge_checkpoint": str(spm_path),
             "seed": cfg.seed, "progress": cfg.progress,
         }
-        if pairing != "step":
-            overrides["pairing"] = pairing
+        overrides.update(METHODS[method][1])
         if cfg.spo_iterations is not None:
             overrides["max_iterations"] = cfg.spo_iterations
         template = _recipe_config(TrainSPOConfig, self.spo_yaml, {**overrides, "output_dir": "-"})
+        skipped = ("output_dir", "pretrained_model", "prompts", "judge_clip_path", "judge_checkpoint", "progress")
+        skipped += () if method == "gradspo" else _GRADSPO_KEYS
         payload = {"base": base_key, "judge_clip": judge_key, "spm": spm_key, "train_prompts": [p.caption for p in prompt_split()[0]],
-                   "config": {k: v for k, v in config_to_dict(template).items() if k not in ("output_dir", "pretrained_model", "prompts", "judge_clip_path", "judge_checkpoint", "progress")}}
+                   "config": {k: v for k, v in config_to_dict(template).items() if k not in skipped}}
 
         def build(folder: Path) -> dict[str, Any]:
             prompts = folder / "train_prompts.txt"
@@ -367,17 +391,16 @@ class Demo:
             ps_info = self.pickscore_dir / "pickscore.json"
             pickscore_record = json.loads(ps_info.read_text()) if ps_info.is_file() else {}
             print(f"\n== spm: the shipped step-aware preference model ({self.shipped_spm})", flush=True)
-        spo = self.spo_stage("spo", base_key, judge_clip, judge_key, spm_path, spm_key, "step")
-        trajectory = None
-        if self.cfg.trajectory_baseline:
-            if trajectory_pairing_available():
-                trajectory = self.spo_stage("trajectory", base_key, judge_clip, judge_key, spm_path, spm_key, "trajectory")
-            else:
+        runs: dict[str, StageRecord] = {}  # report name -> stage, in the order of METHODS
+        for method in self.methods():
+            if method == "trajectory" and not trajectory_pairing_available():
                 print("\n== trajectory: skipped (this version of the SPO recipe has no pairing=trajectory) ==")
+                continue
+            runs[METHODS[method][0]] = self.spo_stage(method, base_key, judge_clip, judge_key, spm_path, spm_key, method)
 
         print("\n== evaluation ==", flush=True)
         t0 = time.perf_counter()
-        results = self.evaluate(judge_clip, spm_path, spo, trajectory)
+        results = self.evaluate(judge_clip, spm_path, runs)
         eval_seconds = time.perf_counter() - t0
         print(f"== evaluation: done ({eval_seconds:.0f} s)", flush=True)
 
@@ -394,7 +417,7 @@ class Demo:
         )
         self.out.mkdir(parents=True, exist_ok=True)
         report_mod.write_figures(self.out, report, results,
-                                 spo_runs={"SPO": spo.folder / "run", **({"trajectory DPO": trajectory.folder / "run"} if trajectory else {})},
+                                 spo_runs={name: record.folder / "run" for name, record in runs.items()},
                                  grid_columns=self.cfg.grid_columns)
         report_mod.set_total_time(report, time.perf_counter() - t_start)
         report_mod.write_html(self.out, report)
@@ -403,7 +426,13 @@ class Demo:
         print(f"\nreport: {self.out / 'report.html'}  ({report['seconds_total']:.0f} s in all)", flush=True)
         return report
 
-    def evaluate(self, judge_clip: Path, spm_path: Path, spo: StageRecord, trajectory: StageRecord | None):
+    def methods(self) -> list[str]:
+        """The methods to run, in the order of :data:`METHODS` (so the report's columns do not depend on typing order)."""
+        chosen = set(self.cfg.methods) - (set() if self.cfg.trajectory_baseline else {"trajectory"})
+        return [m for m in METHODS if m in chosen]
+
+    def evaluate(self, judge_clip: Path, spm_path: Path, runs: dict[str, StageRecord]):
+        """Base and every fine-tuned model (its trained LoRA) on the held-out prompts, same seeds."""
         from spotune.models import load_pipeline
         from spotune.preference.factory import build_judge
         from spotune.toyworld.evaluate import EvaluationSet, evaluate_model, unet_with_lora
@@ -416,9 +445,7 @@ class Demo:
         evalset = EvaluationSet(captions, seeds, num_inference_steps=cfg.eval_inference_steps)
         pipe = load_pipeline(str(self.base_dir))
         judge = build_judge("spm", clip_path=str(judge_clip), checkpoint=str(spm_path))
-        models = [("base", pipe.unet), ("SPO", unet_with_lora(pipe.unet, spo.folder / "run"))]
-        if trajectory is not None:
-            models.append(("trajectory DPO", unet_with_lora(pipe.unet, trajectory.folder / "run")))
+        models = [("base", pipe.unet)] + [(name, unet_with_lora(pipe.unet, record.folder / "run")) for name, record in runs.items()]
         results = []
         for name, unet in models:
             result = evaluate_model(name, unet, pipe, judge, evalset)

@@ -31,7 +31,8 @@ def build_report(
     settings: dict[str, Any],
     seconds_total: float,
 ) -> dict[str, Any]:
-    """Everything ``report.json`` holds. ``results[0]`` is the base model, ``results[1]`` SPO."""
+    """Everything ``report.json`` holds. ``results[0]`` is the base model; ``results[1]`` (SPO when it ran)
+    gives the headline ``*_spo`` numbers and ``headline_model`` names it; every model is in ``models``."""
     base, spo = results[0], results[1]
     models = {r.name: r.summary() for r in results}
     comparisons = {r.name: compare(r, base).to_dict() for r in results[1:]}
@@ -45,6 +46,7 @@ def build_report(
         "aesthetic_spo": models[spo.name]["aesthetic"],
         "preference_score_base": models[base.name]["preference_score"],
         "preference_score_spo": models[spo.name]["preference_score"],
+        "headline_model": spo.name,
         "seconds_total": seconds_total,
         "num_eval_images": len(base.scores.cleanliness),
         "aesthetic_metric": "background cleanliness: 1 - mean over background pixels of min(1, distance to the "
@@ -82,7 +84,7 @@ def _pct(value: float | None) -> str:
 def table_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the results table (shared by the terminal and the HTML)."""
     header = ["model", "aesthetic (mean)", "aesthetic win rate vs base", "alignment", "preference score", "subject size", "training time"]
-    stage_of = {"SPO": "spo", "trajectory DPO": "trajectory"}
+    stage_of = {"SPO": "spo", "trajectory DPO": "trajectory", "GradSPO": "gradspo"}
     rows = []
     for name, m in report["models"].items():
         cmp = report["comparisons"].get(name)
@@ -221,7 +223,7 @@ def write_plots(out: Path, report: dict[str, Any], spo_runs: dict[str, Path]) ->
         written.append("plots/spm.png")
     runs = {name: read_scalars(run) for name, run in spo_runs.items()}
     panels = []
-    for tag, title in (("loss", "SPO loss"), ("score_mean", "judge score of final candidates"), ("pairs", "decisive pairs per iteration")):
+    for tag, title in (("loss", "training loss (each method its own)"), ("score_mean", "judge score of final candidates"), ("pairs", "decisive pairs per iteration")):
         series = {name: scalars.get(tag, []) for name, scalars in runs.items()}
         panels.append((title, series, "iteration"))
     if plot_curves(out / "plots" / "spo.png", panels):
@@ -232,6 +234,10 @@ def write_plots(out: Path, report: dict[str, Any], spo_runs: dict[str, Path]) ->
 # ================================================================================================
 # files
 # ================================================================================================
+def _described(name: str) -> str:
+    return {"SPO": "SPO fine-tuning", "trajectory DPO": "the trajectory-level baseline", "GradSPO": "GradSPO"}.get(name, name)
+
+
 def write_html(out: Path, report: dict[str, Any]) -> None:
     """``out/report.html``: the table, targets, grid, SPM accuracy, training curves and stage times."""
     plots = report.get("plots", [])
@@ -256,7 +262,7 @@ def write_html(out: Path, report: dict[str, Any]) -> None:
 table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}}
 img{{max-width:100%;image-rendering:pixelated}}code{{background:#f4f4f4}}</style></head><body>
 <h1>spotune demo: SPO in the miniature world</h1>
-<p>Base model vs SPO fine-tuning{' vs the trajectory-level baseline' if len(report['models']) > 2 else ''} on
+<p>Base model vs {esc(' vs '.join(_described(n) for n in list(report['models'])[1:]))} on
 {len(set(report.get('eval_prompts', []))) or 'the'} held-out prompts, {report['num_eval_images']} images per model, the same seeds
 for every model. Aesthetic: {esc(report['aesthetic_metric'])}. Alignment: {esc(report['alignment_metric'])}.</p>
 <h2>Results</h2>{table}

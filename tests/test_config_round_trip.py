@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Each shipped config, the command's config class, and the keys its "Run:" line adds on the command line.
 SHIPPED = {
     "sd15_spo.yaml": (TrainSPOConfig, []),
+    "sd15_gradspo.yaml": (TrainSPOConfig, []),
     "tiny_cpu.yaml": (TrainSPOConfig, []),
     "toyworld_spo.yaml": (TrainSPOConfig, []),
     "sd15_spm.yaml": (TrainSPMConfig, ["clip_path=PATH", "processor_path=PATH", "train_data=PATH"]),

@@ -16,12 +16,12 @@ def test_sd15_gradspo_is_the_official_recipe():
     assert (cfg.lora_rank, cfg.lora_alpha, cfg.lora_init, cfg.lora_targets) == (4, 4.0, "gaussian", ["to_q", "to_k", "to_v", "to_out.0"])
     assert (cfg.learning_rate, cfg.adam_weight_decay, cfg.adam_epsilon, cfg.max_grad_norm) == (6e-5, 1e-4, 1e-8, 0.0)
     assert (cfg.sample_batch_size, cfg.train_batch_size, cfg.gradient_accumulation_steps) == (10, 10, 1)
-    assert (cfg.num_epochs, cfg.seed, cfg.mixed_precision, cfg.judge) == (10, 42, "fp16", "spm")
+    assert (cfg.num_epochs, cfg.seed, cfg.mixed_precision, cfg.judge, cfg.judge_dtype) == (10, 42, "fp16", "spm", "fp32")
 
 
 def test_differs_from_sd15_spo_only_where_gradspo_does():
     spo = config_to_dict(load_config(TrainSPOConfig, ROOT / "sd15_spo.yaml"))
     grad = config_to_dict(load_config(TrainSPOConfig, ROOT / "sd15_gradspo.yaml"))
     differ = {k for k in spo if spo[k] != grad[k]}
-    assert differ <= {"output_dir", "validation_prompts", "algorithm", "max_grad_norm"}, differ
+    assert differ <= {"output_dir", "validation_prompts", "algorithm"}, differ
     assert spo["algorithm"] == "spo"  # the default

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from spotune.toyworld.demo import DemoError, resource_dir
@@ -64,6 +65,16 @@ def test_demo_writes_every_artifact_and_a_well_formed_report(demo_run):
     assert report["preference_data"]["train_pairs"] == 8 and "trained in this run" in report["spm_accuracy"]["source"]
     html = (out / "report.html").read_text()
     assert 'src="grid.png"' in html and 'src="plots/spm.png"' in html and "aesthetic win rate" in html
+    # The LoRA beside the report is the webui/kohya file, with the run's weights exactly.
+    from spotune.export.lora_files import load_lora_file
+    from spotune.export.source import read_export_source
+
+    shipped = load_lora_file(out / "spo_lora.safetensors")
+    assert shipped.source_format == "webui" and report["loras"]["SPO"] == "spo_lora.safetensors"
+    trained = read_export_source(Path(report["stages"]["spo"]["folder"]) / "run").lora
+    assert sorted(shipped.state_dict) == sorted(trained.state_dict)
+    for key, value in trained.state_dict.items():
+        torch.testing.assert_close(shipped.state_dict[key].float(), value.float().half().float(), rtol=0, atol=0)
 
 
 def test_grid_has_a_row_per_model_and_a_column_per_shown_prompt(demo_run):

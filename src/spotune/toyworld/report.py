@@ -5,7 +5,6 @@ from __future__ import annotations
 import html
 import io
 import math
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -283,15 +282,31 @@ by the timestep of the noisy view:</p>{acc_html}
 
 def write_figures(out: Path, report: dict[str, Any], results: list[ModelResult],
                   spo_runs: dict[str, Path], grid_columns: int) -> None:
-    """grid.png, plots/ and the trained LoRA files into ``out``; the plots' paths go to ``report["plots"]``."""
+    """grid.png, plots/ and the trained LoRAs as webui/kohya files into ``out``; plot paths go to ``report["plots"]``."""
     per_prompt = int(report["settings"].get("eval_seeds_per_prompt", 1))
     _save_png(image_grid(results, grid_columns, per_prompt), out / "grid.png")
     report["plots"] = write_plots(out, report, spo_runs)
-    from spotune.checkpoint import resolve_checkpoint
+    report["loras"] = write_webui_loras(out, spo_runs)
 
-    for name, run in spo_runs.items():
-        lora = resolve_checkpoint(run) / "lora.safetensors"
-        if lora.is_file():
-            target = out / f"{name.split()[0].lower()}_lora.safetensors"
-            with atomic_path(target) as tmp:
-                shutil.copyfile(lora, tmp)
+
+def write_webui_loras(out: Path, runs: dict[str, Path]) -> dict[str, str]:
+    """Each run's final LoRA as ``<method>_lora.safetensors``, the file webui, ComfyUI and kohya load.
+
+    Returns:
+        report name -> file name, for the runs that trained a LoRA.
+    """
+    from spotune.export.lora_files import webui_lora_file
+    from spotune.export.source import read_export_source
+    from spotune.utils.io import atomic_save_safetensors
+
+    written: dict[str, str] = {}
+    for name, run in runs.items():
+        source = read_export_source(run)
+        if source.lora is None:
+            continue
+        tensors, metadata = webui_lora_file(source.lora, title=f"spotune demo {name}", description=source.description,
+                                            resolution=source.resolution, base_model=source.base_model)
+        target = out / f"{name.split()[0].lower()}_lora.safetensors"
+        atomic_save_safetensors(tensors, target, metadata)
+        written[name] = target.name
+    return written

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import csv
+import hashlib
+import os
 import shutil
+import stat
 
 import pytest
 import yaml
@@ -80,6 +83,46 @@ def test_eval_refuses_bad_inputs(evaluated, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert main(["generate", "--out", str(root / "g")]) == 1
     assert "'model' is required" in capsys.readouterr().err
+
+
+def _checksums(root):
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_overwrite_never_deletes_the_images_it_evaluates(evaluated, capsys):
+    root, gens, report = evaluated
+    before = _checksums(gens)
+    for out in (gens, gens.parent, gens / "base"):  # the image folder, a folder holding it, a model folder in it
+        assert main(["eval", "--images", str(gens), "--out", str(out), "overwrite=true", *TINY_SCORERS]) == 1
+        err = capsys.readouterr().err
+        assert "would delete those images" in err and str(gens) in err and len(err.strip().splitlines()) == 1
+    assert _checksums(gens) == before
+
+
+def test_overwrite_replaces_a_report_but_not_a_users_folder(evaluated, tmp_path, capsys):
+    root, gens, report = evaluated
+    mine = tmp_path / "mine"
+    (mine / "plots").mkdir(parents=True)
+    (mine / "plots" / "a.png").write_bytes(b"a report-like name")  # recognised names ...
+    (mine / "thesis.tex").write_text("years of work")  # ... and one that is not spotune's
+    before = _checksums(mine)
+    assert main(["eval", "--images", str(gens), "--out", str(mine), "overwrite=true", *TINY_SCORERS]) == 1
+    err = capsys.readouterr().err
+    assert "would delete" in err and str(mine / "thesis.tex") in err and "a.png" not in err
+    assert _checksums(mine) == before
+
+    out = tmp_path / "report"
+    shutil.copytree(report, out)  # an earlier spotune report (with its marker)
+    (out / "scores.csv").write_text("stale")
+    old = os.umask(0o022)
+    try:
+        assert main(["eval", "--images", str(gens), "--out", str(out), "overwrite=true", *TINY_SCORERS]) == 0
+    finally:
+        os.umask(old)
+    assert len(rows(out / "scores.csv")) == 8
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "report"]  # no temporary or old copy left
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755 and stat.S_IMODE((out / "report.html").stat().st_mode) == 0o644
+    assert stat.S_IMODE((out / "plots").stat().st_mode) == 0o755
 
 
 def test_plain_png_folders_pair_through_their_parameters(evaluated, tmp_path):

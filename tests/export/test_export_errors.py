@@ -91,17 +91,16 @@ def test_existing_output_is_refused_and_kept(lora_run, tmp_path, fmt, name):
     assert _snapshot(tmp_path) == before  # nothing replaced, no temporary left behind
 
 
-def test_overwrite_replaces_file_and_folder(lora_run, tmp_path):
+def test_overwrite_replaces_earlier_exports_only(lora_run, tmp_path):
     file = tmp_path / "x.safetensors"
-    file.write_bytes(b"old")
+    export_checkpoint(lora_run.run, "webui", file, dtype="fp32")
     export_checkpoint(lora_run.run, "webui", file, overwrite=True)
-    assert load_lora_file(file).rank == 4
+    assert load_lora_file(file).rank == 4 and next(iter(load_lora_file(file).state_dict.values())).dtype == torch.float16
     folder = tmp_path / "d"
-    folder.mkdir()
-    (folder / "stale.txt").write_text("old")
+    export_checkpoint(lora_run.run, "diffusers", folder)
     export_checkpoint(lora_run.run, "diffusers", folder, overwrite=True)
     assert sorted(p.name for p in folder.iterdir()) == ["pytorch_lora_weights.safetensors"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "x.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "x.safetensors"]  # no temporary left
 
 
 def test_output_may_not_replace_the_source(lora_run):

@@ -12,7 +12,6 @@ import gc
 import logging
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +21,8 @@ from spotune.errors import SpotuneError
 from spotune.eval.config import EvalConfig
 from spotune.eval.records import ImageItem, collect_images
 from spotune.eval.tables import EvalTables, build_tables
+from spotune.utils.io import apply_umask_modes, aside_name, make_temp_dir, remove_stale_temporaries
+from spotune.utils.outputs import describe_entries, foreign_entries, write_output_marker
 
 logger = logging.getLogger(__name__)
 
@@ -58,11 +59,35 @@ def score_images(scorer, items: list[ImageItem], batch_size: int) -> list[float]
     return scores
 
 
-def check_output(out: Path, overwrite: bool) -> None:
+# What a report folder holds (write_report), for reports written before the output marker existed.
+REPORT_LAYOUT = frozenset({
+    "report.html", "report.md", "scores.csv", "summary.csv", "win_rates.csv", "summary.json", "plots", "thumbs",
+})
+
+
+def check_output(out: Path, overwrite: bool, image_folders: list[Path] = ()) -> None:
+    """Refuse an output that is, holds or lies in a folder being evaluated; a non-empty one without ``overwrite``;
+    and, with it, one holding anything spotune did not write there (listed in the message)."""
+    resolved = out.resolve()
+    for folder in image_folders:
+        folder = Path(folder).expanduser().resolve()
+        if resolved == folder or resolved in folder.parents or folder in resolved.parents:
+            # Replacing the report would delete images; a report among them would be read as images.
+            raise EvalError(
+                f"output_dir {out} is, holds or lies inside the image folder {folder} being evaluated; writing the "
+                "report there would delete those images or mix with them. Choose another output_dir"
+            )
     if out.exists() and not out.is_dir():
         raise EvalError(f"output_dir {out} exists and is not a folder")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise EvalError(f"output_dir {out} already exists and is not empty; choose another or set overwrite=true")
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise EvalError(f"output_dir {out} already exists and is not empty; choose another or set overwrite=true")
+        names = foreign_entries(out, REPORT_LAYOUT)
+        if names:
+            raise EvalError(
+                f"output_dir {out} is not an earlier spotune report: overwrite=true would delete "
+                f"{describe_entries(out, names)}. Move them or choose another output_dir"
+            )
 
 
 def run_eval(config: EvalConfig) -> EvalResult:
@@ -72,21 +97,24 @@ def run_eval(config: EvalConfig) -> EvalResult:
 
     config.validate()
     out = Path(config.output_dir).expanduser()
-    check_output(out, config.overwrite)
+    folders = [Path(f).expanduser() for f in config.images]
+    gen_config = None
+    if config.generate_config:
+        from spotune.config import load_config
+        from spotune.generation import GenerateConfig
+
+        gen_config = load_config(GenerateConfig, config.generate_config)
+        folders.append(Path(gen_config.output_dir).expanduser())
+    check_output(out, config.overwrite, folders)
     problems = [msg for name in config.scorers for msg in missing_weights(name, **config.scorer_kwargs(name))]
     if problems:
         raise EvalError("missing scorer weights (nothing was scored):\n  " + "\n  ".join(problems))
 
-    folders = list(config.images)
-    if config.generate_config:
-        from spotune.config import load_config
-        from spotune.generation import GenerateConfig, run_generate
+    if gen_config is not None:
+        from spotune.generation import run_generate
 
-        gen_config = load_config(GenerateConfig, config.generate_config)
         run_generate(gen_config)
-        if gen_config.output_dir not in folders:
-            folders.append(gen_config.output_dir)
-    items = collect_images(folders)
+    items = collect_images(list(dict.fromkeys(folders)))
 
     scores: dict[str, dict[str, list[float]]] = {}
     for name in config.scorers:
@@ -99,12 +127,20 @@ def run_eval(config: EvalConfig) -> EvalResult:
     tables = build_tables(items, scores, config.baseline)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    remove_stale_temporaries(out.parent)
+    staging = make_temp_dir(out)
     try:
         write_report(tables, staging, config.title, config.report_images)
+        write_output_marker(staging, "eval-report")  # lets a later overwrite=true know this folder is ours
+        apply_umask_modes(staging)
         if out.exists():
-            shutil.rmtree(out)  # checked above: empty, or overwrite was asked for
-        os.replace(staging, out)
+            check_output(out, config.overwrite, folders)  # again: the folder may have changed meanwhile
+            old = aside_name(out)
+            os.replace(out, old)  # the old report stays whole until the new one has its name
+            os.replace(staging, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

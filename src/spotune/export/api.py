@@ -11,7 +11,8 @@ Formats:
 * ``single-file`` one original-layout SD1.5 ``.safetensors`` of the merged model (webui checkpoints).
 
 Every output is staged beside its final path and renamed into place, so a crash leaves either the
-old content or the new, never half of it; an existing output is replaced only with ``overwrite``.
+old content or the new, never half of it; an existing output is replaced only with ``overwrite``, and
+only when spotune wrote it (a safetensors file, a diffusers LoRA folder, a folder with its output marker).
 """
 
 from __future__ import annotations
@@ -19,8 +20,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import tempfile
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Literal
@@ -31,10 +30,14 @@ from spotune.export.lora_files import DIFFUSERS_LORA_FILE, diffusers_lora_file, 
 from spotune.export.metadata import single_file_metadata
 from spotune.export.pipeline_folder import make_folder_loadable_everywhere
 from spotune.export.source import ExportError, ExportSource, read_export_source
+from spotune.utils.io import apply_umask_modes, aside_name, make_temp_dir, make_temp_file
+from spotune.utils.outputs import describe_entries, foreign_entries, is_safetensors_file, write_output_marker
 
 EXPORT_FORMATS = ("diffusers", "webui", "merged", "single-file")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 _LORA_ONLY = ("diffusers", "webui")
+# What a diffusers LoRA folder holds; any other folder is replaced only when its marker vouches for it.
+_DIFFUSERS_FOLDER_LAYOUT = frozenset({DIFFUSERS_LORA_FILE})
 
 
 @dataclass
@@ -74,8 +77,38 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def check_output(output: Path, overwrite: bool, protected: list[Path]) -> None:
-    """Refuse an existing output without ``overwrite``, and any output that would replace ``protected``."""
+def check_replaceable(output: Path, folder: bool) -> None:
+    """Refuse to replace ``output`` unless spotune wrote it: a safetensors file where a file goes, a
+    diffusers LoRA folder or a folder with spotune's output marker where a folder goes.
+
+    Raises:
+        ExportError: naming what would be deleted.
+    """
+    if output.is_symlink() or not output.exists():
+        return  # replacing a link deletes nothing it points to
+    if not folder:
+        if output.is_dir():
+            names = foreign_entries(output)
+            raise ExportError(
+                f"output {output} is a folder, and this format writes one file: refusing to delete the folder "
+                f"({describe_entries(output, names) or 'empty'}); choose another output"
+            )
+        if not is_safetensors_file(output):
+            raise ExportError(f"output {output} is not a safetensors file, so not an earlier export: refusing to delete it")
+        return
+    if not output.is_dir():
+        raise ExportError(f"output {output} is a file, and this format writes a folder: refusing to delete the file")
+    names = foreign_entries(output, _DIFFUSERS_FOLDER_LAYOUT)
+    if names:
+        raise ExportError(
+            f"output {output} holds files spotune did not write there; --overwrite would delete "
+            f"{describe_entries(output, names)}. Move them or choose another output"
+        )
+
+
+def check_output(output: Path, overwrite: bool, protected: list[Path], folder: bool | None = None) -> None:
+    """Refuse an existing output without ``overwrite``, one that is not spotune's with it (``folder``:
+    whether the output is a folder, when known), and any output that would replace ``protected``."""
     resolved = output.resolve()
     for keep in protected:
         keep = keep.resolve()
@@ -83,6 +116,8 @@ def check_output(output: Path, overwrite: bool, protected: list[Path]) -> None:
             raise ExportError(f"output {output} would replace {keep}, which the export reads; choose another path")
     if (output.exists() or output.is_symlink()) and not overwrite:
         raise ExportError(f"output {output} already exists; refusing to overwrite it (pass --overwrite to replace it)")
+    if folder is not None:
+        check_replaceable(output, folder)
 
 
 @contextlib.contextmanager
@@ -94,19 +129,16 @@ def staged_output(output: Path, overwrite: bool, folder: bool) -> Iterator[Path]
     On failure the temporary is removed and ``output`` is untouched.
     """
     output.parent.mkdir(parents=True, exist_ok=True)
-    if folder:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
-    else:
-        fd, name = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
-        os.close(fd)
-        tmp = Path(name)
+    tmp = make_temp_dir(output) if folder else make_temp_file(output)
     try:
         yield tmp
+        apply_umask_modes(tmp)  # readable by a webui or ComfyUI running as another user
         _fsync_tree(tmp)
         if output.exists() or output.is_symlink():
             if not overwrite:
                 raise ExportError(f"output {output} appeared while exporting; refusing to overwrite it")
-            old = output.with_name(f".{output.name}.old-{uuid.uuid4().hex[:8]}")
+            check_replaceable(output, folder)  # again: it may have changed while the export ran
+            old = aside_name(output)
             os.replace(output, old)
             os.replace(tmp, output)
             _remove(old)
@@ -187,7 +219,7 @@ def export_checkpoint(
     protected = [Path(source).expanduser()]
     if base_model and Path(base_model).expanduser().exists():
         protected.append(Path(base_model).expanduser())
-    check_output(output, overwrite, protected)
+    check_output(output, overwrite, protected, folder=not wants_file)
     src = read_export_source(source, weights)
     recorded_base = base_model or src.base_model
     if recorded_base and Path(recorded_base).expanduser().exists():
@@ -213,6 +245,7 @@ def export_checkpoint(
         with staged_output(output, overwrite, folder=True) as tmp:
             pipe.save_pretrained(tmp, safe_serialization=True)
             make_folder_loadable_everywhere(tmp)
+            write_output_marker(tmp, "export-merged")  # lets a later --overwrite know this folder is ours
         return output
 
     from spotune.export.original_layout import to_original

@@ -1,10 +1,19 @@
-"""Atomic file writing: a crash or a full disk never leaves a half-written file under the real name."""
+"""Atomic file writing: a crash or a full disk never leaves a half-written file under the real name.
+
+Temporaries are hidden names beside their target, ``.<name>.p<pid>-<random>.tmp``: the PID says which
+process made one, so :func:`remove_stale_temporaries` can tell a leftover of a killed process from the
+work in progress of a live one. They get the modes the umask gives an ordinary file or folder
+(0644 / 0755 under umask 022), not ``mkstemp``'s 0600 / ``mkdtemp``'s 0700: a webui or ComfyUI server
+running as another user must be able to read what spotune exports.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -12,6 +21,105 @@ from typing import Any, Iterator
 
 import torch
 from safetensors.torch import save_file
+
+logger = logging.getLogger(__name__)
+
+# ``.<name>.p<pid>-<mkstemp's random part>.tmp`` and ``.<name>.p<pid>-<random>.old`` (an output
+# renamed aside while its replacement moves in).
+_TEMP_RE = re.compile(r"^\..+\.p(?P<pid>\d+)-[A-Za-z0-9_]+\.(tmp|old)$")
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where the system allows (Linux ``/proc``)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)  # elsewhere: set and restore (not thread-safe, but only a fallback)
+    os.umask(mask)
+    return mask
+
+
+def _temp_prefix(target: Path) -> str:
+    return f".{target.name}.p{os.getpid()}-"
+
+
+def make_temp_file(target: str | Path, suffix: str = ".tmp") -> Path:
+    """An empty hidden file beside ``target`` with the umask's file mode (0644 under umask 022)."""
+    target = Path(target)
+    fd, name = tempfile.mkstemp(prefix=_temp_prefix(target), suffix=suffix, dir=target.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~current_umask())
+    finally:
+        os.close(fd)
+    return Path(name)
+
+
+def make_temp_dir(target: str | Path, suffix: str = ".tmp") -> Path:
+    """An empty hidden folder beside ``target`` with the umask's folder mode (0755 under umask 022)."""
+    target = Path(target)
+    folder = Path(tempfile.mkdtemp(prefix=_temp_prefix(target), suffix=suffix, dir=target.parent))
+    os.chmod(folder, 0o777 & ~current_umask())
+    return folder
+
+
+def apply_umask_modes(path: str | Path) -> None:
+    """Give ``path`` (a file, or a folder and everything in it) the modes the umask gives new files.
+
+    Needed after the writing too: safetensors' ``save_file`` (and so ``save_pretrained``) creates its
+    files mode 0600 whatever the umask.
+    """
+    path = Path(path)
+    mask = current_umask()
+    items = [path] + (list(path.rglob("*")) if path.is_dir() and not path.is_symlink() else [])
+    for item in items:
+        if item.is_symlink():
+            continue
+        os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~mask)
+
+
+def aside_name(target: str | Path) -> Path:
+    """A hidden name beside ``target`` to move an old output to while its replacement moves in."""
+    target = Path(target)
+    return target.with_name(f"{_temp_prefix(target)}{os.urandom(4).hex()}.old")
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Delete the temporaries in ``folder`` (not recursive) whose process is no longer alive.
+
+    Only names this module makes are touched; a temporary of a live process (this one included) is
+    kept. PIDs are those of this machine: a folder shared between hosts is the run lock's business.
+
+    Returns:
+        The paths removed (each is also logged).
+    """
+    folder = Path(folder)
+    removed: list[Path] = []
+    if not folder.is_dir():
+        return removed
+    for child in sorted(folder.iterdir()):
+        match = _TEMP_RE.match(child.name)
+        if not match or _pid_alive(int(match.group("pid"))):
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
+        logger.info("removed %s, left behind by process %s that no longer runs", child, match.group("pid"))
+        removed.append(child)
+    return removed
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -31,11 +139,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = make_temp_file(path)
     try:
         yield tmp
+        apply_umask_modes(tmp)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -74,9 +181,10 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     if path.exists():
         raise FileExistsError(f"{path} already exists; refusing to overwrite it")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = make_temp_dir(path)
     try:
         yield tmp
+        apply_umask_modes(tmp)
         for file in tmp.rglob("*"):
             if file.is_file():
                 with open(file, "rb+") as fh:

@@ -153,3 +153,83 @@ def test_bad_input_is_one_line_and_writes_nothing(pairs_file, tmp_path, capsys):
     assert main(["train-spm", *_args(run, pairs_file)]) == 1
     assert "already holds a run" in capsys.readouterr().err
     assert (run / "config.yaml").read_text() == "kept: true\n"
+
+
+# -- the run folder: checkpoint before evaluating, evaluation data checked first, lock, resume ----
+
+
+def test_a_failing_evaluation_keeps_the_checkpoint_of_its_step(pairs_file, eval_file, tmp_path, monkeypatch, capsys):
+    from spotune.checkpoint import list_checkpoints, read_state
+    from spotune.errors import SpotuneError
+
+    real = SPMTrainer.evaluate
+
+    def failing(self):
+        if self.global_step == 2:
+            raise SpotuneError("evaluation failed")
+        return real(self)
+
+    monkeypatch.setattr(SPMTrainer, "evaluate", failing)
+    run = tmp_path / "run"
+    args = _args(run, pairs_file, "max_steps=4", "checkpoint_every=2", "eval_every=2", f"eval_data={eval_file}",
+                 "train_batch_size=4", "eval_at_start=false")
+    assert main(["train-spm", *args]) == 1
+    assert "evaluation failed" in capsys.readouterr().err
+    assert [c.name for c in list_checkpoints(run)] == ["iter-00000002"]  # the two steps are kept
+    monkeypatch.setattr(SPMTrainer, "evaluate", real)
+    assert main(["train-spm", *args, "resume=latest"]) == 0
+    final = list_checkpoints(run)[-1]
+    assert final.name == "iter-00000004"
+    assert {e["step"] for e in read_state(final)["eval"]} == {4}  # the evaluation is recorded in its checkpoint
+
+
+def test_bad_evaluation_data_is_found_when_the_run_starts(pairs_file, eval_file, tmp_path, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(eval_file)
+    cells = table.column("jpg_0").to_pylist()
+    cells[-1] = b"not an image"
+    broken = tmp_path / "broken-eval.parquet"
+    pq.write_table(table.set_column(table.column_names.index("jpg_0"), "jpg_0", pa.array(cells, pa.binary())), broken)
+    run = tmp_path / "run"
+    assert main(["train-spm", *_args(run, pairs_file, f"eval_data={broken}", "eval_at_start=false")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert f"broken-eval.parquet row {len(cells) - 1}, column jpg_0: image does not decode" in err and "\n" not in err
+    assert not (run / "checkpoints").exists()
+
+
+def test_train_spm_refuses_a_locked_folder(pairs_file, tmp_path, capsys):
+    import os
+
+    from spotune.utils.run_lock import RunLock
+
+    lock = RunLock(tmp_path / "run", "spotune train-spm")
+    try:
+        assert main(["train-spm", *_args(tmp_path / "run", pairs_file)]) == 1
+        assert f"in use by process {os.getpid()}" in capsys.readouterr().err
+    finally:
+        lock.release()
+
+
+def test_resume_refuses_a_new_seed_and_applies_a_new_learning_rate(pairs_file, tmp_path, capsys):
+    import json
+
+    import yaml
+
+    from spotune.checkpoint import list_checkpoints
+
+    run = tmp_path / "run"
+    assert main(["train-spm", *_args(run, pairs_file, "max_steps=1")]) == 0
+    started = (run / "config.yaml").read_bytes()
+    assert main(["train-spm", *_args(run, pairs_file, "max_steps=2", "resume=latest", "seed=3", "guidance_scale=2.0")]) == 1
+    err = capsys.readouterr().err
+    assert "seed: 42 -> 3" in err and "guidance_scale: 1.0 -> 2.0" in err
+    assert main(["train-spm", *_args(run, pairs_file, "max_steps=2", "resume=latest", "learning_rate=0.5")]) == 0
+    last = list_checkpoints(run)[-1]
+    assert last.name == "iter-00000002"
+    assert [g["lr"] for g in json.loads((last / "optimizer.json").read_text())["param_groups"]] == [0.5]
+    assert (run / "config.yaml").read_bytes() == started
+    assert yaml.safe_load((run / "config.resumed-00000001.yaml").read_text())["learning_rate"] == 0.5
+    assert main(["train-spm", *_args(run, pairs_file, "max_steps=1", "resume=latest", "learning_rate=0.5")]) == 1
+    assert "raise max_steps above 2" in capsys.readouterr().err

@@ -329,6 +329,15 @@ class PickAPicPairs(torch.utils.data.Dataset):
         where = self.where(i)
         return tuple(decode_image(c, f"{where}, column {n}") for c, n in zip(cells, IMAGE_COLUMNS))  # type: ignore[return-value]
 
+    def check_images(self) -> None:
+        """Decode every pair's two images once; raise :class:`PairDataError` naming the first bad one.
+
+        For data read again and again (evaluation sets): checked when a run starts, not when it
+        first gets there.
+        """
+        for i in range(len(self)):
+            self.images(i)
+
     def __getitem__(self, i: int) -> dict[str, Any]:
         try:
             image_0, image_1 = self.images(i)

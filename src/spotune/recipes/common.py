@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -9,6 +11,10 @@ import torch
 
 from spotune.checkpoint import list_checkpoints, resolve_checkpoint
 from spotune.errors import SpotuneError
+from spotune.utils.io import remove_stale_temporaries
+from spotune.utils.run_lock import RunLock, RunLockedError
+
+logger = logging.getLogger(__name__)
 
 MIXED_PRECISION_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -31,6 +37,25 @@ def seed_for(*parts: int) -> int:
     for part in parts:
         value = (value ^ (part + 0x632BE59BD9B4E019 + (value << 6) + (value >> 2))) & 0xFFFFFFFFFFFFFFFF
     return value & 0x7FFFFFFFFFFFFFFF
+
+
+def planned_iterations(num_epochs: int, iterations_per_epoch: int, max_iterations: int | None) -> int:
+    """Iterations the run will do: ``num_epochs`` passes, or fewer when ``max_iterations`` says so.
+
+    Raises:
+        SpotuneError: ``max_iterations`` asks for more than the epochs hold (it would be cut silently).
+    """
+    planned = num_epochs * iterations_per_epoch
+    if max_iterations is None:
+        return planned
+    if max_iterations > planned:
+        needed = -(-max_iterations // iterations_per_epoch)
+        raise SpotuneError(
+            f"config: max_iterations={max_iterations} is more than num_epochs={num_epochs} x "
+            f"{iterations_per_epoch} iterations per epoch = {planned}; set num_epochs={needed} to run "
+            f"{max_iterations} iterations, or lower max_iterations"
+        )
+    return max_iterations
 
 
 def prepare_run_folder(output_dir: str | Path, resume: str | None, overwrite: bool) -> Path | None:
@@ -69,6 +94,70 @@ def prepare_run_folder(output_dir: str | Path, resume: str | None, overwrite: bo
     return None
 
 
+def _remove_stale_run_temporaries(output_dir: Path) -> None:
+    """Delete what killed processes left in the run folder: half-written checkpoints and files.
+
+    Called with the run lock held. In ``checkpoints/`` only the lock holder writes, so every hidden
+    temporary there is stale, also those named before temporaries carried their PID; elsewhere in the
+    folder (where e.g. an export may be writing) only those of processes that no longer run are.
+    """
+    for sub in (output_dir, output_dir / "eval", output_dir / "samples"):
+        remove_stale_temporaries(sub)
+    checkpoints = output_dir / "checkpoints"
+    remove_stale_temporaries(checkpoints)
+    if checkpoints.is_dir():
+        for child in sorted(checkpoints.iterdir()):
+            if re.match(r"^\.iter-\d{8}\..*\.tmp$", child.name):
+                shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
+                logger.info("removed %s, a checkpoint an interrupted run did not finish", child)
+
+
+def open_run_folder(
+    output_dir: str | Path, resume: str | None, overwrite: bool, command: str
+) -> tuple[RunLock | None, Path | None]:
+    """Lock the run folder for this run, clean what crashed runs left, then :func:`prepare_run_folder`.
+
+    Only the main process takes the lock (one run = one holder, however many processes it has); the
+    others learn from it whether it succeeded, so all of them stop together when it did not.
+
+    Returns:
+        The held lock (``None`` on the other processes) and the checkpoint to resume from (or ``None``).
+    Raises:
+        RunLockedError: another live process holds the folder (its PID is in the message).
+    """
+    from accelerate import PartialState
+
+    output_dir = Path(output_dir)
+    state = PartialState(cpu=not torch.cuda.is_available())
+    lock, error = None, None
+    if state.is_main_process:
+        try:
+            lock = RunLock(output_dir, command)
+        except (RunLockedError, OSError) as exc:  # told to every process, so none waits for the others
+            error = str(exc)
+    if state.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        error = broadcast_object_list([error])[0]
+    if error:
+        raise RunLockedError(error)
+    try:
+        if lock is not None:
+            _remove_stale_run_temporaries(output_dir)
+        return lock, prepare_run_folder(output_dir, resume, overwrite)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+
+
+def release_run_folder(trainer) -> None:
+    """Free the run lock a trainer holds, if any (safe to call twice, or before setup took it)."""
+    lock = getattr(trainer, "run_lock", None)
+    if lock is not None:
+        lock.release()
+
+
 def end_accelerator(accelerator) -> None:
     """Close the trackers and forget accelerate's process-wide state.
 
@@ -82,8 +171,15 @@ def end_accelerator(accelerator) -> None:
 
 
 def run_recipe(trainer) -> dict[str, float]:
-    """``setup()``, ``train()`` and, whatever happens, ``cleanup()``; returns what ``train()`` returns."""
-    trainer.setup()
+    """``setup()``, ``train()`` and, whatever happens, ``cleanup()``; returns what ``train()`` returns.
+
+    A setup that fails still frees the run folder's lock, so the same process can try again.
+    """
+    try:
+        trainer.setup()
+    except BaseException:
+        release_run_folder(trainer)
+        raise
     try:
         return trainer.train()
     finally:

@@ -60,14 +60,23 @@ from spotune.recipes.common import (
     MIXED_PRECISION_DTYPES,
     NonFiniteLossError,
     end_accelerator,
-    prepare_run_folder,
+    open_run_folder,
+    release_run_folder,
     run_recipe,
     seed_for,
 )
+from spotune.recipes.resume import check_nothing_lost, check_resume_config, override_learning_rate, write_run_config
 from spotune.utils.io import atomic_directory, atomic_save_safetensors, atomic_write_json, atomic_write_text
 from spotune.utils.lr_schedules import build_lr_scheduler
 
 logger = logging.getLogger(__name__)
+
+# What a resume may change (recipes/resume.py): the run's length, checkpoints, logging, how often (not
+# on what) it evaluates, the learning rate, and knobs that leave the maths alone. Anything else is refused.
+RESUMABLE_KEYS = frozenset({
+    "max_steps", "eval_every", "eval_at_start", "checkpoint_every", "keep_checkpoints", "log_with",
+    "tracker_project", "progress", "learning_rate", "num_workers", "eval_batch_size", "gradient_checkpointing",
+})
 
 @dataclass
 class TrainSPMConfig:
@@ -188,7 +197,8 @@ class SPMTrainer:
         log_with = None if cfg.log_with == "none" else cfg.log_with
         if log_with and importlib.util.find_spec(log_with) is None:
             raise SpotuneError(f"config: log_with={log_with} needs the '{log_with}' package (pip install {log_with}), or set log_with=none")
-        resume_from = prepare_run_folder(self.output_dir, cfg.resume, cfg.overwrite)
+        self.run_lock, resume_from = open_run_folder(self.output_dir, cfg.resume, cfg.overwrite, "spotune train-spm")
+        resume_changes = check_resume_config(resume_from, cfg, RESUMABLE_KEYS) if resume_from is not None else {}
         self.accelerator = acc = Accelerator(
             # Without CUDA, cpu=True lets a multi-process launch form a gloo process group.
             cpu=not torch.cuda.is_available(),
@@ -218,6 +228,9 @@ class SPMTrainer:
         eval_set = None
         if cfg.eval_data:
             eval_set = PickAPicPairs(cfg.eval_data, cfg.eval_split, cfg.resolution or 512, cfg.max_eval_pairs)
+            # Every evaluation image is decoded now: a bad one found at the first evaluation, hours in,
+            # would stop the run there.
+            eval_set.check_images()
 
         # -- the SPM: the CLIP with identity-initialised time conditioning, all weights trained ----
         model, tokenizer, processing = load_clip(cfg.clip_path, cfg.processor_path)
@@ -271,8 +284,11 @@ class SPMTrainer:
 
         if resume_from is not None:
             self._load_checkpoint(resume_from)
-        elif acc.is_main_process:
-            atomic_write_text(self.output_dir / "config.yaml", config_to_yaml(cfg))
+            check_nothing_lost(resume_from, self.global_step, cfg.max_steps, "max_steps")
+            if "learning_rate" in resume_changes:
+                override_learning_rate(self.optimizer, self.lr_scheduler, cfg.learning_rate)
+        if acc.is_main_process:
+            write_run_config(self.output_dir, config_to_yaml(cfg), self.global_step if resume_from is not None else None)
         if log_with:
             tracker_cfg = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in config_to_dict(cfg).items()}
             acc.init_trackers(cfg.tracker_project, config=tracker_cfg)
@@ -339,10 +355,14 @@ class SPMTrainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{metrics['train/loss']:.4f}")
                 done = self.global_step >= cfg.max_steps
+                # Checkpoint first: an evaluation that fails must not take the steps since the last one with it.
+                saved = None
+                if (cfg.checkpoint_every and self.global_step % cfg.checkpoint_every == 0) or done:
+                    saved = self.save_checkpoint()
                 if (cfg.eval_every and self.global_step % cfg.eval_every == 0) or done:
                     metrics.update(self.evaluate())
-                if (cfg.checkpoint_every and self.global_step % cfg.checkpoint_every == 0) or done:
-                    self.save_checkpoint()
+                    if saved is not None:
+                        self._record_evaluation(saved)
                 if done:
                     break
             else:
@@ -423,7 +443,10 @@ class SPMTrainer:
         spm.eval()
         spm.clear_text_cache()  # the weights changed since the cache was filled
         generator = torch.Generator(acc.device).manual_seed(seed_for(cfg.seed, -1, acc.process_index))
-        with acc.autocast() if cfg.views_dtype is None else nullcontext():  # the views as in training
+        # The global RNGs come out as they went in (the loader draws its base seed from them): a
+        # checkpoint saved just before an evaluation then resumes exactly as the run goes on after it.
+        rng = torch.random.fork_rng(devices=[acc.device] if acc.device.type == "cuda" else [])
+        with rng, acc.autocast() if cfg.views_dtype is None else nullcontext():  # the views as in training
             rows = evaluate_pair_accuracy(
                 spm, self.views, self.eval_loader, cfg.eval_timesteps, generator,
                 gather=acc.gather_for_metrics, progress=cfg.progress and acc.is_local_main_process,
@@ -481,6 +504,14 @@ class SPMTrainer:
         acc.wait_for_everyone()
         return final
 
+    def _record_evaluation(self, checkpoint: Path) -> None:
+        """Add the evaluation just made to the checkpoint saved before it (``state.json`` only, atomically)."""
+        if self.accelerator.is_main_process:
+            state = read_state(checkpoint)
+            state["eval"] = self._state_dict()["eval"]
+            atomic_write_json(checkpoint / "state.json", state)
+        self.accelerator.wait_for_everyone()
+
     def _state_dict(self) -> dict[str, Any]:
         cfg, spm = self.config, self.unwrapped
         return {
@@ -533,7 +564,10 @@ class SPMTrainer:
         logger.info("resumed from %s (optimizer step %d, epoch %d)", checkpoint, self.global_step, self.epoch)
 
     def cleanup(self) -> None:
-        end_accelerator(self.accelerator)
+        try:
+            end_accelerator(self.accelerator)
+        finally:
+            release_run_folder(self)
 
 
 def run_train_spm(config: TrainSPMConfig) -> dict[str, float]:

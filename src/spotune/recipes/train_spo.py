@@ -56,15 +56,26 @@ from spotune.recipes.common import (
     MIXED_PRECISION_DTYPES,
     NonFiniteLossError,
     end_accelerator,
-    prepare_run_folder,
+    open_run_folder,
+    planned_iterations,
+    release_run_folder,
     run_recipe,
     seed_for,
 )
+from spotune.recipes.resume import check_nothing_lost, check_resume_config, override_learning_rate, write_run_config
 from spotune.recipes.train_spo_config import TrainSPOConfig
-from spotune.utils.io import atomic_directory, atomic_save_safetensors, atomic_write_json, atomic_write_text
+from spotune.utils.io import atomic_directory, atomic_save_safetensors, atomic_write_json
 from spotune.utils.images import save_image_grid
 
 logger = logging.getLogger(__name__)
+
+# What a resume may change (recipes/resume.py): how long the run goes, checkpoints, logging, validation
+# images, the learning rate, and a memory knob that leaves the maths alone. Anything else is refused.
+RESUMABLE_KEYS = frozenset({
+    "max_iterations", "num_epochs", "checkpoint_every", "keep_checkpoints", "log_with", "tracker_project",
+    "validate_every_epochs", "num_validation_images", "validation_prompts", "progress", "learning_rate",
+    "gradient_checkpointing",
+})
 
 class SPOTrainer:
     """The SPO recipe: ``setup()``, ``train()``, ``save_checkpoint()``, ``cleanup()``.
@@ -94,7 +105,8 @@ class SPOTrainer:
             module = {"tensorboard": "tensorboard", "wandb": "wandb"}[log_with]
             if importlib.util.find_spec(module) is None:
                 raise SpotuneError(f"config: log_with={log_with} needs the '{module}' package (pip install {module}), or set log_with=none")
-        resume_from = prepare_run_folder(self.output_dir, cfg.resume, cfg.overwrite)
+        self.run_lock, resume_from = open_run_folder(self.output_dir, cfg.resume, cfg.overwrite, "spotune train")
+        resume_changes = check_resume_config(resume_from, cfg, RESUMABLE_KEYS) if resume_from is not None else {}
         self.accelerator = Accelerator(
             # Without CUDA, cpu=True lets a multi-process launch (accelerate launch --multi_gpu,
             # torchrun) form a gloo process group instead of N unaware copies of one run.
@@ -123,8 +135,7 @@ class SPOTrainer:
                 f"{cfg.prompts}: {len(self.prompts)} prompts are fewer than one sampling round "
                 f"(sample_batch_size {cfg.sample_batch_size} x {acc.num_processes} processes)"
             )
-        total = cfg.num_epochs * self.iterations_per_epoch
-        self.total_iterations = min(total, cfg.max_iterations) if cfg.max_iterations else total
+        self.total_iterations = planned_iterations(cfg.num_epochs, self.iterations_per_epoch, cfg.max_iterations)
 
         # -- models ------------------------------------------------------------------------------
         pipe = load_pipeline(cfg.pretrained_model, dtype=self.weight_dtype)
@@ -198,8 +209,11 @@ class SPOTrainer:
 
         if resume_from is not None:
             self._load_checkpoint(resume_from)
+            check_nothing_lost(resume_from, self.iteration, self.total_iterations, "max_iterations (or num_epochs)")
+            if "learning_rate" in resume_changes:
+                override_learning_rate(self.optimizer, self.lr_scheduler, cfg.learning_rate)
         if acc.is_main_process:
-            atomic_write_text(self.output_dir / "config.yaml", config_to_yaml(cfg))
+            write_run_config(self.output_dir, config_to_yaml(cfg), self.iteration if resume_from is not None else None)
         if log_with:
             tracker_cfg = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in config_to_dict(cfg).items()}
             acc.init_trackers(cfg.tracker_project, config=tracker_cfg)
@@ -558,7 +572,10 @@ class SPOTrainer:
         return path
 
     def cleanup(self) -> None:
-        end_accelerator(self.accelerator)
+        try:
+            end_accelerator(self.accelerator)
+        finally:
+            release_run_folder(self)
 
     # ============================================================================================
     # what a variant of the recipe (recipes/train_gradspo.py) adds; nothing for SPO

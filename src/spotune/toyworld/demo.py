@@ -50,7 +50,7 @@ import torch
 
 from spotune.config import ConfigError, config_to_dict, load_config
 from spotune.errors import SpotuneError
-from spotune.utils.io import atomic_directory, atomic_write_json, atomic_write_text
+from spotune.utils.io import atomic_directory, atomic_write_json, atomic_write_text, remove_stale_temporaries
 
 logger = logging.getLogger(__name__)
 
@@ -180,6 +180,7 @@ class StageCache:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        remove_stale_temporaries(root)  # stage folders a killed demo was building (each can be a whole run)
 
     def get_or_build(self, name: str, payload: dict[str, Any], build: Callable[[Path], dict[str, Any]]) -> StageRecord:
         """Reuse ``root/<name>-<key>`` if complete, else run ``build(tmp_folder)`` and rename it into place.

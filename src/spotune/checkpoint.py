@@ -3,7 +3,9 @@
 A run folder::
 
     RUN/
+      .spotune.lock                held (flock) by the process running in the folder; PID inside
       config.yaml                  the resolved config the run started with
+      config.resumed-XXXXXXXX.yaml the config of a resume from that iteration (config.yaml is kept)
       checkpoints/
         iter-00000010/             one checkpoint, named by completed SPO iterations
           state.json               counters, the config, what the weights are (format below)

@@ -30,7 +30,7 @@ from spotune.export.lora_files import DIFFUSERS_LORA_FILE, diffusers_lora_file, 
 from spotune.export.metadata import single_file_metadata
 from spotune.export.pipeline_folder import make_folder_loadable_everywhere
 from spotune.export.source import ExportError, ExportSource, read_export_source
-from spotune.utils.io import apply_umask_modes, aside_name, make_temp_dir, make_temp_file
+from spotune.utils.io import apply_umask_modes, aside_name, make_temp_dir, make_temp_file, remove_stale_temporaries
 from spotune.utils.outputs import describe_entries, foreign_entries, is_safetensors_file, write_output_marker
 
 EXPORT_FORMATS = ("diffusers", "webui", "merged", "single-file")
@@ -220,6 +220,7 @@ def export_checkpoint(
     if base_model and Path(base_model).expanduser().exists():
         protected.append(Path(base_model).expanduser())
     check_output(output, overwrite, protected, folder=not wants_file)
+    remove_stale_temporaries(output.parent)  # what an export killed mid-write left beside its output
     src = read_export_source(source, weights)
     recorded_base = base_model or src.base_model
     if recorded_base and Path(recorded_base).expanduser().exists():

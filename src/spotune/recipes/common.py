@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from spotune.checkpoint import list_checkpoints, resolve_checkpoint
+from spotune.config import ConfigError
 from spotune.errors import SpotuneError
 from spotune.utils.io import remove_stale_temporaries
 from spotune.utils.run_lock import RunLock, RunLockedError
@@ -43,14 +44,14 @@ def planned_iterations(num_epochs: int, iterations_per_epoch: int, max_iteration
     """Iterations the run will do: ``num_epochs`` passes, or fewer when ``max_iterations`` says so.
 
     Raises:
-        SpotuneError: ``max_iterations`` asks for more than the epochs hold (it would be cut silently).
+        ConfigError: ``max_iterations`` asks for more than the epochs hold (it would be cut silently).
     """
     planned = num_epochs * iterations_per_epoch
     if max_iterations is None:
         return planned
     if max_iterations > planned:
         needed = -(-max_iterations // iterations_per_epoch)
-        raise SpotuneError(
+        raise ConfigError(
             f"config: max_iterations={max_iterations} is more than num_epochs={num_epochs} x "
             f"{iterations_per_epoch} iterations per epoch = {planned}; set num_epochs={needed} to run "
             f"{max_iterations} iterations, or lower max_iterations"

@@ -8,6 +8,7 @@ process group on the CPU.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,13 +21,20 @@ from spotune.checkpoint import list_checkpoints, read_state
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def _free_port() -> int:
+    """A TCP port nobody listens on now, so two test runs on one machine never share a rendezvous."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 @pytest.mark.slow
 def test_two_process_training_runs_to_the_end(tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
         "-m", "spotune.cli", "train", "--config", str(ROOT / "configs" / "tiny_cpu.yaml"),
         f"output_dir={out}", "num_inference_steps=6", "divert_start_step=3", "sample_batch_size=2",
         "train_batch_size=2", "preference_threshold=0.0", "max_iterations=2", "log_with=none",

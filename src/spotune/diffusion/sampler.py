@@ -60,10 +60,39 @@ def guided_noise_pred(
     return out_uncond + guidance_scale * (out_cond - out_uncond)
 
 
+def auto_decode_chunk_size(vae, latents: torch.Tensor, fraction: float = 0.5) -> int:
+    """How many latents to decode at once so the decoder's activations fit in free CUDA memory.
+
+    The VAE decoder's peak is dominated by its last up-block at full resolution: about 128 channels x
+    H x W values, held a few times over (input, normalised, activated, the convolution's output). That is
+    estimated as ``6 * 128 * H * W`` values per image and ``fraction`` of the device's free memory is
+    given to it. Off CUDA there is no free-memory figure to size by, so the whole batch is decoded.
+
+    Args:
+        latents: [B, 4, h, w] the latents about to be decoded.
+    Returns:
+        a chunk size in [1, B].
+    """
+    batch = latents.shape[0]
+    if latents.device.type != "cuda" or batch == 0:
+        return max(batch, 1)
+    free, _ = torch.cuda.mem_get_info(latents.device)
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    height, width = latents.shape[-2] * factor, latents.shape[-1] * factor
+    width_channels = vae.config.block_out_channels[0]
+    per_image = 6 * width_channels * height * width * torch.finfo(vae.dtype).bits // 8
+    return int(max(1, min(batch, (free * fraction) // per_image)))
+
+
 def decode_latents(vae, latents: torch.Tensor, chunk_size: int = 8) -> torch.Tensor:
-    """[B, 4, h, w] latents -> [B, 3, H, W] images in about [-1, 1], decoded in chunks to bound memory."""
+    """[B, 4, h, w] latents -> [B, 3, H, W] images in about [-1, 1], decoded in chunks to bound memory.
+
+    ``chunk_size`` 0 sizes the chunks by free CUDA memory (:func:`auto_decode_chunk_size`).
+    """
     scale = vae.config.scaling_factor
     shift = getattr(vae.config, "shift_factor", None) or 0.0
+    if chunk_size <= 0:
+        chunk_size = auto_decode_chunk_size(vae, latents)
     parts = []
     for chunk in latents.split(chunk_size):
         z = chunk.to(vae.dtype) / scale + shift
@@ -165,6 +194,7 @@ def spo_sample(
     threshold: float = 0.3,
     generator: torch.Generator | None = None,
     decode_chunk_size: int = 8,
+    judge_batch_size: int | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> SamplingResult:
     """Run SPO's step-wise sampling for one batch of prompts (see the module docstring).
@@ -179,6 +209,8 @@ def spo_sample(
         num_candidates: k, candidates drawn per step (SPO SD1.5: 4).
         threshold: ``select_pair`` threshold (SPO SD1.5: 0.3).
         generator: drives all noise and the choice of the continued candidate.
+        decode_chunk_size: latents decoded by the VAE at once (0: sized by free CUDA memory).
+        judge_batch_size: images scored by the judge at once (memory bound); all k*b at once when unset.
         progress: called with 1 after each denoising step.
     """
     if not 0 <= divert_start_step < num_inference_steps:
@@ -193,7 +225,10 @@ def spo_sample(
     timesteps = scheduler.timesteps
     x = latents
     noise_pred: torch.Tensor | None = None  # guided output at (x, t_i), when already known
-    kept: list[StepPairs] = []
+    steps_x: list[torch.Tensor] = []  # per branching step: [b, C, h, w] x_{t_i}
+    steps_win: list[torch.Tensor] = []  # [b, C, h, w] best candidate
+    steps_lose: list[torch.Tensor] = []  # [b, C, h, w] worst candidate
+    steps_t: list[torch.Tensor] = []  # [b] t_i
     all_scores, all_valid, all_choices = [], [], []
     judge_calls = unet_calls = 0
     cand_embeds = prompt_embeds.repeat(k, 1, 1)  # [k*b, L, D], candidate-major: row j*b + p
@@ -227,25 +262,18 @@ def spo_sample(
             unet_calls += 1
             x0, _ = predict_x0_and_eps(scheduler, cand_noise, judge_t, cands)
         images = decode_latents(vae, x0, decode_chunk_size)
-        scores = judge.score(images, cand_prompts, judge_t).float().view(k, b)  # [k, b]
+        scores = _score_in_batches(judge, images, cand_prompts, judge_t, judge_batch_size).float().view(k, b)  # [k, b]
         judge_calls += 1
         indices, valid = select_pair(scores, threshold)  # [2, b], [b]
 
         cands_kb = cands.view(k, b, *cands.shape[1:])  # [k, b, C, h, w]
         rows = torch.arange(b, device=device)
-        keep = valid.nonzero().squeeze(1)
-        if keep.numel():
-            kept.append(
-                StepPairs(
-                    latents=x[keep],
-                    win=cands_kb[indices[0, keep], keep],
-                    lose=cands_kb[indices[1, keep], keep],
-                    timesteps=t_batch[keep].long(),
-                    prompt_embeds=prompt_embeds[keep],
-                    prompt_index=keep,
-                    step_index=torch.full_like(keep, i),
-                )
-            )
+        # Every prompt's candidate pair is kept on the device; the decisive ones are picked once after the
+        # loop, so no step waits on the device to learn how many pairs it kept.
+        steps_x.append(x)
+        steps_win.append(cands_kb[indices[0], rows])
+        steps_lose.append(cands_kb[indices[1], rows])
+        steps_t.append(t_batch.long())
         # Continue from a uniformly random candidate, and reuse its already computed UNet output.
         choice = torch.randint(0, k, (b,), generator=generator, device=generator.device if generator else "cpu").to(device)
         x = cands_kb[choice, rows]
@@ -256,16 +284,40 @@ def spo_sample(
         if progress:
             progress(1)
 
-    pairs = StepPairs.cat(kept) if kept else StepPairs.empty_like(x, prompt_embeds)
+    valid_sb = torch.stack(all_valid)  # [S, b]
+    step_of, prompt_of = valid_sb.nonzero(as_tuple=True)  # decisive pairs, step-major then prompt order
+    flat = step_of * b + prompt_of
+    pairs = StepPairs(
+        latents=torch.cat(steps_x)[flat],
+        win=torch.cat(steps_win)[flat],
+        lose=torch.cat(steps_lose)[flat],
+        timesteps=torch.cat(steps_t)[flat],
+        prompt_embeds=prompt_embeds[prompt_of],
+        prompt_index=prompt_of,
+        step_index=step_of + divert_start_step,
+    )
     return SamplingResult(
         pairs=pairs,
         final_latents=x,
         scores=torch.stack(all_scores),
-        valid=torch.stack(all_valid),
+        valid=valid_sb,
         choices=torch.stack(all_choices),
         judge_calls=judge_calls,
         unet_calls=unet_calls,
     )
+
+
+def _score_in_batches(
+    judge: PreferenceModel, images: torch.Tensor, prompts: list[str], timesteps: torch.Tensor, batch_size: int | None
+) -> torch.Tensor:
+    """``judge.score`` on [B, 3, H, W] images, at most ``batch_size`` at a time (all at once when unset); [B]."""
+    if not batch_size or batch_size >= images.shape[0]:
+        return judge.score(images, prompts, timesteps)
+    parts = [
+        judge.score(images[i : i + batch_size], prompts[i : i + batch_size], timesteps[i : i + batch_size])
+        for i in range(0, images.shape[0], batch_size)
+    ]
+    return torch.cat(parts)
 
 
 @torch.no_grad()

@@ -112,7 +112,7 @@ class GradSPOTrainer(SPOTrainer):
         """GradSPO's step-wise sampling with the EMA model; pairs carry ``noise_delta``."""
         cfg, acc = self.config, self.accelerator
         generator = torch.Generator(acc.device).manual_seed(seed_for(cfg.seed, self.iteration, acc.process_index, 1))
-        prompt_embeds = encode_prompts(self.tokenizer, self.text_encoder, prompts, acc.device)  # [b, 77, D]
+        prompt_embeds = self._prompt_embeds(prompts)  # [b, 77, D] (cached at start-up with offload_text_encoder)
         latents = torch.randn((len(prompts), *self.latent_shape), generator=generator, device=acc.device, dtype=self.weight_dtype)
         latents = latents * self.scheduler.init_noise_sigma  # x_T: [b, 4, h, w]
         with acc.autocast():

@@ -206,6 +206,13 @@ class SPOTrainer:
         )
         self.unet, self.optimizer = acc.prepare(unet, optimizer)
         self.negative_embeds = encode_prompts(self.tokenizer, self.text_encoder, [cfg.negative_prompt], acc.device)
+        self._embeds_cache: dict[str, torch.Tensor] = {}
+        if cfg.offload_text_encoder:
+            self._cache_prompt_embeds([*self.prompts, *cfg.validation_prompts])
+        if cfg.compile:
+            from spotune.models.compiled import compile_models
+
+            compile_models(acc.unwrap_model(self.unet), self.vae, self.judge, cfg.compile_backend)
 
         if resume_from is not None:
             self._load_checkpoint(resume_from)
@@ -269,6 +276,30 @@ class SPOTrainer:
         start = (index_in_epoch * acc.num_processes + acc.process_index) * bs
         return [self.prompts[i] for i in order[start : start + bs].tolist()]
 
+    def _cache_prompt_embeds(self, prompts: list[str]) -> None:
+        """Encode every distinct prompt once, keep [77, D] embeddings on the CPU, move the text encoder there.
+
+        The UNet attends to the same embeddings whether they come from here or are encoded per iteration
+        (up to floating-point order of the batched encoder), and the text encoder's memory is freed.
+        """
+        cfg, acc = self.config, self.accelerator
+        distinct = list(dict.fromkeys(prompts))
+        for start in range(0, len(distinct), cfg.sample_batch_size):
+            chunk = distinct[start : start + cfg.sample_batch_size]
+            embeds = encode_prompts(self.tokenizer, self.text_encoder, chunk, acc.device).cpu()  # [n, 77, D]
+            self._embeds_cache.update(zip(chunk, embeds))
+        self.text_encoder.to("cpu")
+        if acc.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _prompt_embeds(self, prompts: list[str]) -> torch.Tensor:
+        """[b] captions -> [b, 77, D] on the accelerator: from the start-up cache when it holds them all."""
+        acc = self.accelerator
+        if self._embeds_cache and all(p in self._embeds_cache for p in prompts):
+            return torch.stack([self._embeds_cache[p] for p in prompts]).to(acc.device, non_blocking=True)
+        device = self.text_encoder.device
+        return encode_prompts(self.tokenizer, self.text_encoder, prompts, device).to(acc.device)
+
     # ============================================================================================
     #### SAMPLING ####
     # ============================================================================================
@@ -280,7 +311,7 @@ class SPOTrainer:
         unet.eval()
         generator = torch.Generator(acc.device).manual_seed(seed_for(cfg.seed, self.iteration, acc.process_index, 1))
         b = len(prompts)
-        prompt_embeds = encode_prompts(self.tokenizer, self.text_encoder, prompts, acc.device)  # [b, 77, D]
+        prompt_embeds = self._prompt_embeds(prompts)  # [b, 77, D]
         chains = 2 * b if cfg.pairing == "trajectory" else b
         latents = torch.randn((chains, *self.latent_shape), generator=generator, device=acc.device, dtype=self.weight_dtype)
         latents = latents * self.scheduler.init_noise_sigma  # x_T: [b, 4, h, w] ([2b, ...] for trajectory pairs)
@@ -297,6 +328,7 @@ class SPOTrainer:
                 num_inference_steps=cfg.num_inference_steps, eta=cfg.eta, guidance_scale=cfg.guidance_scale,
                 divert_start_step=cfg.divert_start_step, num_candidates=cfg.num_samples_per_step,
                 threshold=cfg.preference_threshold, generator=generator, decode_chunk_size=cfg.decode_chunk_size,
+                judge_batch_size=cfg.judge_batch_size,
             )
 
     # ============================================================================================
@@ -334,23 +366,36 @@ class SPOTrainer:
         # rather than rely on whatever last used the scheduler.
         self.scheduler.set_timesteps(cfg.num_inference_steps, device=acc.device)
         self.unet.train()
-        sums: dict[str, float] = {}
+        # Statistics stay on the device (float64, as Python floats would sum them) and are read once at
+        # the end, so the loop never waits for the device for them.
+        sums: dict[str, torch.Tensor] = {}
         norms: list[float] = []  # gradient norm before clipping, per optimizer step
         micro = 0
         batches = [share.select(idx) for idx in torch.arange(len(share), device=share.latents.device).split(cfg.train_batch_size)]
+        micro_size = cfg.train_micro_batch_size or cfg.train_batch_size
         for _ in range(cfg.num_inner_epochs):
             for start in range(0, len(batches), cfg.gradient_accumulation_steps):
                 group = batches[start : start + cfg.gradient_accumulation_steps]
+                losses = []
                 for j, batch in enumerate(group):
-                    last = j == len(group) - 1
-                    # Gradients are synchronised across processes only on the group's last micro-batch.
-                    with nullcontext() if last else acc.no_sync(self.unet):
-                        loss, stats = self._pair_loss(batch)
-                        self._check_finite(loss)
-                        acc.backward(loss / len(group))
-                    for key, value in {"loss": loss.detach(), **stats}.items():
-                        sums[key] = sums.get(key, 0.0) + float(value.float().mean())
+                    parts = [batch.select(idx) for idx in torch.arange(len(batch), device=batch.latents.device).split(micro_size)]
+                    for m, part in enumerate(parts):
+                        last = j == len(group) - 1 and m == len(parts) - 1
+                        # A part's mean loss weighted by its share of the batch: the parts' gradients add up
+                        # to the gradient of the mean over the whole batch, whatever the split.
+                        weight = len(part) / len(batch)
+                        # Gradients are synchronised across processes only on the group's last pass.
+                        with nullcontext() if last else acc.no_sync(self.unet):
+                            loss, stats = self._pair_loss(part)
+                            acc.backward(loss * weight / len(group))
+                        losses.append(loss.detach())
+                        for key, value in {"loss": loss.detach(), **stats}.items():
+                            term = value.detach().float().mean().double() * weight
+                            sums[key] = sums[key] + term if key in sums else term
                     micro += 1
+                # One check per optimizer step, before it is applied: a non-finite loss anywhere in the
+                # group stops training with the weights as they were.
+                self._check_finite(torch.stack(losses))
                 grad_norm = self._grad_norm_and_clip()
                 self.optimizer.step()
                 self.lr_scheduler.step()
@@ -359,7 +404,7 @@ class SPOTrainer:
                 self._log_grad_norm(grad_norm)
                 norms.append(grad_norm)
                 self._after_optimizer_step()
-        means = {k: v / micro for k, v in sums.items()}
+        means = {k: float(v) / micro for k, v in sums.items()}
         # The same on every process: gradients are synchronised before they are measured.
         means["grad_norm"], means["grad_norm_max"] = sum(norms) / len(norms), max(norms)
         if acc.num_processes > 1:  # every process ran the same number of micro-batches: average the means
@@ -421,14 +466,17 @@ class SPOTrainer:
         loss, stats = spo_loss(logps["win"], logps["win_ref"], logps["lose"], logps["lose_ref"], cfg.beta, cfg.eps)
         return loss, stats
 
-    def _check_finite(self, loss: torch.Tensor) -> None:
-        bad = torch.tensor(0.0 if torch.isfinite(loss) else 1.0, device=loss.device)
+    def _check_finite(self, losses: torch.Tensor) -> None:
+        """Stop training if any of ``losses`` ([n] or scalar, this process's and any other's) is NaN/inf."""
+        bad = (~torch.isfinite(losses)).any().float()
         if self.accelerator.num_processes > 1:
             bad = self.accelerator.reduce(bad, reduction="sum")
         if bad.item() > 0:
             last = list_checkpoints(self.output_dir)
+            values = losses.flatten().tolist()
+            loss = next((v for v in values if not math.isfinite(v)), values[0])
             raise NonFiniteLossError(
-                f"loss is {loss.item()} at iteration {self.iteration + 1} (optimizer step {self.optimizer_step + 1}); "
+                f"loss is {loss} at iteration {self.iteration + 1} (optimizer step {self.optimizer_step + 1}); "
                 f"training stopped before applying it. Last good checkpoint: {last[-1] if last else 'none yet'}"
             )
 
@@ -558,7 +606,7 @@ class SPOTrainer:
         prompts = [p for p in cfg.validation_prompts for _ in range(cfg.num_validation_images)]
         generator = torch.Generator(acc.device).manual_seed(cfg.seed)
         latents = torch.randn((len(prompts), *self.latent_shape), generator=generator, device=acc.device, dtype=self.weight_dtype)
-        embeds = encode_prompts(self.tokenizer, self.text_encoder, prompts, acc.device)
+        embeds = self._prompt_embeds(prompts)
         with acc.autocast():
             x0 = ddim_sample(unet, self.scheduler, embeds, self.negative_embeds, latents * self.scheduler.init_noise_sigma,
                              num_inference_steps=cfg.num_inference_steps, eta=0.0, guidance_scale=cfg.guidance_scale)

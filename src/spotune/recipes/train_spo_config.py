@@ -45,7 +45,10 @@ class TrainSPOConfig:
     preference_threshold: float = help_field("A pair is kept when softmax(best, worst) differs by more than this.", 0.3)
     sample_batch_size: int = help_field("Prompts per sampling batch, per process.", 10)
     resolution: int | None = help_field("Image size in pixels; the model's own default (512 for SD1.5) when unset.", None)
-    decode_chunk_size: int = help_field("Images decoded by the VAE at once while judging (memory bound).", 8)
+    decode_chunk_size: int = help_field(
+        "Images decoded by the VAE at once while judging (memory bound); 0 sizes the chunks by free CUDA memory.", 8)
+    judge_batch_size: int | None = help_field(
+        "Images scored by the judge at once (memory bound); unset scores all k x sample_batch_size candidates at once.", None)
     pairing: Literal["step", "trajectory"] = help_field(
         "step: SPO's step-wise pairs from a shared x_t. trajectory: the Diffusion-DPO-style baseline SPO argues "
         "against (two chains per prompt, the final images' label applied to every step), for comparisons.", "step")
@@ -59,7 +62,10 @@ class TrainSPOConfig:
     lora_init: str = help_field("peft init_lora_weights: gaussian (SPO) or true (kaiming).", "gaussian")
     lora_targets: list[str] = help_field("UNet module-name suffixes that get LoRA.", list(SD15_LORA_TARGETS))
     # -- optimisation --------------------------------------------------------------------------------
-    train_batch_size: int = help_field("Tuples per training micro-batch, per process.", 10)
+    train_batch_size: int = help_field("Tuples per training batch, per process: the loss is the mean over these.", 10)
+    train_micro_batch_size: int | None = help_field(
+        "Tuples per forward/backward pass when smaller than train_batch_size (memory bound); the gradients are "
+        "accumulated so the loss stays the mean over the whole training batch. Unset: one pass per batch.", None)
     gradient_accumulation_steps: int = help_field("Micro-batches per optimizer step (an iteration's last step may be shorter).", 1)
     num_inner_epochs: int = help_field("Passes over each sampling round's tuples.", 1)
     learning_rate: float = help_field("AdamW learning rate.", 6e-5)
@@ -79,6 +85,11 @@ class TrainSPOConfig:
         "Mixed precision; frozen weights in this dtype, trained (LoRA) weights kept in fp32.", "fp16")
     gradient_checkpointing: bool = help_field("Trade compute for memory in the UNet's training forward.", False)
     allow_tf32: bool = help_field("Allow TF32 matmuls on Ampere+ GPUs.", True)
+    compile: bool = help_field("torch.compile the UNet, the VAE decoder and the judge's towers (same maths, faster after warm-up).", False)
+    compile_backend: str = help_field("torch.compile backend when compile=true.", "inductor")
+    offload_text_encoder: bool = help_field(
+        "Encode every training prompt once at start-up, keep the embeddings on the CPU and move the text encoder "
+        "off the accelerator (frees its memory for the UNet).", False)
     # -- run management ------------------------------------------------------------------------------
     checkpoint_every: int = help_field("Also checkpoint every N iterations (0: only at the end of each epoch and of training).", 0)
     keep_checkpoints: int | None = help_field("Keep only the newest N checkpoints (unset keeps all).", None)
@@ -107,6 +118,9 @@ class TrainSPOConfig:
             (self.eta > 0, "eta must be > 0: SPO needs the density of each DDIM step"),
             (self.sample_batch_size >= 1 and self.train_batch_size >= 1, "batch sizes must be >= 1"),
             (self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps must be >= 1"),
+            (self.train_micro_batch_size is None or self.train_micro_batch_size >= 1, "train_micro_batch_size must be >= 1 (or unset)"),
+            (self.judge_batch_size is None or self.judge_batch_size >= 1, "judge_batch_size must be >= 1 (or unset)"),
+            (self.decode_chunk_size >= 0, "decode_chunk_size must be >= 0 (0: sized by free CUDA memory)"),
             (self.lora_rank >= 1, "lora_rank must be >= 1"),
             (0 < self.eps < 1, "eps must be in (0, 1)"),
             (self.num_epochs >= 1, "num_epochs must be >= 1"),

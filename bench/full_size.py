@@ -264,12 +264,13 @@ def iteration_flops(unit: dict[str, float], prompts: int = 10, k: int = 4, steps
                     tuples: int | None = None) -> dict[str, float]:
     """The paper's iteration composed from per-unit TFLOP (CFG doubles every UNet image-forward).
 
-    Sampling: ``divert`` plain steps on b latents, then a guided pass on k*b candidates at every
-    branching step but the last; decode + judge k*b images per branching step; up to
-    ``(steps - divert) * b`` tuples trained on.
+    Sampling: a guided pass on the b chains at each of the ``divert`` plain steps and at the first
+    branching step (later branching steps reuse the chosen candidate's pass), a guided pass on the k*b
+    candidates at every branching step but the last; decode + judge k*b images per branching step;
+    up to ``(steps - divert) * b`` tuples trained on.
     """
     branching = steps - divert
-    unet_images = 2 * (divert * prompts + (branching - 1) * k * prompts)
+    unet_images = 2 * ((divert + 1) * prompts + (branching - 1) * k * prompts)
     judged = branching * k * prompts
     tuples = branching * prompts if tuples is None else tuples
     rows = {

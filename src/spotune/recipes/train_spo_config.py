@@ -85,7 +85,7 @@ class TrainSPOConfig:
         "Mixed precision; frozen weights in this dtype, trained (LoRA) weights kept in fp32.", "fp16")
     gradient_checkpointing: bool = help_field("Trade compute for memory in the UNet's training forward.", False)
     allow_tf32: bool = help_field("Allow TF32 matmuls on Ampere+ GPUs.", True)
-    compile: bool = help_field("torch.compile the UNet, the VAE decoder and the judge's towers (same maths, faster after warm-up).", False)
+    compile: bool = help_field("torch.compile the UNet, the VAE decoder and the judge's image tower (same maths, faster after warm-up).", False)
     compile_backend: str = help_field("torch.compile backend when compile=true.", "inductor")
     offload_text_encoder: bool = help_field(
         "Encode every training prompt once at start-up, keep the embeddings on the CPU and move the text encoder "

@@ -378,7 +378,9 @@ class SPOTrainer:
                 group = batches[start : start + cfg.gradient_accumulation_steps]
                 losses = []
                 for j, batch in enumerate(group):
-                    parts = [batch.select(idx) for idx in torch.arange(len(batch), device=batch.latents.device).split(micro_size)]
+                    parts = [batch] if len(batch) <= micro_size else [
+                        batch.select(idx) for idx in torch.arange(len(batch), device=batch.latents.device).split(micro_size)
+                    ]
                     for m, part in enumerate(parts):
                         last = j == len(group) - 1 and m == len(parts) - 1
                         # A part's mean loss weighted by its share of the batch: the parts' gradients add up

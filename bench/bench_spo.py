@@ -124,30 +124,22 @@ def _full_overrides(args, cuda: bool) -> list[str]:
 
 
 @contextmanager
-def _random_full_size_models(device: torch.device, judge_dtype: torch.dtype):
-    """Make the recipe's setup load random SD1.5 and the ViT-H/14 judge instead of files."""
+def _random_full_size_models(device: torch.device):
+    """Make the recipe's setup load random SD1.5 and the ViT-H/14 judge instead of files.
+
+    Dtypes are the recipe's own: the training dtype for SD1.5, ``judge_dtype`` for the judge.
+    """
     import full_size
 
     def load_pipeline(source, dtype=torch.float32, device_=None, **kwargs):
         return full_size.build_sd15_random(dtype, device)
 
-    def build_judge(*args, **kwargs):
-        return full_size.build_vit_h_judge(judge_dtype, device)
+    def build_judge(*args, dtype=None, **kwargs):
+        return full_size.build_vit_h_judge(dtype or torch.float32, device)
 
     with mock.patch("spotune.recipes.train_spo.load_pipeline", load_pipeline), \
             mock.patch("spotune.preference.factory.build_judge", build_judge):
         yield
-
-
-def _fp32_judge_outside_autocast(judge, device: torch.device) -> None:
-    """Score in the judge's own dtype: autocast off around it (the sampler runs inside autocast)."""
-    score = judge.score
-
-    def scored(*args, **kwargs):
-        with torch.autocast(device_type=device.type, enabled=False):
-            return score(*args, **kwargs)
-
-    judge.score = scored
 
 
 def run_full(args, mode: str) -> dict:
@@ -162,7 +154,6 @@ def run_full(args, mode: str) -> dict:
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     emulated = mode == "emulated-reference"
-    judge_dtype = torch.float32 if emulated else DTYPES[args.judge_dtype]
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = args.tf32
         torch.backends.cudnn.allow_tf32 = args.tf32
@@ -186,23 +177,23 @@ def run_full(args, mode: str) -> dict:
         config = load_config(
             TrainSPOConfig, args.config or str(ROOT / "configs" / "sd15_spo.yaml"),
             [f"output_dir={tmp}/run", "log_with=none", "progress=false", "validate_every_epochs=0",
-             "num_epochs=1000", "checkpoint_every=0", "compile=false", *overrides, *args.overrides],
+             "num_epochs=1000", "checkpoint_every=0", "compile=false", f"allow_tf32={str(args.tf32).lower()}",
+             f"judge_dtype={'fp32' if emulated else args.judge_dtype}", *overrides, *args.overrides],
         )
         report["config"] = args.config or "configs/sd15_spo.yaml"
         report["settings"] = {k: getattr(config, k) for k in (
             "resolution", "sample_batch_size", "num_samples_per_step", "num_inference_steps", "divert_start_step",
             "guidance_scale", "train_batch_size", "train_micro_batch_size", "gradient_checkpointing", "mixed_precision",
-            "lora_rank", "decode_chunk_size", "judge_batch_size", "offload_text_encoder", "prompts")}
+            "lora_rank", "decode_chunk_size", "judge_batch_size", "offload_text_encoder", "judge_dtype", "max_grad_norm",
+            "prompts")}
         trainer = SPOTrainer(config)
         iterations: list[dict] = []
         flops: dict[str, int] = {}
         t0 = time.perf_counter()
         try:
-            with _random_full_size_models(device, judge_dtype):
+            with _random_full_size_models(device):
                 trainer.setup()
             report["seconds_setup"] = time.perf_counter() - t0
-            if emulated or args.judge_dtype == "fp32":
-                _fp32_judge_outside_autocast(trainer.judge, device)
             acc = trainer.accelerator
             base = acc.unwrap_model(trainer.unet)
             # SDPA is what both libraries pick by default; recorded so a run that fell back is visible.
@@ -362,7 +353,7 @@ def main(argv: list[str] | None = None) -> dict:
     full.add_argument("--compile", action="store_true", help="torch.compile the UNet, VAE decoder and judge after the FLOP count")
     full.add_argument("--channels-last", action="store_true", help="UNet and VAE weights in channels_last memory format")
     full.add_argument("--dtype", choices=("fp16", "bf16", "no"), default=None, help="mixed precision (CUDA: fp16, CPU: bf16)")
-    full.add_argument("--judge-dtype", choices=tuple(DTYPES), default="fp32", help="the judge's precision (outside autocast when fp32)")
+    full.add_argument("--judge-dtype", choices=tuple(DTYPES), default="fp32", help="the judge's precision (judge_dtype; it scores outside autocast)")
     full.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True, help="TF32 matmuls on CUDA")
     full.add_argument("--resolution", type=int, default=None)
     full.add_argument("--prompts", type=int, default=None, help="prompts per iteration (sample_batch_size)")

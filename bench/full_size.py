@@ -190,7 +190,8 @@ def emulate_reference_training(trainer, clock: PhaseClock) -> None:
       instead of the same UNet with its LoRA switched off;
     * four guided passes per tuple: policy and reference once for the winner and once for the
       loser, although both start from the same x_t, t and prompt (spotune runs each once);
-    * the judge in float32 outside autocast (set by the caller when building the judge).
+    * the judge in float32 outside autocast (the caller sets judge_dtype=fp32; the judge itself turns
+      autocast off, as spotune's does by default).
     """
     from spotune.diffusion.ddim import ddim_step_with_logprob
     from spotune.diffusion.sampler import guided_noise_pred

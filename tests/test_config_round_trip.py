@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = {
     "sd15_spo.yaml": (TrainSPOConfig, []),
     "sd15_gradspo.yaml": (TrainSPOConfig, []),
+    "sd15_spo_24gb.yaml": (TrainSPOConfig, []),
     "tiny_cpu.yaml": (TrainSPOConfig, []),
     "toyworld_spo.yaml": (TrainSPOConfig, []),
     "sd15_spm.yaml": (TrainSPMConfig, ["clip_path=PATH", "processor_path=PATH", "train_data=PATH"]),

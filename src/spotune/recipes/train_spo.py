@@ -70,11 +70,13 @@ from spotune.utils.images import save_image_grid
 logger = logging.getLogger(__name__)
 
 # What a resume may change (recipes/resume.py): how long the run goes, checkpoints, logging, validation
-# images, the learning rate, and a memory knob that leaves the maths alone. Anything else is refused.
+# images, the learning rate, and the memory and speed knobs that leave the maths alone (up to
+# floating-point summation order), so a run moved to a smaller card can continue. Anything else is refused.
 RESUMABLE_KEYS = frozenset({
     "max_iterations", "num_epochs", "checkpoint_every", "keep_checkpoints", "log_with", "tracker_project",
     "validate_every_epochs", "num_validation_images", "validation_prompts", "progress", "learning_rate",
-    "gradient_checkpointing",
+    "gradient_checkpointing", "train_micro_batch_size", "decode_chunk_size", "judge_batch_size",
+    "offload_text_encoder", "compile", "compile_backend", "allow_tf32",
 })
 
 class SPOTrainer:

@@ -26,7 +26,7 @@ Checkpoints are written into a temporary folder and renamed at the end, so a fol
 
 from __future__ import annotations
 
-from spotune.errors import SpotuneError
+from spotune.errors import SpotuneError, one_line
 
 import json
 import random
@@ -72,10 +72,21 @@ def resolve_checkpoint(path: str | Path) -> Path:
         raise CheckpointError(f"{path} does not exist (expected a run folder or a checkpoint folder)")
     if (path / "state.json").is_file():
         return path
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is a file; expected a run folder or a checkpoint folder (RUN/checkpoints/iter-XXXXXXXX)")
+    if _CKPT_RE.match(path.name) or any(path.glob("*.safetensors")):
+        # A checkpoint folder without its completion marker: its write was interrupted, or files were removed.
+        complete = [c for c in list_checkpoints(path.parent.parent) if c != path] if path.parent.name == "checkpoints" else []
+        alternative = f"; complete checkpoints of this run: {complete[-1]} (newest)" if complete else ""
+        raise CheckpointError(
+            f"checkpoint folder {path} has no state.json, so it is not a complete checkpoint{alternative}; "
+            "name a complete checkpoint folder, or the run folder (resume=latest picks its newest complete one)"
+        )
     checkpoints = list_checkpoints(path)
     if not checkpoints:
         raise CheckpointError(
-            f"{path} holds no complete checkpoint (expected {path}/checkpoints/iter-XXXXXXXX/state.json)"
+            f"{path} holds no complete checkpoint (expected {path}/state.json in a checkpoint folder, or "
+            f"{path}/checkpoints/iter-XXXXXXXX/state.json in a run folder)"
         )
     return checkpoints[-1]
 
@@ -90,6 +101,35 @@ def read_state(checkpoint: str | Path) -> dict[str, Any]:
     if state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{file}: not a spotune checkpoint (format={state.get('format')!r})")
     return state
+
+
+def _damaged(file: Path, exc: BaseException) -> CheckpointError:
+    """The error for an unreadable file of a checkpoint, pointing at the checkpoint before it."""
+    checkpoint = file.parent
+    earlier = [c for c in list_checkpoints(checkpoint.parent.parent) if c.name < checkpoint.name]
+    if earlier:
+        advice = f"use the previous checkpoint {earlier[-1]} instead (to continue training: resume={earlier[-1]})"
+    else:
+        advice = "no earlier checkpoint of this run exists (to train afresh: overwrite=true)"
+    return CheckpointError(f"{file} is damaged or truncated ({one_line(exc)}); {advice}")
+
+
+def load_checkpoint_tensors(checkpoint: str | Path, name: str, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """The tensors of ``checkpoint/name`` (a safetensors file); a damaged file names the previous checkpoint."""
+    file = Path(checkpoint) / name
+    try:
+        return load_file(str(file), device=device)
+    except Exception as exc:  # safetensors raises its own error type for truncated headers and data
+        raise _damaged(file, exc) from exc
+
+
+def load_checkpoint_json(checkpoint: str | Path, name: str) -> Any:
+    """The parsed ``checkpoint/name`` JSON file; a damaged file names the previous checkpoint."""
+    file = Path(checkpoint) / name
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # ValueError: bad JSON or bad UTF-8
+        raise _damaged(file, exc) from exc
 
 
 def load_weights(checkpoint: str | Path, weights: str = "trained") -> tuple[str, dict[str, torch.Tensor]]:
@@ -112,10 +152,7 @@ def load_weights(checkpoint: str | Path, weights: str = "trained") -> tuple[str,
                 f"{file} does not exist: only algorithm=gradspo runs keep EMA weights (this one is "
                 f"algorithm={trained_with}); use --weights trained"
             )
-    try:
-        return kind, load_file(str(file))
-    except Exception as exc:
-        raise CheckpointError(f"{file}: cannot read weights ({exc})") from exc
+    return kind, load_checkpoint_tensors(checkpoint, file.name)
 
 
 # -- optimizer, scheduler and RNG state as safetensors + JSON (no pickles) --------------------------

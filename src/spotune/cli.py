@@ -9,10 +9,16 @@ commands, so ``spotune --help`` is instant.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import os
 import sys
+
+# SPOTUNE_DEBUG=1 does what --debug does, for launchers (accelerate, schedulers) that pass no flags.
+DEBUG_ENV = "SPOTUNE_DEBUG"
+# Exit status of a command stopped by Ctrl-C: the shell's 128 + SIGINT.
+INTERRUPTED_EXIT = 130
 
 COMMAND_MODULES = [
     "spotune.commands.train",
@@ -33,7 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
     from spotune import __version__
 
     parser.add_argument("--version", action="version", version=f"spotune {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="print debug logs and full tracebacks")
+    parser.add_argument("-v", "--verbose", action="store_true", help="print debug logs")
+    parser.add_argument(
+        "--debug", action="store_true",
+        help=f"print debug logs, and full tracebacks instead of one-line errors (or set {DEBUG_ENV}=1)",
+    )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(subparsers)
@@ -48,26 +58,55 @@ def _quiet_third_party() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+def debug_requested(args: argparse.Namespace) -> bool:
+    """``--debug`` or ``SPOTUNE_DEBUG`` set to anything but empty / 0 / false / no."""
+    return bool(getattr(args, "debug", False)) or os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def disk_full_message(exc: OSError) -> str:
+    """One line for a full disk met outside spotune's own writers: the file and the space left there."""
+    from pathlib import Path
+
+    from spotune.utils.io import disk_full_error
+
+    if exc.filename:
+        return str(disk_full_error(Path(exc.filename)))
+    return f"no space left on the device ({exc.strerror or exc}); free some space and run again"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    debug = debug_requested(args)
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.DEBUG if (args.verbose or debug) else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
     _quiet_third_party()
     from spotune.errors import SpotuneError
 
+    prefix = f"spotune {args.command}"
     try:
         return int(args.func(args) or 0)
-    except SpotuneError as exc:
-        if args.verbose:
+    except KeyboardInterrupt as exc:
+        if debug:
             raise
-        print(f"spotune {args.command}: error: {exc}", file=sys.stderr)
+        # Recipes raise RunInterrupted with where the run stopped and its last checkpoint.
+        print(f"{prefix}: {exc or 'interrupted'}", file=sys.stderr)
+        return INTERRUPTED_EXIT
+    except SpotuneError as exc:
+        if debug:
+            raise
+        print(f"{prefix}: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        if debug or exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"{prefix}: error: {disk_full_message(exc)}", file=sys.stderr)
         return 1
 
 

@@ -35,8 +35,8 @@ def test_formats(tmp_path):
     ("e.txt", "\n\n", "holds no prompts"),
     ("b.json", "{not json", "not valid JSON"),
     ("c.json", '{"caption": "x"}', "expected a JSON list"),
-    ("d.json", '[{"caption": "x"}, {"other": "y"}]', "row 1 has no 'caption' field"),
-    ("e.json", '[{"caption": ""}]', "row 0 has an empty prompt"),
+    ("d.json", '[{"caption": "x"}, {"other": "y"}]', "row 2 has no 'caption' field"),  # rows count from 1
+    ("e.json", '[{"caption": ""}]', "row 1 has an empty prompt"),
     ("f.csv", "a,b\n1,2\n", "cannot tell which column"),
     ("g.yaml", "x", "unknown prompt file type"),
 ])

@@ -42,4 +42,7 @@ def run(args: argparse.Namespace) -> int:
     rows = run_eval_spm(config)
     if int(os.environ.get("RANK", "0")) == 0:  # one table, however many processes measured
         print(format_accuracy_table(rows))
+        # What the numbers rest on, so they can be set beside train-spm's accuracy.csv (same seed, same pairs).
+        pairs = max((r.total for r in rows), default=0)
+        print(f"measured on {pairs} decisive pair(s) (ties left out) of {config.data} with noise seed {config.seed}")
     return 0

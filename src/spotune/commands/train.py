@@ -12,7 +12,7 @@ def register(subparsers) -> None:
         help="fine-tune a diffusion model with SPO (LoRA or full)",
         description=(
             "Fine-tune with Step-by-step Preference Optimization. Settings come from --config (YAML) and "
-            "key=value overrides, e.g. `spotune train --config configs/sd15_spo.yaml output_dir=runs/a lr=1e-5`. "
+            "key=value overrides, e.g. `spotune train --config configs/sd15_spo.yaml output_dir=runs/a learning_rate=1e-5`. "
             "`spotune train --list-keys` prints every key with its default and meaning. Multi-GPU: "
             "`accelerate launch -m spotune.cli train ...`."
         ),
@@ -45,4 +45,18 @@ def run(args: argparse.Namespace) -> int:
         print(f"done: {config.output_dir} ({summary})")
     else:
         print(f"done: {config.output_dir}")
+    print(f"next: {export_command(config.output_dir, config.finetune)}")
     return 0
+
+
+def export_command(output_dir: str, finetune: str) -> str:
+    """The ``spotune export`` line that turns this run into something webui / diffusers load."""
+    import shlex
+    from pathlib import Path
+
+    run = Path(output_dir)
+    if finetune == "lora":
+        target = run.parent / f"{run.name}_lora.safetensors"
+        return f"spotune export {shlex.quote(str(run))} --format webui --output {shlex.quote(str(target))}"
+    target = run.parent / f"{run.name}_merged"
+    return f"spotune export {shlex.quote(str(run))} --format merged --output {shlex.quote(str(target))}"

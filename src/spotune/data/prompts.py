@@ -3,7 +3,7 @@
 Accepted: ``.txt`` (one prompt per line, blank lines and ``#`` comments skipped), ``.json`` (a list of
 strings, or of objects with a caption field, e.g. the SPO 4k list ``[{"caption": ...}, ...]``),
 ``.jsonl``, ``.csv`` / ``.tsv`` (a named column; PartiPrompts' ``Prompt`` is found on its own), and
-``.parquet``. Errors name the file and the row.
+``.parquet``. Errors name the file and the row, counted from 1 (the first prompt, after any header, is row 1).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from spotune.errors import SpotuneError
+from spotune.errors import SpotuneError, one_line
 
 # Column names tried, in order, when the caller does not name one.
 PROMPT_COLUMNS = ("prompt", "Prompt", "caption", "Caption", "text", "TEXT")
@@ -90,7 +90,7 @@ def load_prompt_records(path: str | Path, column: str | None = None) -> list[dic
                 raise PromptFileError(f"{path}: not valid JSON ({exc})") from None
             if not isinstance(data, list):
                 raise PromptFileError(f"{path}: expected a JSON list of prompts or of objects, got {type(data).__name__}")
-            records = _records_from_json_items(data, column, path, first_row=0)
+            records = _records_from_json_items(data, column, path, first_row=1)
         elif suffix == ".jsonl":
             items = []
             for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
@@ -104,18 +104,30 @@ def load_prompt_records(path: str | Path, column: str | None = None) -> list[dic
             with open(path, newline="", encoding="utf-8") as fh:
                 reader = csv.DictReader(fh, delimiter="\t" if suffix == ".tsv" else ",")
                 key = _pick_column(list(reader.fieldnames or []), column, path)
-                records = [{**row, "prompt": row[key]} for row in reader]
+                records = []
+                for row in reader:
+                    if row[key] is None:  # a short row: fewer fields than the header names
+                        raise PromptFileError(
+                            f"{path}: row {len(records) + 1} (line {reader.line_num}) has no '{key}' field"
+                        )
+                    records.append({**row, "prompt": row[key]})
         elif suffix == ".parquet":
             import pyarrow.parquet as pq
 
-            table = pq.read_table(path)
+            import pyarrow as pa
+
+            try:
+                table = pq.read_table(path)
+            except (OSError, pa.ArrowException) as exc:
+                raise PromptFileError(f"{path}: cannot read it as parquet ({one_line(exc)})") from None
             key = _pick_column(table.column_names, column, path)
             records = [{**row, "prompt": row[key]} for row in table.to_pylist()]
         else:
             raise PromptFileError(f"{path}: unknown prompt file type '{suffix}' (use .txt, .json, .jsonl, .csv, .tsv, .parquet)")
     except UnicodeDecodeError as exc:
         raise PromptFileError(f"{path}: not UTF-8 text ({exc})") from None
-    for i, record in enumerate(records):
+    # Rows are numbered from 1 in every format: the first prompt (the first data row after a header) is row 1.
+    for i, record in enumerate(records, start=1):
         prompt = record["prompt"]
         if not isinstance(prompt, str):
             raise PromptFileError(f"{path}: row {i} has a prompt of type {type(prompt).__name__}, expected text")
@@ -163,7 +175,7 @@ def load_hpsv2_prompt_records(folder: str | Path) -> list[dict[str, Any]]:
             raise PromptFileError(f"{file}: not valid UTF-8 JSON ({exc})") from None
         if not isinstance(data, list) or not data:
             raise PromptFileError(f"{file}: expected a non-empty JSON list of prompts (the HPS v2 benchmark layout)")
-        for i, prompt in enumerate(data):
+        for i, prompt in enumerate(data, start=1):
             if not isinstance(prompt, str) or not prompt.strip():
                 raise PromptFileError(f"{file}: item {i} is {prompt!r}, expected a non-empty prompt string")
             records.append({"prompt": prompt, "style": file.stem, "category": file.stem})

@@ -106,7 +106,14 @@ def run_eval(config: EvalConfig) -> EvalResult:
         gen_config = load_config(GenerateConfig, config.generate_config)
         folders.append(Path(gen_config.output_dir).expanduser())
     check_output(out, config.overwrite, folders)
-    problems = [msg for name in config.scorers for msg in missing_weights(name, **config.scorer_kwargs(name))]
+    from spotune.eval.config import SCORER_PATH_KEYS
+    from spotune.hints import config_keys
+
+    # Inside config_keys, the scorers' messages name eval's keys (pickscore_model=...), not their arguments.
+    problems = []
+    for name in config.scorers:
+        with config_keys(SCORER_PATH_KEYS[name]):
+            problems += missing_weights(name, **config.scorer_kwargs(name))
     if problems:
         raise EvalError("missing scorer weights (nothing was scored):\n  " + "\n  ".join(problems))
 
@@ -118,9 +125,10 @@ def run_eval(config: EvalConfig) -> EvalResult:
 
     scores: dict[str, dict[str, list[float]]] = {}
     for name in config.scorers:
-        scorer = get_scorer(
-            name, device=config.device, dtype=config.dtype, batch_size=config.batch_size, **config.scorer_kwargs(name)
-        )
+        with config_keys(SCORER_PATH_KEYS[name]):
+            scorer = get_scorer(
+                name, device=config.device, dtype=config.dtype, batch_size=config.batch_size, **config.scorer_kwargs(name)
+            )
         scores[name] = {model: score_images(scorer, model_items, config.batch_size) for model, model_items in items.items()}
         del scorer  # one scorer in memory at a time: ViT-H models are large
         gc.collect()

@@ -9,6 +9,7 @@ goes, so an interrupted run continues where it stopped.
 from __future__ import annotations
 
 import logging
+import math
 import re
 import shutil
 from dataclasses import dataclass, field
@@ -84,15 +85,28 @@ class GenerationResult:
 
 
 def parse_lora_spec(spec: str, default_scale: float) -> tuple[Path, float]:
-    """``"runs/spo:0.8"`` -> (runs/spo, 0.8); without a numeric ``:SCALE`` suffix the default scale."""
+    """``"runs/spo:0.8"`` -> (runs/spo, 0.8); without a ``:SCALE`` suffix, the default scale.
+
+    A path that exists as written is taken whole (it may contain ``:``). Otherwise the text after the
+    last ``:`` must be a finite number when the text before it names an existing LoRA.
+
+    Raises:
+        GenerateError: an empty path, or a scale that is not a finite number.
+    """
     path, scale = spec, default_scale
-    if ":" in spec:
+    if ":" in spec and not Path(spec).expanduser().exists():
         head, tail = spec.rsplit(":", 1)
         try:
             scale = float(tail)
             path = head
         except ValueError:
-            pass
+            if head and Path(head).expanduser().exists():
+                raise GenerateError(
+                    f"LoRA entry {spec!r}: the scale {tail!r} after the last ':' is not a number; write PATH:SCALE "
+                    f"with a number, e.g. {head}:0.8, or PATH alone for lora_scale={default_scale:g}"
+                ) from None
+        if path == head and not math.isfinite(scale):
+            raise GenerateError(f"LoRA entry {spec!r}: the scale must be a finite number, got {tail!r}")
     if not path:
         raise GenerateError(f"LoRA entry {spec!r} has no path")
     return Path(path).expanduser(), scale

@@ -11,8 +11,9 @@ Accepted sources, tried in this order:
 
 from __future__ import annotations
 
-from spotune.errors import SpotuneError
+from spotune.errors import SpotuneError, one_line
 
+import json
 import os
 from pathlib import Path
 
@@ -38,6 +39,27 @@ def _with_ddim(pipe: StableDiffusionPipeline) -> StableDiffusionPipeline:
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+# The components spotune uses; each must be a sub-folder of a diffusers pipeline folder.
+REQUIRED_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+def _check_pipeline_folder(path: Path) -> None:
+    """Refuse a diffusers folder whose model_index.json is unreadable or whose components are missing."""
+    index = path / "model_index.json"
+    try:
+        listed = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{index}: not readable JSON ({one_line(exc)})") from None
+    if not isinstance(listed, dict):
+        raise ModelLoadError(f"{index}: expected a JSON object naming the pipeline's components")
+    missing = [name for name in REQUIRED_COMPONENTS if not (path / name).is_dir()]
+    if missing:
+        raise ModelLoadError(
+            f"pipeline folder {path} has no {', '.join(f'{m}/' for m in missing)} sub-folder(s); a Stable Diffusion "
+            f"pipeline folder (as written by save_pretrained) holds model_index.json and {', '.join(f'{c}/' for c in REQUIRED_COMPONENTS)}"
+        )
 
 
 def load_pipeline(
@@ -67,12 +89,13 @@ def load_pipeline(
                     "(expected the layout written by save_pretrained: model_index.json, unet/, vae/, "
                     "text_encoder/, tokenizer/, scheduler/)"
                 )
+            _check_pipeline_folder(path)
             try:
                 pipe = StableDiffusionPipeline.from_pretrained(
                     str(path), safety_checker=None, requires_safety_checker=False, local_files_only=True
                 )
             except Exception as exc:  # diffusers raises many types; the user needs the path
-                raise ModelLoadError(f"could not load the diffusers pipeline in {path}: {exc}") from exc
+                raise ModelLoadError(f"could not load the diffusers pipeline in {path}: {one_line(exc)}") from exc
         elif path.is_file():
             if path.suffix not in SINGLE_FILE_SUFFIXES:
                 raise ModelLoadError(

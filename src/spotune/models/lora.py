@@ -16,8 +16,28 @@ from diffusers import UNet2DConditionModel
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
+from spotune.errors import SpotuneError, one_line
+
 SD15_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 ADAPTER_NAME = "default"
+# Accepted lora_init values: peft's gaussian (SPO's choice), or its default kaiming-uniform A (true).
+# Both start with B = 0, so the adapted UNet starts equal to the reference (the adapter off).
+LORA_INITS = ("gaussian", "true", "kaiming", "default")
+
+
+class LoRAConfigError(SpotuneError, ValueError):
+    """LoRA settings that do not fit the UNet (targets that match nothing, an unknown init)."""
+
+
+class LoRAMismatchError(SpotuneError, ValueError):
+    """LoRA weights that do not fit the adapter (other targets or another rank)."""
+
+
+def matching_modules(unet: torch.nn.Module, targets: Sequence[str]) -> dict[str, list[str]]:
+    """For each target suffix, the names of the UNet's linear/conv modules it matches (peft's rule:
+    the full name equals the target or ends with ``.`` + target)."""
+    names = [n for n, m in unet.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    return {t: [n for n in names if n == t or n.endswith("." + t)] for t in targets}
 
 
 def add_lora(
@@ -36,15 +56,35 @@ def add_lora(
         init: peft's ``init_lora_weights``: "gaussian" (SPO), True (kaiming), ...
     Returns:
         The :class:`LoraConfig` used.
+    Raises:
+        LoRAConfigError: ``init`` is not one of :data:`LORA_INITS`, or a target matches no module
+            (checked here, so the message names the config keys rather than peft's internals).
     """
+    init = str(init).lower()
+    if init not in LORA_INITS:
+        raise LoRAConfigError(f"lora_init={init} is not one of {', '.join(LORA_INITS)}")
+    matches = matching_modules(unet, targets)
+    unmatched = [t for t, found in matches.items() if not found]
+    if not targets or unmatched:
+        usable = [t for t, found in matching_modules(unet, SD15_LORA_TARGETS).items() if found]
+        raise LoRAConfigError(
+            f"lora_targets={list(targets)}: {unmatched or 'the empty list'} match(es) no linear or conv module of "
+            f"the UNet; name module-name suffixes such as lora_targets=[{','.join(usable or SD15_LORA_TARGETS)}]"
+        )
     unet.requires_grad_(False)
     config = LoraConfig(
         r=rank,
         lora_alpha=rank if alpha is None else alpha,
-        init_lora_weights=True if init in ("true", "default", "kaiming") else init,
+        init_lora_weights="gaussian" if init == "gaussian" else True,
         target_modules=list(targets),
     )
-    unet.add_adapter(config, adapter_name=ADAPTER_NAME)
+    try:
+        unet.add_adapter(config, adapter_name=ADAPTER_NAME)
+    except (ValueError, TypeError, RuntimeError) as exc:  # peft's own checks, for what is not caught above
+        raise LoRAConfigError(
+            f"LoRA settings lora_rank={rank} lora_targets={list(targets)} lora_init={init} were refused by peft "
+            f"({one_line(exc)})"
+        ) from exc
     return config
 
 
@@ -64,13 +104,20 @@ def load_lora_state_dict(unet: torch.nn.Module, state: dict[str, torch.Tensor], 
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise ValueError(
-            f"{source} does not fit this UNet: {len(missing)} missing key(s) (e.g. {missing[:3]}), "
-            f"{len(unexpected)} unexpected key(s) (e.g. {unexpected[:3]})"
+        raise LoRAMismatchError(
+            f"{source} does not fit this UNet's adapter (other lora_targets?): {len(missing)} missing key(s) "
+            f"(e.g. {missing[:3]}), {len(unexpected)} unexpected key(s) (e.g. {unexpected[:3]})"
         )
     for key, value in state.items():
         if value.shape != expected[key].shape:
-            raise ValueError(f"{source}: key {key} has shape {tuple(value.shape)}, the UNet expects {tuple(expected[key].shape)}")
+            rank_hint = ""
+            if "lora_A" in key or "lora_B" in key:  # A is [r, in], B is [out, r]
+                file_rank = value.shape[0] if "lora_A" in key else value.shape[1]
+                unet_rank = expected[key].shape[0] if "lora_A" in key else expected[key].shape[1]
+                rank_hint = f" (LoRA rank {file_rank} in the file, lora_rank={unet_rank} in the config: pass lora_rank={file_rank})"
+            raise LoRAMismatchError(
+                f"{source}: key {key} has shape {tuple(value.shape)}, the UNet expects {tuple(expected[key].shape)}{rank_hint}"
+            )
     set_peft_model_state_dict(unet, state, adapter_name=ADAPTER_NAME)
 
 

@@ -41,6 +41,13 @@ CLIP_BPE_SHA256 = "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d68
 CLIP_VOCAB_SIZE = 49408
 CLIP_MAX_LENGTH = 77
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+# What to do with a single file that is not SD1.5-shaped: no command takes other component configs,
+# so the way in is a diffusers folder (the Python loader also takes a config_folder argument).
+_NOT_SD15_ADVICE = (
+    "the file is not SD1.5-architecture: convert it to a diffusers folder (e.g. diffusers' "
+    "StableDiffusionPipeline.from_single_file(FILE).save_pretrained(FOLDER)) and pass that folder as the model, "
+    "or in Python give load_single_file_pipeline the configs it was made with as its config_folder argument"
+)
 
 
 class SingleFileError(ModelLoadError):
@@ -76,9 +83,9 @@ def _clip_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
     path = _clip_bpe_path()
     if not path.is_file():
         raise SingleFileError(
-            f"the CLIP tokenizer file {path} is missing from this installation; reinstall spotune, or pass "
-            "tokenizer_path= a local copy of the SD1.5 tokenizer folder (tokenizer/ of "
-            "stable-diffusion-v1-5/stable-diffusion-v1-5, or of openai/clip-vit-large-patch14, on the Hugging Face hub)"
+            f"the CLIP tokenizer file {path} is missing from this installation; reinstall spotune (in Python, "
+            "load_single_file_pipeline's tokenizer_path argument can name a local copy of the SD1.5 tokenizer folder: "
+            "tokenizer/ of stable-diffusion-v1-5/stable-diffusion-v1-5 on the Hugging Face hub)"
         )
     lines = gzip.decompress(path.read_bytes()).decode("utf-8").split("\n")
     # Line 0 is a version header; the vocabulary has room for 49408 - 2 * 256 - 2 = 48894 merges.
@@ -109,7 +116,8 @@ def _load_tokenizer(tokenizer_path: Path | None, config_folder: Path, vocab_size
     if vocab_size != CLIP_VOCAB_SIZE:
         raise SingleFileError(
             f"the text encoder in {config_folder} has a {vocab_size}-token vocabulary, not CLIP's {CLIP_VOCAB_SIZE}; "
-            "pass tokenizer_path= the tokenizer folder that belongs to it"
+            f"put the tokenizer that belongs to it in {config_folder / 'tokenizer'} (or, in Python, name it with "
+            "load_single_file_pipeline's tokenizer_path argument)"
         )
     return build_sd15_tokenizer()
 
@@ -261,13 +269,13 @@ def load_single_file_pipeline(
     if extra:
         raise SingleFileError(
             f"{path}: key {extra[0]} (and {len(extra) - 1} more) is not part of the model described by {folder}; "
-            "the file is not SD1.5-architecture, or pass config_folder= the configs it was made with"
+            f"{_NOT_SD15_ADVICE}"
         )
     for name, model in models.items():
         try:
             state, missing = from_original(tensors, maps[name], shapes[name])
         except OriginalLayoutError as exc:
-            raise SingleFileError(f"{path}: {exc}; pass config_folder= the configs this file was made with") from exc
+            raise SingleFileError(f"{path}: {exc}; {_NOT_SD15_ADVICE}") from exc
         if missing:
             raise SingleFileError(
                 f"{path}: {len(missing)} {name} weight(s) missing, e.g. {maps[name][missing[0]]} "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from spotune.hints import config_keys, key
 from spotune.preference.clip_judge import ClipStyleJudge, PickScoreJudge
 from spotune.preference.loading import BUILTIN_TINY_CLIP, JudgeLoadError
 from spotune.preference.step_aware import StepAwarePreferenceModel
@@ -12,6 +13,13 @@ JUDGE_KINDS = ("spm", "pickscore", "tiny-clip", "tiny-spm")
 # The precisions a judge can run in (the config's judge_dtype). fp32 is SPO's: its judge is built in
 # fp32 and never runs under autocast; bf16/fp16 trade some pair decisions for speed.
 JUDGE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# The config keys of the commands that build a judge (spotune train, eval-spm) for build_judge's arguments.
+JUDGE_CONFIG_KEYS = {
+    "kind": "judge",
+    "clip_path": "judge_clip_path",
+    "checkpoint": "judge_checkpoint",
+    "processor_path": "judge_processor_path",
+}
 
 
 def build_judge(
@@ -37,9 +45,10 @@ def build_judge(
     Raises:
         JudgeLoadError: an unknown kind, a missing path, or files that do not fit (each named).
     """
+    kind_key, clip_key, ckpt_key = key("kind"), key("clip_path"), key("checkpoint")
     if kind == "tiny-clip":
         if checkpoint is not None:
-            raise JudgeLoadError("judge kind tiny-clip takes no checkpoint (did you mean tiny-spm?)")
+            raise JudgeLoadError(f"{kind_key}=tiny-clip takes no {ckpt_key} (did you mean {kind_key}=tiny-spm?)")
         return PickScoreJudge.from_pretrained(BUILTIN_TINY_CLIP, processor_path, device=device, dtype=dtype)
     if kind == "tiny-spm":
         return StepAwarePreferenceModel.from_pretrained(
@@ -47,15 +56,25 @@ def build_judge(
         )
     if kind == "pickscore":
         if not clip_path:
-            raise JudgeLoadError("judge kind pickscore needs clip_path: a local CLIPModel folder (PickScore_v1)")
+            raise JudgeLoadError(f"{kind_key}=pickscore needs {clip_key}=PATH: a local CLIPModel folder (PickScore_v1)")
         if checkpoint is not None:
-            raise JudgeLoadError("judge kind pickscore takes no checkpoint (use kind spm for a step-aware checkpoint)")
+            raise JudgeLoadError(
+                f"{kind_key}=pickscore takes no {ckpt_key} (use {kind_key}=spm for a step-aware checkpoint)"
+            )
         return PickScoreJudge.from_pretrained(clip_path, processor_path, device=device, dtype=dtype)
     if kind == "spm":
         if not clip_path or not checkpoint:
             raise JudgeLoadError(
-                "judge kind spm needs clip_path (a local PickScore_v1 CLIPModel folder) and checkpoint (an "
-                "official *_step-aware_preference_model.bin, a .safetensors, or a train-spm run folder)"
+                f"{kind_key}=spm needs {clip_key}=PATH (a local PickScore_v1 CLIPModel folder) and {ckpt_key}=PATH "
+                "(an official *_step-aware_preference_model.bin, a .safetensors, or a train-spm run folder)"
             )
         return StepAwarePreferenceModel.from_pretrained(clip_path, checkpoint, processor_path, device=device, dtype=dtype)
-    raise JudgeLoadError(f"unknown judge kind {kind!r}; expected one of {', '.join(JUDGE_KINDS)}")
+    raise JudgeLoadError(f"unknown {kind_key} {kind!r}; expected one of {', '.join(JUDGE_KINDS)}")
+
+
+def build_judge_from_config(kind: str, clip_path: str | None, checkpoint: str | None, processor_path: str | None,
+                            device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> ClipStyleJudge:
+    """:func:`build_judge` for the commands whose keys are ``judge``, ``judge_clip_path``, ``judge_checkpoint``
+    and ``judge_processor_path``: its error messages name those keys."""
+    with config_keys(JUDGE_CONFIG_KEYS):
+        return build_judge(kind, clip_path, checkpoint, processor_path, device=device, dtype=dtype)

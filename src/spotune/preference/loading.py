@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from spotune.errors import SpotuneError
+from spotune.hints import key
 from spotune.preference.clip_judge import CLIP_MEAN, CLIP_STD
 
 BUILTIN_TINY_CLIP = "builtin:tiny-clip"
@@ -112,7 +113,7 @@ def _load_tokenizer(folders: list[Path]):
     names = " or ".join(str(f) for f in folders)
     raise JudgeLoadError(
         f"no CLIP tokenizer in {names} (expected tokenizer.json or vocab.json + merges.txt; for PickScore "
-        "pass processor_path = the CLIP-ViT-H-14-laion2B-s32B-b79K processor folder)"
+        f"pass {key('processor_path')}=PATH, the CLIP-ViT-H-14-laion2B-s32B-b79K processor folder)"
     )
 
 

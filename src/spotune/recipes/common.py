@@ -11,7 +11,7 @@ import torch
 
 from spotune.checkpoint import list_checkpoints, resolve_checkpoint
 from spotune.config import ConfigError
-from spotune.errors import SpotuneError
+from spotune.errors import RunInterrupted, SpotuneError
 from spotune.utils.io import remove_stale_temporaries
 from spotune.utils.run_lock import RunLock, RunLockedError
 
@@ -22,6 +22,10 @@ MIXED_PRECISION_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": to
 
 class RunFolderError(SpotuneError, FileExistsError):
     """The output folder already holds a run and neither resume nor overwrite was asked for."""
+
+
+class NoTrainingError(SpotuneError, RuntimeError):
+    """A run ended without a single optimizer step (e.g. no pair passed the preference threshold)."""
 
 
 class NonFiniteLossError(SpotuneError, FloatingPointError):
@@ -171,17 +175,47 @@ def end_accelerator(accelerator) -> None:
     AcceleratorState._reset_state()
 
 
+def interruption_message(trainer, started: bool) -> str:
+    """Where a Ctrl-C stopped ``trainer`` and what is kept, e.g. for the CLI's one line.
+
+    SPO trainers count SPO iterations (``iteration``), SPM trainers optimizer steps (``global_step``);
+    the number named is the one that was in progress.
+    """
+    output_dir = Path(trainer.output_dir)
+    if not started:
+        return f"interrupted while setting up the run in {output_dir}; no training step was taken"
+    if hasattr(trainer, "iteration"):
+        where = f"iteration {trainer.iteration + 1}"
+    else:
+        where = f"optimizer step {trainer.global_step + 1}"
+    checkpoints = list_checkpoints(output_dir)
+    if checkpoints:
+        return (f"interrupted at {where}; the last checkpoint is {checkpoints[-1]} "
+                f"(continue with resume=latest output_dir={output_dir})")
+    return f"interrupted at {where}; no checkpoint of {output_dir} was written yet"
+
+
 def run_recipe(trainer) -> dict[str, float]:
     """``setup()``, ``train()`` and, whatever happens, ``cleanup()``; returns what ``train()`` returns.
 
-    A setup that fails still frees the run folder's lock, so the same process can try again.
+    A setup that fails (or is interrupted) still frees the run folder's lock, so the same process can try again.
+
+    Raises:
+        RunInterrupted: on Ctrl-C, naming the iteration (or step) and the last checkpoint.
     """
+    started = False
     try:
-        trainer.setup()
-    except BaseException:
-        release_run_folder(trainer)
-        raise
-    try:
-        return trainer.train()
-    finally:
-        trainer.cleanup()
+        try:
+            trainer.setup()
+        except BaseException:
+            release_run_folder(trainer)
+            raise
+        started = True
+        try:
+            return trainer.train()
+        finally:
+            trainer.cleanup()
+    except KeyboardInterrupt as exc:
+        if isinstance(exc, RunInterrupted):
+            raise
+        raise RunInterrupted(interruption_message(trainer, started)) from None

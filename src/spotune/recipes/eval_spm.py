@@ -20,7 +20,7 @@ from spotune.config import ConfigError, help_field
 from spotune.errors import SpotuneError
 from spotune.data.pickapic import PickAPicPairs, collate_pairs
 from spotune.models.loading import load_pipeline
-from spotune.preference.factory import JUDGE_KINDS, build_judge
+from spotune.preference.factory import JUDGE_KINDS, build_judge_from_config
 from spotune.preference.noisy_views import NoisyViewMaker
 from spotune.preference.spm_eval import (
     SPM_EVAL_TIMESTEPS,
@@ -28,7 +28,7 @@ from spotune.preference.spm_eval import (
     accuracy_csv,
     evaluate_pair_accuracy,
 )
-from spotune.recipes.common import MIXED_PRECISION_DTYPES, end_accelerator
+from spotune.recipes.common import MIXED_PRECISION_DTYPES, end_accelerator, seed_for
 from spotune.utils.io import atomic_write_json, atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -56,7 +56,9 @@ class EvalSPMConfig:
     timesteps: list[int] = help_field("Timesteps to measure at (SPO: 0, 251, 501, 701, 951).", list(SPM_EVAL_TIMESTEPS))
     batch_size: int = help_field("Pairs per batch.", 16)
     num_workers: int = help_field("DataLoader worker processes decoding images.", 4)
-    seed: int = help_field("Seed of the views' noise (the same seed repeats the measurement exactly).", 0)
+    seed: int = help_field(
+        "Seed of the views' noise (the same seed repeats the measurement exactly; a train-spm run's seed, with its "
+        "eval data and eval_batch_size as batch_size, draws the noise its own evaluation drew).", 0)
     mixed_precision: Literal["no", "fp16", "bf16"] = help_field("Precision of the diffusion model and the judge.", "no")
     output: str | None = help_field("Write the table here: .csv or .json (unset: print only).", None)
     overwrite: bool = help_field("Replace an existing output file.", False)
@@ -97,7 +99,7 @@ def _measure(cfg: EvalSPMConfig, acc) -> list[TimestepAccuracy]:
     dtype = MIXED_PRECISION_DTYPES[cfg.mixed_precision]
     # Data and judge first: a bad path fails before the (slow) diffusion model loads.
     pairs = PickAPicPairs(cfg.data, cfg.split, cfg.resolution or 512, cfg.max_pairs)
-    judge = build_judge(
+    judge = build_judge_from_config(
         cfg.judge, cfg.judge_clip_path, cfg.judge_checkpoint, cfg.judge_processor_path, device=acc.device, dtype=dtype
     )
     pipe = load_pipeline(cfg.pretrained_model, dtype=dtype, device=acc.device)
@@ -106,7 +108,9 @@ def _measure(cfg: EvalSPMConfig, acc) -> list[TimestepAccuracy]:
     loader = acc.prepare(torch.utils.data.DataLoader(
         pairs, batch_size=cfg.batch_size, shuffle=False, collate_fn=collate_pairs, num_workers=cfg.num_workers,
     ))
-    generator = torch.Generator(acc.device).manual_seed(cfg.seed + acc.process_index)
+    # Seeded as train-spm seeds its evaluation: with that run's seed, data, eval_batch_size and process
+    # count, the noisy views here are the ones its accuracy.csv was measured on.
+    generator = torch.Generator(acc.device).manual_seed(seed_for(cfg.seed, -1, acc.process_index))
     with acc.autocast():
         rows = evaluate_pair_accuracy(
             judge, views, loader, cfg.timesteps, generator, gather=acc.gather_for_metrics,

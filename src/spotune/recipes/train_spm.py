@@ -17,7 +17,6 @@ run repeats exactly what the uninterrupted one would have done. Runs on one proc
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
 import math
 import os
@@ -34,6 +33,8 @@ from spotune.checkpoint import (
     CHECKPOINT_FORMAT,
     checkpoint_name,
     list_checkpoints,
+    load_checkpoint_json,
+    load_checkpoint_tensors,
     optimizer_from_files,
     optimizer_to_files,
     read_state,
@@ -155,9 +156,12 @@ class TrainSPMConfig:
             (self.train_batch_size >= 1 and self.eval_batch_size >= 1, "batch sizes must be >= 1"),
             (self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps must be >= 1"),
             (self.max_steps >= 1, "max_steps must be >= 1"),
-            (self.learning_rate > 0, "learning_rate must be > 0"),
-            (self.eval_every >= 0 and self.checkpoint_every >= 0, "eval_every and checkpoint_every must be >= 0"),
-            (self.keep_checkpoints is None or self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1"),
+            (self.learning_rate > 0, f"learning_rate must be > 0, got learning_rate={self.learning_rate}"),
+            (self.eval_every >= 0, f"eval_every must be >= 0 (0: at the end only), got eval_every={self.eval_every}"),
+            (self.checkpoint_every >= 0, f"checkpoint_every must be >= 0 (0: at the end only), got checkpoint_every={self.checkpoint_every}"),
+            (self.keep_checkpoints is None or self.keep_checkpoints >= 1,
+             f"keep_checkpoints must be >= 1 when set (unset keeps all), got keep_checkpoints={self.keep_checkpoints}"),
+            (self.decode_chunk_size >= 1, f"decode_chunk_size must be >= 1, got decode_chunk_size={self.decode_chunk_size}"),
             (self.resolution is None or self.resolution >= 8, "resolution must be >= 8"),
             (self.num_workers >= 0, "num_workers must be >= 0"),
             (self.max_eval_pairs is None or self.max_eval_pairs >= 1, "max_eval_pairs must be >= 1"),
@@ -533,8 +537,6 @@ class SPMTrainer:
 
     def _load_checkpoint(self, checkpoint: Path) -> None:
         """Restore weights, optimizer, lr schedule, counters, evaluation history and RNG."""
-        from safetensors.torch import load_file
-
         acc = self.accelerator
         state = read_state(checkpoint)
         if state.get("kind") != "spm":
@@ -546,12 +548,13 @@ class SPMTrainer:
             )
         self.unwrapped.load_checkpoint(checkpoint / SPM_WEIGHTS_NAME)
         inner = self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer
-        opt_tensors = load_file(str(checkpoint / "optimizer.safetensors"), device=str(acc.device))
-        inner.load_state_dict(optimizer_from_files(opt_tensors, json.loads((checkpoint / "optimizer.json").read_text())))
-        self.lr_scheduler.load_state_dict(json.loads((checkpoint / "scheduler.json").read_text()))
-        rng_file = checkpoint / f"rng_rank{acc.process_index}.safetensors"
-        if rng_file.is_file():
-            restore_rng_state(load_file(str(rng_file)), json.loads(rng_file.with_suffix(".json").read_text()))
+        opt_tensors = load_checkpoint_tensors(checkpoint, "optimizer.safetensors", device=str(acc.device))
+        inner.load_state_dict(optimizer_from_files(opt_tensors, load_checkpoint_json(checkpoint, "optimizer.json")))
+        self.lr_scheduler.load_state_dict(load_checkpoint_json(checkpoint, "scheduler.json"))
+        rng_name = f"rng_rank{acc.process_index}"
+        if (checkpoint / f"{rng_name}.safetensors").is_file():
+            restore_rng_state(load_checkpoint_tensors(checkpoint, f"{rng_name}.safetensors"),
+                              load_checkpoint_json(checkpoint, f"{rng_name}.json"))
         self.global_step = int(state["optimizer_step"])
         self.micro_step = int(state["micro_step"])
         self.epoch = int(state["epoch"])

@@ -12,7 +12,6 @@ Runs on one process or many through ``accelerate launch`` (DDP); nothing project
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
 import os
@@ -29,6 +28,8 @@ from spotune.checkpoint import (
     CHECKPOINT_FORMAT,
     checkpoint_name,
     list_checkpoints,
+    load_checkpoint_json,
+    load_checkpoint_tensors,
     load_weights,
     optimizer_from_files,
     optimizer_to_files,
@@ -54,6 +55,7 @@ from spotune.models.lora import adapter_disabled, add_lora, load_lora_state_dict
 from spotune.models.text import encode_prompts
 from spotune.recipes.common import (
     MIXED_PRECISION_DTYPES,
+    NoTrainingError,
     NonFiniteLossError,
     end_accelerator,
     open_run_folder,
@@ -168,11 +170,11 @@ class SPOTrainer:
             raise SpotuneError(f"config: resolution {resolution} is not a multiple of the VAE's factor {vae_scale}")
         self.latent_shape = (unet.config.in_channels, resolution // vae_scale, resolution // vae_scale)
 
-        from spotune.preference.factory import JUDGE_DTYPES, build_judge
+        from spotune.preference.factory import JUDGE_DTYPES, build_judge_from_config
 
         # The judge's precision is its own (judge_dtype, fp32 as SPO's), not the training dtype; it
         # scores with autocast off (ClipStyleJudge.score), so the sampling autocast does not reach it.
-        self.judge = build_judge(
+        self.judge = build_judge_from_config(
             cfg.judge,
             clip_path=cfg.judge_clip_path,
             checkpoint=cfg.judge_checkpoint,
@@ -244,6 +246,7 @@ class SPOTrainer:
             disable=not (cfg.progress and acc.is_local_main_process), dynamic_ncols=True,
         )
         metrics: dict[str, float] = {}
+        pairs_kept = 0  # decisive pairs of this process in this invocation, for the no-step diagnosis
         while self.iteration < self.total_iterations:
             epoch, index_in_epoch = divmod(self.iteration, self.iterations_per_epoch)
             prompts = self._prompts_for(epoch, index_in_epoch)
@@ -253,6 +256,7 @@ class SPOTrainer:
             t1 = time.perf_counter()
             train_stats = self.train_on_pairs(result.pairs)
             t2 = time.perf_counter()
+            pairs_kept += len(result.pairs)
 
             self.iteration += 1
             metrics = self._iteration_metrics(result, train_stats, t1 - t0, t2 - t1)
@@ -269,6 +273,15 @@ class SPOTrainer:
             if epoch_done and cfg.validate_every_epochs and epochs_done % cfg.validate_every_epochs == 0:
                 self.validate(epochs_done)
         bar.close()
+        if cfg.validate_every_epochs and self.iteration < self.iterations_per_epoch and metrics:
+            # The run ended before its first epoch did: one grid of where it got to, so every run shows its images.
+            self.validate(0, name=f"iter-{self.iteration:08d}")
+        if self.optimizer_step == 0:
+            raise NoTrainingError(
+                f"no optimizer step was taken in {self.iteration} iteration(s): {pairs_kept} decisive pair(s) were "
+                f"kept at preference_threshold={cfg.preference_threshold} (a pair needs the judge's softmax gap between "
+                "its best and worst candidate to exceed it); lower preference_threshold, or check the judge"
+            )
         return metrics
 
     def _prompts_for(self, epoch: int, index_in_epoch: int) -> list[str]:
@@ -566,8 +579,6 @@ class SPOTrainer:
 
     def _load_checkpoint(self, checkpoint: Path) -> None:
         """Restore weights, optimizer, lr schedule, counters and RNG from a checkpoint folder."""
-        from safetensors.torch import load_file
-
         acc = self.accelerator
         state = read_state(checkpoint)
         if state["finetune"] != self.config.finetune:
@@ -585,12 +596,13 @@ class SPOTrainer:
         else:
             unet.load_state_dict(weights)
         inner = self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer
-        opt_tensors = load_file(str(checkpoint / "optimizer.safetensors"), device=str(acc.device))
-        inner.load_state_dict(optimizer_from_files(opt_tensors, json.loads((checkpoint / "optimizer.json").read_text())))
-        self.lr_scheduler.load_state_dict(json.loads((checkpoint / "scheduler.json").read_text()))
-        rng_file = checkpoint / f"rng_rank{acc.process_index}.safetensors"
-        if rng_file.is_file():
-            restore_rng_state(load_file(str(rng_file)), json.loads(rng_file.with_suffix(".json").read_text()))
+        opt_tensors = load_checkpoint_tensors(checkpoint, "optimizer.safetensors", device=str(acc.device))
+        inner.load_state_dict(optimizer_from_files(opt_tensors, load_checkpoint_json(checkpoint, "optimizer.json")))
+        self.lr_scheduler.load_state_dict(load_checkpoint_json(checkpoint, "scheduler.json"))
+        rng_name = f"rng_rank{acc.process_index}"
+        if (checkpoint / f"{rng_name}.safetensors").is_file():
+            restore_rng_state(load_checkpoint_tensors(checkpoint, f"{rng_name}.safetensors"),
+                              load_checkpoint_json(checkpoint, f"{rng_name}.json"))
         self.iteration = int(state["iteration"])
         self.optimizer_step = int(state["optimizer_step"])
         logger.info("resumed from %s (iteration %d, optimizer step %d)", checkpoint, self.iteration, self.optimizer_step)
@@ -599,8 +611,11 @@ class SPOTrainer:
     # validation images
     # ============================================================================================
     @torch.no_grad()
-    def validate(self, epoch: int) -> Path | None:
-        """Render the validation prompts with fixed seeds into ``samples/epoch-XXXX.png`` (main process)."""
+    def validate(self, epoch: int, name: str | None = None) -> Path | None:
+        """Render the validation prompts with fixed seeds into ``samples/epoch-XXXX.png`` (main process).
+
+        ``name`` replaces ``epoch-XXXX`` as the file name (e.g. ``iter-00000003`` for a run shorter than an epoch).
+        """
         cfg, acc = self.config, self.accelerator
         if not cfg.validation_prompts or not acc.is_main_process:
             acc.wait_for_everyone()
@@ -615,7 +630,7 @@ class SPOTrainer:
             x0 = ddim_sample(unet, self.scheduler, embeds, self.negative_embeds, latents * self.scheduler.init_noise_sigma,
                              num_inference_steps=cfg.num_inference_steps, eta=0.0, guidance_scale=cfg.guidance_scale)
             images = decode_latents(self.vae, x0, cfg.decode_chunk_size)
-        path = self.output_dir / "samples" / f"epoch-{epoch:04d}.png"
+        path = self.output_dir / "samples" / f"{name or f'epoch-{epoch:04d}'}.png"
         grid = save_image_grid(images, path, columns=cfg.num_validation_images * min(4, len(cfg.validation_prompts)))
         for tracker in acc.trackers:
             if tracker.name == "tensorboard":

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from spotune.config import ConfigError, help_field
-from spotune.models.lora import SD15_LORA_TARGETS
+from spotune.models.lora import LORA_INITS, SD15_LORA_TARGETS
 
 
 @dataclass
@@ -59,7 +59,7 @@ class TrainSPOConfig:
     finetune: Literal["lora", "full"] = help_field("Train a LoRA adapter (reference = adapter off) or the whole UNet.", "lora")
     lora_rank: int = help_field("LoRA rank.", 4)
     lora_alpha: float | None = help_field("LoRA alpha (update scale alpha/rank); equal to the rank when unset.", None)
-    lora_init: str = help_field("peft init_lora_weights: gaussian (SPO) or true (kaiming).", "gaussian")
+    lora_init: str = help_field("peft init_lora_weights: gaussian (SPO) or true (kaiming; also written kaiming or default).", "gaussian")
     lora_targets: list[str] = help_field("UNet module-name suffixes that get LoRA.", list(SD15_LORA_TARGETS))
     # -- optimisation --------------------------------------------------------------------------------
     train_batch_size: int = help_field("Tuples per training batch, per process: the loss is the mean over these.", 10)
@@ -122,7 +122,19 @@ class TrainSPOConfig:
             (self.judge_batch_size is None or self.judge_batch_size >= 1, "judge_batch_size must be >= 1 (or unset)"),
             (self.decode_chunk_size >= 0, "decode_chunk_size must be >= 0 (0: sized by free CUDA memory)"),
             (self.lora_rank >= 1, "lora_rank must be >= 1"),
-            (0 < self.eps < 1, "eps must be in (0, 1)"),
+            (0 < self.eps < 1, f"eps must be in (0, 1), got eps={self.eps}"),
+            (0 <= self.preference_threshold < 1,
+             f"preference_threshold must be in [0, 1), got preference_threshold={self.preference_threshold} (a pair's "
+             "softmax gap is below 1, so a threshold of 1 or more keeps no pair and nothing is trained)"),
+            (self.learning_rate > 0, f"learning_rate must be > 0, got learning_rate={self.learning_rate}"),
+            (self.beta > 0, f"beta must be > 0, got beta={self.beta}"),
+            (self.decode_chunk_size >= 1, f"decode_chunk_size must be >= 1, got decode_chunk_size={self.decode_chunk_size}"),
+            (self.checkpoint_every >= 0, f"checkpoint_every must be >= 0 (0: at epoch ends only), got checkpoint_every={self.checkpoint_every}"),
+            (self.keep_checkpoints is None or self.keep_checkpoints >= 1,
+             f"keep_checkpoints must be >= 1 when set (unset keeps all), got keep_checkpoints={self.keep_checkpoints}"),
+            (self.lora_init.lower() in LORA_INITS,
+             f"lora_init must be one of {', '.join(LORA_INITS)}, got lora_init={self.lora_init}"),
+            (bool(self.lora_targets), "lora_targets must name at least one UNet module-name suffix, e.g. lora_targets=[to_q,to_k,to_v,to_out.0]"),
             (self.num_epochs >= 1, "num_epochs must be >= 1"),
             (self.max_iterations is None or self.max_iterations >= 1, "max_iterations must be >= 1"),
             (not (self.resume and self.overwrite), "resume and overwrite=true contradict each other"),

@@ -252,6 +252,7 @@ class Demo:
                 f"SPM checkpoint {self.shipped_spm} does not exist; pass spm=train to train one in this run, or "
                 "spm_checkpoint=FILE"
             )
+        self._check_cache_folder()
         for yaml_file in (self.spm_yaml, self.spo_yaml):
             if not yaml_file.is_file():
                 raise DemoError(f"stage config {yaml_file} does not exist")
@@ -261,6 +262,18 @@ class Demo:
             raise DemoError(
                 f"output folder {self.out} already holds files; choose another --output, empty it, or pass "
                 "--overwrite to replace the demo's files in it"
+            )
+
+    def _check_cache_folder(self) -> None:
+        """The stage cache must be (or be creatable as) a folder: refuse a file on its path up front."""
+        source = "cache_dir" if self.cfg.cache_dir else (f"${CACHE_ENV}" if os.environ.get(CACHE_ENV) else "the default cache")
+        probe = self.cache.root
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        if not probe.is_dir():
+            raise DemoError(
+                f"{source}: {probe} is a file, so the stage cache {self.cache.root} cannot be made there; pass "
+                f"cache_dir=FOLDER (or set ${CACHE_ENV}) to a folder"
             )
 
     # -- stages -------------------------------------------------------------------------------------

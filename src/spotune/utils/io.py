@@ -10,6 +10,7 @@ running as another user must be able to read what spotune exports.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -21,6 +22,8 @@ from typing import Any, Iterator
 
 import torch
 from safetensors.torch import save_file
+
+from spotune.errors import SpotuneError
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +125,46 @@ def remove_stale_temporaries(folder: str | Path) -> list[Path]:
     return removed
 
 
+# How a full disk shows through libraries that do not raise OSError (safetensors wraps Rust's io::Error).
+_DISK_FULL_TEXT = ("No space left on device", "StorageFull", "Disk quota exceeded", "QuotaExceeded")
+
+
+class DiskFullError(SpotuneError, OSError):
+    """The disk filled up while spotune wrote a file; what was there before is unchanged."""
+
+    def __str__(self) -> str:  # the message alone (OSError would prefix "[Errno 28]" once errno is set)
+        return str(self.args[0]) if self.args else "no space left on the device"
+
+
+def _is_disk_full(exc: BaseException) -> bool:
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return any(text in str(exc) for text in _DISK_FULL_TEXT)
+
+
+def _free_space(path: Path) -> str:
+    """Free space on the disk holding ``path`` (or its nearest existing parent), e.g. ``"12.0 MiB"``."""
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        return f"{shutil.disk_usage(probe).free / 2**20:.1f} MiB"
+    except OSError:
+        return "unknown space"
+
+
+def disk_full_error(path: Path, what: str | None = None) -> DiskFullError:
+    """A :class:`DiskFullError` naming ``path`` (and ``what`` inside it) and the space left there."""
+    inside = f" ({what})" if what else ""
+    error = DiskFullError(
+        f"no space left on the device while writing {path}{inside}: {_free_space(path.parent)} free there. "
+        "Nothing written before was changed (files are written under temporary names and renamed when "
+        "complete); free some space and run again"
+    )
+    error.errno, error.filename = errno.ENOSPC, str(path)
+    return error
+
+
 def _fsync_dir(folder: Path) -> None:
     with contextlib.suppress(OSError):
         fd = os.open(folder, os.O_RDONLY)
@@ -147,8 +190,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if _is_disk_full(exc) and not isinstance(exc, DiskFullError):
+            raise disk_full_error(path) from exc
         raise
 
 
@@ -191,6 +236,11 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
                     os.fsync(fh.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if _is_disk_full(exc):
+            # Name the folder being made, not the temporary one that was just removed.
+            inner = getattr(exc, "filename", None)
+            what = Path(inner).name if inner and Path(inner).parent == tmp else None
+            raise disk_full_error(path, what) from exc
         raise

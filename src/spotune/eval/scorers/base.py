@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from spotune.errors import SpotuneError
+from spotune.hints import key
 
 
 BUILTIN_TINY_CLIP = "builtin:tiny-clip"  # the tiny random CLIP built in code (tests, CPU demos)
@@ -54,23 +55,28 @@ class WeightSpec:
 
 
 def require_path(scorer: str, path: str | Path | None, spec: WeightSpec) -> Path:
-    """``path`` as a :class:`Path` when it exists and has the right kind, else a :class:`MissingWeightError`."""
+    """``path`` as a :class:`Path` when it exists and has the right kind, else a :class:`MissingWeightError`.
+
+    Messages name the setting as the running command calls it (``pickscore_model`` in ``spotune eval``,
+    see :mod:`spotune.hints`), or the keyword argument of :func:`spotune.eval.get_scorer` otherwise.
+    """
     where = {"file": f"the file {spec.expected}", "dir": f"a folder holding {spec.expected}"}.get(spec.kind, spec.expected)
+    name = key(spec.param)
     if path is None or str(path).strip() == "":
         raise MissingWeightError(
             f"scorer '{scorer}' needs {where} (published at {spec.published}); nothing was given: "
-            f"pass its local path as {spec.param}=PATH. Nothing is downloaded."
+            f"pass its local path as {name}=PATH. Nothing is downloaded."
         )
     resolved = Path(path).expanduser()
     if not resolved.exists():
         raise MissingWeightError(
-            f"scorer '{scorer}': {spec.param}={resolved} does not exist (expected {where}, "
+            f"scorer '{scorer}': {name}={resolved} does not exist (expected {where}, "
             f"published at {spec.published})"
         )
     if spec.kind == "file" and not resolved.is_file():
-        raise MissingWeightError(f"scorer '{scorer}': {spec.param}={resolved} is not a file (expected {where})")
+        raise MissingWeightError(f"scorer '{scorer}': {name}={resolved} is not a file (expected {where})")
     if spec.kind == "dir" and not resolved.is_dir():
-        raise MissingWeightError(f"scorer '{scorer}': {spec.param}={resolved} is not a folder (expected {where})")
+        raise MissingWeightError(f"scorer '{scorer}': {name}={resolved} is not a folder (expected {where})")
     return resolved
 
 

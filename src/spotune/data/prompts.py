@@ -42,8 +42,8 @@ def _pick_column(columns: list[str], column: str | None, path: Path) -> str:
         if name in columns:
             return name
     raise PromptFileError(
-        f"{path}: cannot tell which column holds the prompts (columns: {columns}); name one with the "
-        f"prompt column option (tried {list(PROMPT_COLUMNS)})"
+        f"{path}: cannot tell which column holds the prompts (columns: {columns}); name it with "
+        f"prompt_column=NAME (tried {list(PROMPT_COLUMNS)})"
     )
 
 

@@ -24,8 +24,8 @@ def merged_pipeline(source: ExportSource, base_model: str | None = None) -> Stab
     base = base_model or source.base_model
     if not base:
         raise ExportError(
-            f"{source.path}: no base model is known for this LoRA; pass base_model= (--base-model) with the "
-            "model it was trained on"
+            f"{source.path}: no base model is known for this LoRA; pass --base-model MODEL (base_model: in an "
+            "export --config file) with the model it was trained on"
         )
     pipe = load_pipeline(str(base), dtype=torch.float32)
     if source.kind == "lora":

@@ -30,7 +30,7 @@ def test_hpsv2_folder_errors(tmp_path):
     with pytest.raises(PromptFileError, match="anime.json.*list"):
         load_hpsv2_prompt_records(tmp_path)
     (tmp_path / "anime.json").write_text(json.dumps(["ok", ""]))
-    with pytest.raises(PromptFileError, match="item 1"):
+    with pytest.raises(PromptFileError, match="item 2"):
         load_hpsv2_prompt_records(tmp_path)
 
 

@@ -68,9 +68,9 @@ def test_spm_checkpoint_may_be_a_train_spm_run_folder(clip_dir, tmp_path, make_i
 def test_bad_settings_are_explained(clip_dir, tmp_path):
     with pytest.raises(JudgeLoadError, match="unknown judge kind 'clip'"):
         build_judge("clip")
-    with pytest.raises(JudgeLoadError, match="needs clip_path"):
+    with pytest.raises(JudgeLoadError, match="needs clip_path=PATH"):
         build_judge("pickscore")
-    with pytest.raises(JudgeLoadError, match="needs clip_path .* and checkpoint"):
+    with pytest.raises(JudgeLoadError, match="needs clip_path=PATH .* and checkpoint=PATH"):
         build_judge("spm", clip_path=str(clip_dir))
     with pytest.raises(JudgeLoadError, match="takes no checkpoint"):
         build_judge("tiny-clip", checkpoint="x.bin")

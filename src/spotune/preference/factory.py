@@ -69,7 +69,7 @@ def build_judge(
                 "(an official *_step-aware_preference_model.bin, a .safetensors, or a train-spm run folder)"
             )
         return StepAwarePreferenceModel.from_pretrained(clip_path, checkpoint, processor_path, device=device, dtype=dtype)
-    raise JudgeLoadError(f"unknown {kind_key} {kind!r}; expected one of {', '.join(JUDGE_KINDS)}")
+    raise JudgeLoadError(f"unknown judge kind {kind!r}; set {kind_key} to one of {', '.join(JUDGE_KINDS)}")
 
 
 def build_judge_from_config(kind: str, clip_path: str | None, checkpoint: str | None, processor_path: str | None,

@@ -227,3 +227,29 @@ def test_ctrl_c_stops_with_one_line_and_exit_130(tmp_path):
     last = list_checkpoints(out)[-1]
     assert line.startswith("spotune train: interrupted at iteration ") and f"the last checkpoint is {last}" in line
     assert "resume=latest" in line
+
+
+def test_ctrl_c_in_other_commands_is_one_line_too(tmp_path, monkeypatch, capsys):
+    import spotune.generation.runner as runner
+
+    def interrupted(config):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "run_generate", interrupted)
+    assert main(["generate", "--model", "builtin:tiny-sd15", "--prompt", "a cat", "--out", str(tmp_path / "g")]) == 130
+    err = capsys.readouterr().err
+    assert err == "spotune generate: interrupted; the images written so far are kept and the same command makes the rest\n"
+
+
+def test_ctrl_c_during_setup_says_no_step_was_taken(tmp_path):
+    from spotune.errors import RunInterrupted
+    from spotune.recipes.common import run_recipe
+
+    class Stopped:
+        output_dir, iteration = tmp_path / "run", 0
+
+        def setup(self):
+            raise KeyboardInterrupt
+
+    with pytest.raises(RunInterrupted, match="interrupted while setting up the run in .*run; no training step"):
+        run_recipe(Stopped())

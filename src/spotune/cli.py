@@ -19,6 +19,10 @@ import sys
 DEBUG_ENV = "SPOTUNE_DEBUG"
 # Exit status of a command stopped by Ctrl-C: the shell's 128 + SIGINT.
 INTERRUPTED_EXIT = 130
+# What a Ctrl-C leaves behind, for commands that do not say it themselves (recipes raise RunInterrupted).
+INTERRUPTED_NOTES = {
+    "generate": "interrupted; the images written so far are kept and the same command makes the rest",
+}
 
 COMMAND_MODULES = [
     "spotune.commands.train",
@@ -96,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         # Recipes raise RunInterrupted with where the run stopped and its last checkpoint.
-        print(f"{prefix}: {exc or 'interrupted'}", file=sys.stderr)
+        print(f"{prefix}: {str(exc) or INTERRUPTED_NOTES.get(args.command, 'interrupted')}", file=sys.stderr)
         return INTERRUPTED_EXIT
     except SpotuneError as exc:
         if debug:

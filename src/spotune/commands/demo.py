@@ -42,5 +42,14 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(config_to_yaml(config), end="")
         return 0
-    report = run_demo(config)
+    try:
+        report = run_demo(config)
+    except KeyboardInterrupt:
+        from spotune.errors import RunInterrupted
+        from spotune.toyworld.demo import cache_root
+
+        # A stage's own run folder lives in a temporary folder that is removed, so name the cache instead.
+        raise RunInterrupted(
+            f"interrupted; the stages already finished stay cached in {cache_root(config)} and the next run reuses them"
+        ) from None
     return 0 if report else 1

@@ -124,7 +124,7 @@ def _measure(cfg: EvalSPMConfig, acc) -> list[TimestepAccuracy]:
             else:
                 atomic_write_json(cfg.output, {
                     "judge": cfg.judge, "checkpoint": cfg.judge_checkpoint, "data": cfg.data, "split": cfg.split,
-                    "pairs": len(pairs), "ties": pairs.num_ties,
+                    "pairs": len(pairs), "ties": pairs.num_ties, "seed": cfg.seed,
                     "rows": [{"timestep": r.timestep, "accuracy": None if math.isnan(r.accuracy) else r.accuracy,
                               "correct": r.correct, "total": r.total,
                               "accuracy_with_ties": None if math.isnan(r.accuracy_with_ties) else r.accuracy_with_ties,

@@ -178,6 +178,8 @@ def test_debug_flag_and_environment_keep_the_traceback(tmp_path, monkeypatch, ca
     assert main(args) == 1
     with pytest.raises(SpotuneError, match="learning_rate must be > 0"):
         main(["--debug", *args])
+    with pytest.raises(SpotuneError, match="learning_rate must be > 0"):
+        main([*args, "--debug"])  # after the command too
     monkeypatch.setenv("SPOTUNE_DEBUG", "1")
     with pytest.raises(SpotuneError, match="learning_rate must be > 0"):
         main(args)

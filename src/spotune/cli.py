@@ -51,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(subparsers)
+    for sub in subparsers.choices.values():
+        # Also accepted after the command (`spotune train ... --debug`); SUPPRESS keeps a --debug given
+        # before the command from being reset by the subcommand's default.
+        sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="full tracebacks (see spotune --help)")
     return parser
 
 

@@ -33,8 +33,10 @@ def demo_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("demo")
     spm = _shrunken_yaml(RESOURCES / "configs" / "toyworld_spm.yaml", tmp / "spm.yaml",
                          {"train_batch_size": 4, "eval_batch_size": 8, "eval_timesteps": [0, 501], "eval_at_start": False})
+    # Threshold 0: a 2-step SPM separates no candidates by 0.3, and a run without an optimizer step fails.
     spo = _shrunken_yaml(RESOURCES / "configs" / "toyworld_spo.yaml", tmp / "spo.yaml",
-                         {"num_inference_steps": 3, "divert_start_step": 1, "sample_batch_size": 2, "train_batch_size": 4})
+                         {"num_inference_steps": 3, "divert_start_step": 1, "sample_batch_size": 2, "train_batch_size": 4,
+                          "preference_threshold": 0.0})
     args = [
         "spm=train", f"cache_dir={tmp / 'cache'}", "train_pairs=8", "eval_pairs=4", "data_inference_steps=2", "pickscore_steps=2", "spm_steps=2",
         "spo_iterations=1", "eval_seeds_per_prompt=1", "eval_inference_steps=2", "grid_columns=5", "threads=2",
@@ -123,7 +125,8 @@ def test_default_demo_judges_with_the_shipped_spm(tmp_path):
     from spotune.toyworld.demo import DemoConfig, run_demo
 
     spo = _shrunken_yaml(RESOURCES / "configs" / "toyworld_spo.yaml", tmp_path / "spo.yaml",
-                         {"num_inference_steps": 3, "divert_start_step": 1, "sample_batch_size": 2, "train_batch_size": 4})
+                         {"num_inference_steps": 3, "divert_start_step": 1, "sample_batch_size": 2, "train_batch_size": 4,
+                          "preference_threshold": 0.0})  # keep every pair: a run with no optimizer step fails
     config = load_config(DemoConfig, None, [
         f"output={tmp_path / 'out'}", f"cache_dir={tmp_path / 'cache'}", "spo_iterations=1", "trajectory_baseline=false",
         "eval_seeds_per_prompt=1", "eval_inference_steps=2", "progress=false", f"spo_config={spo}",

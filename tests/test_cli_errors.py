@@ -75,11 +75,12 @@ def test_train_spm_refuses_the_same_values(override, needle, capsys):
     one_line_error(capsys, needle)
 
 
-def test_lowercase_true_init_is_accepted():
+@pytest.mark.parametrize("value", ["true", "True", "kaiming", "gaussian"])
+def test_the_allowed_lora_inits_pass(value):
     from spotune.config import load_config
     from spotune.recipes.train_spo_config import TrainSPOConfig
 
-    assert load_config(TrainSPOConfig, None, ["lora_init=true"]).lora_init == "True"  # YAML's bool, as text
+    assert load_config(TrainSPOConfig, None, [f"lora_init={value}"]).lora_init.lower() == value.lower()
 
 
 def test_lora_targets_that_match_nothing_are_named_before_peft(tmp_path, capsys):

@@ -2,8 +2,8 @@
 
 Three sweeps: (1) every ``name=`` in the text of spotune's raise statements is a key of some command;
 (2) the hints of errors as a user meets them, each run through the config parser of the command that
-raised it; (3) the example command lines in each command's --help and in the README, parsed as the
-CLI parses them.
+raised it; (3) the example command lines in each command's --help, parsed as the CLI parses them
+(the README's commands are run by tests/test_readme_commands.py).
 """
 
 from __future__ import annotations
@@ -171,19 +171,13 @@ def test_prompt_demo_and_generate_hints(tmp_path):
 
 
 def _example_commands() -> list[tuple[str, str]]:
-    """(where, command line) of every `spotune ...` example in the commands' help and the README."""
+    """(where, command line) of every `spotune ...` example in the commands' --help."""
     examples = []
     parser = build_parser()
     subparsers = next(a for a in parser._actions if a.dest == "command")
     for name, sub in subparsers.choices.items():
         for line in re.findall(r"`(spotune [^`]+)`", sub.description or ""):
             examples.append((f"spotune {name} --help", line))
-    readme = (ROOT / "README.md").read_text().replace("\\\n", " ")
-    for block in re.findall(r"```bash\n(.*?)```", readme, flags=re.S):
-        for line in block.splitlines():
-            line = line.split("  #")[0].strip()
-            if line.startswith("spotune "):
-                examples.append(("README.md", line))
     return examples
 
 

@@ -116,7 +116,19 @@ def test_resume_with_another_lora_rank_names_the_rank(tmp_path, capsys):
     out = tmp_path / "run"
     assert train(out, "max_iterations=1") == 0
     assert train(out, "max_iterations=2", "resume=latest", "lora_rank=8") == 1
-    one_line_error(capsys, "lora.safetensors", "LoRA rank 4 in the file", "pass lora_rank=4")
+    # The resume check refuses the changed key before any weights load.
+    one_line_error(capsys, "iter-00000001", "lora_rank: 4 -> 8")
+
+
+def test_a_lora_file_of_another_rank_names_the_rank():
+    from spotune.models.lora import LoRAMismatchError, add_lora, load_lora_state_dict, lora_state_dict
+    from spotune.models.tiny import build_tiny_unet
+
+    unet, other = build_tiny_unet(seed=2), build_tiny_unet(seed=2)
+    add_lora(unet, 8, None, ["to_q"])
+    add_lora(other, 4, None, ["to_q"])
+    with pytest.raises(LoRAMismatchError, match=r"LoRA rank 4 in the file, lora_rank=8 in the config: pass lora_rank=4"):
+        load_lora_state_dict(unet, lora_state_dict(other), source="lora.safetensors")
 
 
 def test_resume_naming_a_checkpoint_folder_without_state_json(tmp_path, capsys):
@@ -210,7 +222,7 @@ def test_ctrl_c_stops_with_one_line_and_exit_130(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "spotune.cli", "train", "--config", str(CONFIG), f"output_dir={out}", *FAST,
-           "max_iterations=1000", "checkpoint_every=1"]
+           "num_epochs=60", "max_iterations=1000", "checkpoint_every=1"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 240

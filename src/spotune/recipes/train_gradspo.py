@@ -27,9 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 
-from spotune.checkpoint import EMA_FILE, CheckpointError
+from spotune.checkpoint import EMA_FILE, CheckpointError, load_checkpoint_tensors
 from spotune.diffusion.ddim import predict_x0_and_eps
 from spotune.diffusion.gradspo_sampler import gradspo_sample
 from spotune.diffusion.sampler import SamplingResult, StepPairs, guided_noise_pred
@@ -96,7 +95,7 @@ class GradSPOTrainer(SPOTrainer):
         if not file.is_file():
             raise CheckpointError(f"{file} is missing: a GradSPO checkpoint holds its EMA weights there "
                                   "(was the run trained with algorithm=spo?)")
-        weights = load_file(str(file), device=str(self.accelerator.device))
+        weights = load_checkpoint_tensors(checkpoint, EMA_FILE, device=str(self.accelerator.device))
         if self.config.finetune == "lora":
             load_lora_state_dict(self.ema_unet, weights, source=str(file))
         else:

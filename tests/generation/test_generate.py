@@ -128,6 +128,13 @@ def test_changed_settings_are_refused_unless_overwrite(tmp_path):
     with pytest.raises(GenerateError, match="prompts changed"):
         run_generate(cfg)
     cfg.overwrite = True
+    # A file the user put in the model folder is never deleted by overwrite: the replacement refuses.
+    notes = tmp_path / "base" / "my-notes.txt"
+    notes.write_text("keep me")
+    with pytest.raises(GenerateError, match=r"would delete files spotune did not write.*my-notes\.txt"):
+        run_generate(cfg)
+    assert notes.read_text() == "keep me" and read_metadata(tmp_path / "base")[0]["prompt"] == "a dot"
+    notes.unlink()
     assert run_generate(cfg).generated == {"base": 1}
     assert read_metadata(tmp_path / "base")[0]["prompt"] == "a line"
 

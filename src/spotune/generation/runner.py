@@ -24,6 +24,7 @@ from spotune.generation.config import GenerateConfig
 from spotune.generation.grid import comparison_grid
 from spotune.generation.layout import (
     GENERATION_FILE,
+    METADATA_FILE,
     GenerationLayoutError,
     image_filename,
     read_generation,
@@ -34,6 +35,8 @@ from spotune.generation.layout import (
 )
 from spotune.generation.pnginfo import format_parameters, save_png
 from spotune.generation.seeds import derive_seed, initial_latents, sampler_generators
+from spotune.utils.io import remove_stale_temporaries
+from spotune.utils.outputs import describe_entries
 
 logger = logging.getLogger(__name__)
 
@@ -243,6 +246,16 @@ def plan_model(folder: Path, spec: ModelSpec, config: GenerateConfig, items: lis
                     raise GenerateError(
                         f"{folder} holds images of model '{spec.name}' made with other settings: {reason}. Use another "
                         "output_dir or name, or overwrite=true to replace them."
+                    )
+                # Only what spotune wrote there goes: its bookkeeping and the images it recorded. Anything a
+                # user added to the folder makes the replacement refuse instead.
+                remove_stale_temporaries(folder)  # what a killed generate left is spotune's, not the user's
+                ours = {GENERATION_FILE, METADATA_FILE, *(r["file"] for r in records if "file" in r)}
+                foreign = sorted(p.name for p in folder.iterdir() if p.name not in ours)
+                if foreign:
+                    raise GenerateError(
+                        f"overwrite=true would delete files spotune did not write in {folder}: "
+                        f"{describe_entries(folder, foreign)}; move them away or choose another output_dir"
                     )
                 logger.warning("overwrite: removing %s (%s)", folder, reason)
                 shutil.rmtree(folder)

@@ -206,3 +206,21 @@ def restore_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) ->
     random.setstate((version, tuple(internal), gauss))
     name, keys, pos, has_gauss, cached = meta["numpy"]
     np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+def restore_training_state(checkpoint: str | Path, optimizer, lr_scheduler, process_index: int, device: str) -> None:
+    """Load a checkpoint's optimizer, lr schedule and this process's RNG states (every recipe's resume).
+
+    Args:
+        optimizer: the torch optimizer (or accelerate's wrapper around one).
+        process_index: whose ``rng_rank<r>`` files to restore; absent files leave the RNG as it is.
+    """
+    checkpoint = Path(checkpoint)
+    inner = optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
+    opt_tensors = load_checkpoint_tensors(checkpoint, "optimizer.safetensors", device=device)
+    inner.load_state_dict(optimizer_from_files(opt_tensors, load_checkpoint_json(checkpoint, "optimizer.json")))
+    lr_scheduler.load_state_dict(load_checkpoint_json(checkpoint, "scheduler.json"))
+    rng_name = f"rng_rank{process_index}"
+    if (checkpoint / f"{rng_name}.safetensors").is_file():
+        restore_rng_state(load_checkpoint_tensors(checkpoint, f"{rng_name}.safetensors"),
+                          load_checkpoint_json(checkpoint, f"{rng_name}.json"))

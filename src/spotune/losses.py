@@ -38,8 +38,23 @@ def spo_loss(
     shapes = {t.shape for t in (logp_win, logp_win_ref, logp_lose, logp_lose_ref)}
     if len(shapes) != 1:
         raise ValueError(f"log-probabilities must share one shape, got {sorted(map(tuple, shapes))}")
-    ratio_win = torch.clamp(torch.exp(logp_win - logp_win_ref), 1 - eps, 1 + eps)
-    ratio_lose = torch.clamp(torch.exp(logp_lose - logp_lose_ref), 1 - eps, 1 + eps)
+    return clipped_ratio_dpo(logp_win - logp_win_ref, logp_lose - logp_lose_ref, beta, eps)
+
+
+def clipped_ratio_dpo(
+    log_ratio_win: torch.Tensor, log_ratio_lose: torch.Tensor, beta: float, eps: float
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The DPO loss with clipped likelihood ratios that SPO and GradSPO share.
+
+    ``r = clamp(exp(log_ratio), 1 - eps, 1 + eps)``, ``loss = -mean log sigmoid(beta (log r_w - log r_l))``.
+
+    Args:
+        log_ratio_win, log_ratio_lose: [B] policy-minus-reference log-likelihoods of winner and loser.
+    Returns:
+        (loss, stats) with detached [B] ``ratio_win``, ``ratio_lose`` and the scalar ``accuracy``.
+    """
+    ratio_win = torch.clamp(torch.exp(log_ratio_win), 1 - eps, 1 + eps)
+    ratio_lose = torch.clamp(torch.exp(log_ratio_lose), 1 - eps, 1 + eps)
     logits = beta * (torch.log(ratio_win) - torch.log(ratio_lose))
     loss = -F.logsigmoid(logits).mean()
     stats = {
@@ -101,13 +116,8 @@ def gradspo_loss(
     def neg_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return -((pred.float() - target) ** 2).mean(dim=dims)  # [B]
 
-    ratio_win = torch.clamp(torch.exp(neg_mse(eps_policy, target_win) - neg_mse(eps_ref, target_win)), 1 - eps, 1 + eps)
-    ratio_lose = torch.clamp(torch.exp(neg_mse(eps_policy, target_lose) - neg_mse(eps_ref, target_lose)), 1 - eps, 1 + eps)
-    logits = beta * (torch.log(ratio_win) - torch.log(ratio_lose))
-    loss = -F.logsigmoid(logits).mean()
-    stats = {
-        "ratio_win": ratio_win.detach(),
-        "ratio_lose": ratio_lose.detach(),
-        "accuracy": (ratio_win > ratio_lose).float().mean().detach(),
-    }
-    return loss, stats
+    return clipped_ratio_dpo(
+        neg_mse(eps_policy, target_win) - neg_mse(eps_ref, target_win),
+        neg_mse(eps_policy, target_lose) - neg_mse(eps_ref, target_lose),
+        beta, eps,
+    )

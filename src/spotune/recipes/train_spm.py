@@ -33,12 +33,9 @@ from spotune.checkpoint import (
     CHECKPOINT_FORMAT,
     checkpoint_name,
     list_checkpoints,
-    load_checkpoint_json,
-    load_checkpoint_tensors,
-    optimizer_from_files,
     optimizer_to_files,
     read_state,
-    restore_rng_state,
+    restore_training_state,
     rng_state_to_files,
 )
 from spotune.config import ConfigError, config_to_dict, config_to_yaml, help_field
@@ -547,14 +544,7 @@ class SPMTrainer:
                 "uninterrupted run", checkpoint, state.get("num_processes"), acc.num_processes,
             )
         self.unwrapped.load_checkpoint(checkpoint / SPM_WEIGHTS_NAME)
-        inner = self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer
-        opt_tensors = load_checkpoint_tensors(checkpoint, "optimizer.safetensors", device=str(acc.device))
-        inner.load_state_dict(optimizer_from_files(opt_tensors, load_checkpoint_json(checkpoint, "optimizer.json")))
-        self.lr_scheduler.load_state_dict(load_checkpoint_json(checkpoint, "scheduler.json"))
-        rng_name = f"rng_rank{acc.process_index}"
-        if (checkpoint / f"{rng_name}.safetensors").is_file():
-            restore_rng_state(load_checkpoint_tensors(checkpoint, f"{rng_name}.safetensors"),
-                              load_checkpoint_json(checkpoint, f"{rng_name}.json"))
+        restore_training_state(checkpoint, self.optimizer, self.lr_scheduler, acc.process_index, str(acc.device))
         self.global_step = int(state["optimizer_step"])
         self.micro_step = int(state["micro_step"])
         self.epoch = int(state["epoch"])

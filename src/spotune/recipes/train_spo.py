@@ -28,13 +28,10 @@ from spotune.checkpoint import (
     CHECKPOINT_FORMAT,
     checkpoint_name,
     list_checkpoints,
-    load_checkpoint_json,
-    load_checkpoint_tensors,
     load_weights,
-    optimizer_from_files,
     optimizer_to_files,
     read_state,
-    restore_rng_state,
+    restore_training_state,
     rng_state_to_files,
 )
 from spotune.config import config_to_dict, config_to_yaml
@@ -595,14 +592,7 @@ class SPOTrainer:
                 p.data = p.data.float()
         else:
             unet.load_state_dict(weights)
-        inner = self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer
-        opt_tensors = load_checkpoint_tensors(checkpoint, "optimizer.safetensors", device=str(acc.device))
-        inner.load_state_dict(optimizer_from_files(opt_tensors, load_checkpoint_json(checkpoint, "optimizer.json")))
-        self.lr_scheduler.load_state_dict(load_checkpoint_json(checkpoint, "scheduler.json"))
-        rng_name = f"rng_rank{acc.process_index}"
-        if (checkpoint / f"{rng_name}.safetensors").is_file():
-            restore_rng_state(load_checkpoint_tensors(checkpoint, f"{rng_name}.safetensors"),
-                              load_checkpoint_json(checkpoint, f"{rng_name}.json"))
+        restore_training_state(checkpoint, self.optimizer, self.lr_scheduler, acc.process_index, str(acc.device))
         self.iteration = int(state["iteration"])
         self.optimizer_step = int(state["optimizer_step"])
         logger.info("resumed from %s (iteration %d, optimizer step %d)", checkpoint, self.iteration, self.optimizer_step)

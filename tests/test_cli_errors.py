@@ -58,9 +58,10 @@ def one_line_error(capsys, *needles: str) -> str:
     ("checkpoint_every=-1", "checkpoint_every must be >= 0"),
     ("lora_init=pissa", "lora_init must be one of gaussian, true, kaiming, default, got lora_init=pissa"),
     ("lora_targets=[]", "lora_targets must name at least one"),
+    ("compile=true compile_backend=nonesuch", "compile_backend must be a torch.compile backend"),
 ])
 def test_train_refuses_values_that_make_a_run_silently_wrong(override, needle, capsys):
-    assert main(["train", "--config", str(CONFIG), override, "--print-config"]) == 1
+    assert main(["train", "--config", str(CONFIG), *override.split(), "--print-config"]) == 1
     one_line_error(capsys, needle)
 
 

@@ -147,6 +147,13 @@ class TrainSPOConfig:
             (self.algorithm != "gradspo" or self.pairing == "step",
              "algorithm=gradspo needs pairing=step (its noise offset exists only for candidates of one x_t)"),
         ]
+        if self.compile:
+            import torch._dynamo
+
+            backends = torch._dynamo.list_backends(exclude_tags=())
+            checks.append((self.compile_backend in backends,
+                           f"compile_backend must be a torch.compile backend of this torch ({', '.join(backends)}), "
+                           f"got compile_backend={self.compile_backend}"))
         for ok, message in checks:
             if not ok:
                 raise ConfigError(f"config: {message}")

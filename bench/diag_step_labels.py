@@ -18,7 +18,7 @@ import torch
 
 from spotune.diffusion.sampler import spo_sample
 from spotune.models import load_pipeline
-from spotune.models.text import encode_prompts
+from spotune.models.family import family_of
 from spotune.preference import select_pair
 from spotune.preference.factory import build_judge
 from spotune.toyworld.demo import resource_dir
@@ -47,12 +47,13 @@ def main(pickscore: str, spm: str, num_prompts: int = 40) -> None:
     train, _ = prompt_split()
     prompts = [p.caption for p in train[:num_prompts]]
     agree, total = defaultdict(int), defaultdict(int)
-    negative = encode_prompts(pipe.tokenizer, pipe.text_encoder, [""])
+    conditioner = family_of(pipe).conditioner(pipe)
+    negative = conditioner.negative("")
     channels, size = pipe.unet.config.in_channels, pipe.unet.config.sample_size
     for start in range(0, len(prompts), 10):
         batch = prompts[start : start + 10]
         b = len(batch)
-        embeds = encode_prompts(pipe.tokenizer, pipe.text_encoder, batch)
+        embeds = conditioner.encode(batch)
         g = torch.Generator().manual_seed(start)
         latents = torch.randn(b, channels, size, size, generator=g)
         judge.calls.clear()

@@ -204,13 +204,13 @@ def emulate_reference_training(trainer, clock: PhaseClock) -> None:
     trainer.emulated_reference_unet = reference
 
     def pair_loss(batch):
-        x_t, t, embeds = batch.latents, batch.timesteps, batch.prompt_embeds  # [n,4,h,w], [n], [n,77,D]
+        x_t, t, cond = batch.latents, batch.timesteps, batch.cond  # [n,4,h,w], [n], n rows
         outs = {}
         with acc.autocast():
             for side in ("win", "lose"):
-                outs[side] = guided_noise_pred(trainer.unet, x_t, t, embeds, trainer.negative_embeds, cfg.guidance_scale)
+                outs[side] = guided_noise_pred(trainer.unet, x_t, t, cond, trainer.negative, cfg.guidance_scale)
                 with torch.no_grad(), adapter_disabled(reference):
-                    outs[side + "_ref"] = guided_noise_pred(reference, x_t, t, embeds, trainer.negative_embeds, cfg.guidance_scale)
+                    outs[side + "_ref"] = guided_noise_pred(reference, x_t, t, cond, trainer.negative, cfg.guidance_scale)
         logps = {}
         for key, out in outs.items():
             target = batch.win if key.startswith("win") else batch.lose

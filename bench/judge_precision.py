@@ -22,7 +22,7 @@ import torch
 
 from spotune.diffusion.sampler import spo_sample
 from spotune.models import load_pipeline
-from spotune.models.text import encode_prompts
+from spotune.models.family import family_of
 from spotune.preference import select_pair
 from spotune.preference.factory import build_judge
 from spotune.toyworld.demo import resource_dir
@@ -55,12 +55,13 @@ def measure(num_prompts: int, seed: int, device: str) -> dict[str, dict[str, flo
     comparing = ComparingJudge(judge)
     train, held_out = prompt_split()
     captions = [p.caption for p in (train + held_out)][:num_prompts]
-    negative = encode_prompts(pipe.tokenizer, pipe.text_encoder, [""], device)
+    conditioner = family_of(pipe).conditioner(pipe)
+    negative = conditioner.negative("", device)
     channels, size = pipe.unet.config.in_channels, pipe.unet.config.sample_size
     per_call_b = []
     for start in range(0, len(captions), 10):
         batch = captions[start : start + 10]
-        embeds = encode_prompts(pipe.tokenizer, pipe.text_encoder, batch, device)
+        embeds = conditioner.encode(batch, device)
         g = torch.Generator(device).manual_seed(seed * 1000 + start)
         latents = torch.randn(len(batch), channels, size, size, generator=g, device=device)
         before = len(comparing.calls)

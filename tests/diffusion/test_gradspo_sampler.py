@@ -4,6 +4,7 @@ import torch
 
 from spotune.diffusion.gradspo_sampler import gradspo_sample
 from spotune.diffusion.sampler import spo_sample
+from spotune.models.conditioning import Conditioning
 from spotune.models.text import encode_prompts
 
 
@@ -18,8 +19,8 @@ class BrightnessJudge:
 
 def _run(sampler, pipe, threshold, b=3, k=4, steps=6, divert=2, seed=0):
     prompts = [f"prompt {i}" for i in range(b)]
-    emb = encode_prompts(pipe.tokenizer, pipe.text_encoder, prompts)
-    neg = encode_prompts(pipe.tokenizer, pipe.text_encoder, [""])
+    emb = Conditioning(encode_prompts(pipe.tokenizer, pipe.text_encoder, prompts))
+    neg = Conditioning(encode_prompts(pipe.tokenizer, pipe.text_encoder, [""]))
     g = torch.Generator().manual_seed(seed)
     latents = torch.randn(b, 4, 8, 8, generator=g)
     judge = BrightnessJudge()

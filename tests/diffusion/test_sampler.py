@@ -5,6 +5,7 @@ import torch
 
 from spotune.diffusion.ddim import ddim_step_with_logprob
 from spotune.diffusion.sampler import guided_noise_pred, spo_sample
+from spotune.models.conditioning import Conditioning
 from spotune.models.text import encode_prompts
 
 
@@ -32,8 +33,8 @@ class CountingUNet(torch.nn.Module):
 
 def _run(pipe, judge, b=3, k=4, steps=6, divert=2, threshold=0.0, seed=0, unet=None):
     prompts = [f"prompt {i}" for i in range(b)]
-    emb = encode_prompts(pipe.tokenizer, pipe.text_encoder, prompts)
-    neg = encode_prompts(pipe.tokenizer, pipe.text_encoder, [""])
+    emb = Conditioning(encode_prompts(pipe.tokenizer, pipe.text_encoder, prompts))
+    neg = Conditioning(encode_prompts(pipe.tokenizer, pipe.text_encoder, [""]))
     g = torch.Generator().manual_seed(seed)
     latents = torch.randn(b, 4, 8, 8, generator=g)
     result = spo_sample(
@@ -82,12 +83,12 @@ def test_pairs_share_x_t_and_chain_continues_from_a_candidate(tiny_pipeline):
     pairs = result.pairs
     assert len(pairs) == int(result.valid.sum()) > 0
     assert not torch.equal(pairs.win, pairs.lose)
-    assert torch.equal(pairs.prompt_embeds, emb[pairs.prompt_index])
+    assert torch.equal(pairs.cond.prompt_embeds, emb.prompt_embeds[pairs.prompt_index])
     # win and lose were both drawn from the step out of their stored x_t: under that step's Gaussian each
     # sits about half a nat (per dimension, averaged) below the density's peak, as a draw does; a wrong
     # x_t or t would put them many nats away.
     s = tiny_pipeline.scheduler
-    out = guided_noise_pred(tiny_pipeline.unet, pairs.latents, pairs.timesteps, pairs.prompt_embeds, neg, 5.0)
+    out = guided_noise_pred(tiny_pipeline.unet, pairs.latents, pairs.timesteps, pairs.cond, neg, 5.0)
     _, logp_peak = ddim_step_with_logprob(s, out, pairs.timesteps, pairs.latents, 1.0, prev_sample=_step_mean(s, out, pairs))
     for side in (pairs.win, pairs.lose):
         _, logp = ddim_step_with_logprob(s, out, pairs.timesteps, pairs.latents, 1.0, prev_sample=side)
@@ -136,8 +137,8 @@ def test_trajectory_pairs_propagate_the_final_label_to_every_step(tiny_pipeline)
     judge = RecordingJudge()
     b, steps, divert = 3, 6, 2
     prompts = [f"prompt {i}" for i in range(b)]
-    emb = encode_prompts(tiny_pipeline.tokenizer, tiny_pipeline.text_encoder, prompts)
-    neg = encode_prompts(tiny_pipeline.tokenizer, tiny_pipeline.text_encoder, [""])
+    emb = Conditioning(encode_prompts(tiny_pipeline.tokenizer, tiny_pipeline.text_encoder, prompts))
+    neg = Conditioning(encode_prompts(tiny_pipeline.tokenizer, tiny_pipeline.text_encoder, [""]))
     g = torch.Generator().manual_seed(0)
     result = trajectory_sample(
         tiny_pipeline.unet, tiny_pipeline.vae, tiny_pipeline.scheduler, judge, prompts, emb, neg,

@@ -99,10 +99,10 @@ def test_cached_prompt_embeddings_equal_encoded_ones(tmp_path):
     trainer = _trainer(tmp_path / "run", "offload_text_encoder=true")
     try:
         prompts = trainer._prompts_for(0, 0)
-        assert trainer.text_encoder.device.type == "cpu"
-        assert set(prompts) <= set(trainer._embeds_cache)
-        fresh = encode_prompts(trainer.tokenizer, trainer.text_encoder, prompts, "cpu")
-        torch.testing.assert_close(trainer._prompt_embeds(prompts), fresh, rtol=1e-5, atol=1e-5)
+        assert all(encoder.device.type == "cpu" for encoder in trainer.conditioner.text_encoders)
+        assert set(prompts) <= set(trainer._cond_cache)
+        fresh = encode_prompts(trainer.conditioner.tokenizer, trainer.conditioner.text_encoder, prompts, "cpu")
+        torch.testing.assert_close(trainer._prompt_conditioning(prompts).prompt_embeds, fresh, rtol=1e-5, atol=1e-5)
     finally:
         trainer.cleanup()
 

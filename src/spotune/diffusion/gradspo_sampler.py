@@ -24,6 +24,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from spotune.diffusion.ddim import ddim_posterior, ddim_step_with_logprob, predict_x0_and_eps, previous_timestep
 from spotune.diffusion.sampler import SamplingResult, StepPairs, decode_latents, guided_noise_pred
+from spotune.models.conditioning import Conditioning
 from spotune.preference.protocol import PreferenceModel
 from spotune.preference.select import select_pair
 
@@ -35,8 +36,8 @@ def gradspo_sample(
     scheduler: DDIMScheduler,
     judge: PreferenceModel,
     prompts: list[str],
-    prompt_embeds: torch.Tensor,
-    negative_embeds: torch.Tensor,
+    cond: Conditioning,
+    negative: Conditioning,
     latents: torch.Tensor,
     *,
     num_inference_steps: int = 20,
@@ -54,7 +55,7 @@ def gradspo_sample(
     Args:
         unet, vae, scheduler: the sampling model (GradSPO: the EMA model, in eval mode) and its DDIM scheduler.
         judge: ``score(images [B,3,H,W], prompts, timesteps [B]) -> [B]``.
-        prompts: b captions; prompt_embeds [b, L, D]; negative_embeds [1, L, D].
+        prompts: b captions; cond their b rows of conditioning; negative the negative prompt's 1 row.
         latents: [b, C, h, w] initial noise x_T (already scaled by ``init_noise_sigma``).
         num_candidates: k (GradSPO SD1.5: 4). threshold: ``select_pair``'s, except at the last step.
         generator: drives all noise and the choice of the continued candidate.
@@ -66,8 +67,8 @@ def gradspo_sample(
     if num_candidates < 2:
         raise ValueError(f"num_candidates must be >= 2 to form pairs, got {num_candidates}")
     b, k = latents.shape[0], num_candidates
-    if len(prompts) != b or prompt_embeds.shape[0] != b:
-        raise ValueError(f"{b} latents but {len(prompts)} prompts and {prompt_embeds.shape[0]} embeddings")
+    if len(prompts) != b or len(cond) != b:
+        raise ValueError(f"{b} latents but {len(prompts)} prompts and {len(cond)} rows of conditioning")
     device = latents.device
     scheduler.set_timesteps(num_inference_steps, device=device)
     timesteps = scheduler.timesteps
@@ -76,13 +77,13 @@ def gradspo_sample(
     kept: list[StepPairs] = []
     all_scores, all_valid, all_choices = [], [], []
     judge_calls = unet_calls = 0
-    cand_embeds = prompt_embeds.repeat(k, 1, 1)  # [k*b, L, D], candidate-major: row j*b + p
+    cand_cond = cond.repeat(k)  # k*b rows, candidate-major: row j*b + p
     cand_prompts = list(prompts) * k
 
     for i, t in enumerate(timesteps):
         t_batch = t.expand(b)
         if noise_pred is None:
-            noise_pred = guided_noise_pred(unet, x, t_batch, prompt_embeds, negative_embeds, guidance_scale)
+            noise_pred = guided_noise_pred(unet, x, t_batch, cond, negative, guidance_scale)
             unet_calls += 1
         if i < divert_start_step:
             x, _ = ddim_step_with_logprob(scheduler, noise_pred, t_batch, x, eta, generator=generator)
@@ -104,7 +105,7 @@ def gradspo_sample(
             cand_noise = None
         else:
             judge_t = previous_timestep(scheduler, t.expand(k * b))
-            cand_noise = guided_noise_pred(unet, cands, judge_t, cand_embeds, negative_embeds, guidance_scale)
+            cand_noise = guided_noise_pred(unet, cands, judge_t, cand_cond, negative, guidance_scale)
             unet_calls += 1
             x0, _ = predict_x0_and_eps(scheduler, cand_noise, judge_t, cands)
         images = decode_latents(vae, x0, decode_chunk_size)
@@ -126,7 +127,7 @@ def gradspo_sample(
                     win=cands_kb[best, keep],
                     lose=cands_kb[worst, keep],
                     timesteps=t_batch[keep].long(),
-                    prompt_embeds=prompt_embeds[keep],
+                    cond=cond.select(keep),
                     prompt_index=keep,
                     step_index=torch.full_like(keep, i),
                     noise_delta=(z_kb[best, keep] - z_kb[worst, keep]) / 2,
@@ -145,8 +146,8 @@ def gradspo_sample(
     if kept:
         pairs = StepPairs.cat(kept)
     else:
-        empty = StepPairs.empty_like(x, prompt_embeds)
-        pairs = StepPairs(**{**empty.tensors(), "noise_delta": x[:0].float()})
+        empty = StepPairs.empty_like(x, cond)
+        pairs = StepPairs.from_tensors({**empty.tensors(), "noise_delta": x[:0].float()})
     return SamplingResult(
         pairs=pairs,
         final_latents=x,

@@ -22,6 +22,7 @@ import torch
 from diffusers import DDIMScheduler, UNet2DConditionModel
 
 from spotune.diffusion.ddim import ddim_step_with_logprob, predict_x0_and_eps, previous_timestep
+from spotune.models.conditioning import Conditioning
 from spotune.preference.protocol import PreferenceModel
 from spotune.preference.select import select_pair
 
@@ -30,8 +31,8 @@ def guided_noise_pred(
     unet: UNet2DConditionModel,
     latents: torch.Tensor,
     timesteps: torch.Tensor,
-    cond_embeds: torch.Tensor,
-    uncond_embeds: torch.Tensor,
+    cond: Conditioning,
+    uncond: Conditioning,
     guidance_scale: float,
 ) -> torch.Tensor:
     """Classifier-free guided UNet output, one UNet call on the [uncond; cond] batch.
@@ -39,8 +40,8 @@ def guided_noise_pred(
     Args:
         latents: [B, C, h, w] x_t.
         timesteps: [B] long timesteps (or a scalar tensor).
-        cond_embeds: [B, L, D] prompt embeddings.
-        uncond_embeds: [1 or B, L, D] negative-prompt embeddings.
+        cond: B rows of prompt conditioning (any family: SDXL's pooled embedding and time ids ride along).
+        uncond: 1 or B rows of the negative prompt's conditioning.
         guidance_scale: w in ``uncond + w * (cond - uncond)``; 1.0 skips the unconditional half.
     Returns:
         [B, C, h, w] guided model output in the UNet's output dtype.
@@ -49,13 +50,9 @@ def guided_noise_pred(
     t = torch.as_tensor(timesteps, device=latents.device)
     t = t.expand(batch) if t.dim() == 0 else t
     if guidance_scale == 1.0:
-        return unet(latents, t, encoder_hidden_states=cond_embeds).sample
-    uncond = uncond_embeds.expand(batch, -1, -1)
-    out = unet(
-        torch.cat([latents, latents]),
-        torch.cat([t, t]),
-        encoder_hidden_states=torch.cat([uncond.to(cond_embeds.dtype), cond_embeds]),
-    ).sample
+        return unet(latents, t, **cond.unet_kwargs()).sample
+    both = Conditioning.cat([uncond.expand(batch).to(dtype=cond.dtype), cond])
+    out = unet(torch.cat([latents, latents]), torch.cat([t, t]), **both.unet_kwargs()).sample
     out_uncond, out_cond = out.chunk(2)
     return out_uncond + guidance_scale * (out_cond - out_uncond)
 
@@ -108,7 +105,7 @@ class StepPairs:
         latents: [N, C, h, w] x_t the winning step starts from (for SPO, the x_t both candidates share).
         win, lose: [N, C, h, w] the preferred and the rejected x_{t-1}.
         timesteps: [N] long, t of x_t.
-        prompt_embeds: [N, L, D] embeddings of the tuple's prompt.
+        cond: N rows of the tuple's prompt conditioning (embeddings; for SDXL also pooled and time ids).
         prompt_index: [N] long, index of the prompt in its sampling batch.
         step_index: [N] long, index i of the denoising step.
         latents_lose: [N, C, h, w] x_t the losing step starts from, only for trajectory-level pairs (two
@@ -121,7 +118,7 @@ class StepPairs:
     win: torch.Tensor
     lose: torch.Tensor
     timesteps: torch.Tensor
-    prompt_embeds: torch.Tensor
+    cond: Conditioning
     prompt_index: torch.Tensor
     step_index: torch.Tensor
     latents_lose: torch.Tensor | None = None
@@ -131,25 +128,33 @@ class StepPairs:
         return self.latents.shape[0]
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """The fields that hold tensors (``latents_lose`` only when present)."""
-        return {k: v for k, v in vars(self).items() if v is not None}
+        """Every tensor, flat by name (the conditioning's as ``cond.<field>``; unset optional fields left out)."""
+        out = {k: v for k, v in vars(self).items() if isinstance(v, torch.Tensor)}
+        out.update({f"cond.{k}": v for k, v in self.cond.tensors().items()})
+        return out
+
+    @staticmethod
+    def from_tensors(tensors: dict[str, torch.Tensor]) -> "StepPairs":
+        """The inverse of :meth:`tensors`."""
+        cond = Conditioning(**{k[5:]: v for k, v in tensors.items() if k.startswith("cond.")})
+        return StepPairs(cond=cond, **{k: v for k, v in tensors.items() if not k.startswith("cond.")})
 
     def select(self, index: torch.Tensor) -> "StepPairs":
-        return StepPairs(**{k: v[index] for k, v in self.tensors().items()})
+        return StepPairs.from_tensors({k: v[index] for k, v in self.tensors().items()})
 
     def to(self, device: torch.device | str) -> "StepPairs":
-        return StepPairs(**{k: v.to(device) for k, v in self.tensors().items()})
+        return StepPairs.from_tensors({k: v.to(device) for k, v in self.tensors().items()})
 
     @staticmethod
     def cat(parts: list["StepPairs"]) -> "StepPairs":
-        return StepPairs(**{k: torch.cat([p.tensors()[k] for p in parts]) for k in parts[0].tensors()})
+        return StepPairs.from_tensors({k: torch.cat([p.tensors()[k] for p in parts]) for k in parts[0].tensors()})
 
     @staticmethod
-    def empty_like(latents: torch.Tensor, prompt_embeds: torch.Tensor, trajectory: bool = False) -> "StepPairs":
+    def empty_like(latents: torch.Tensor, cond: Conditioning, trajectory: bool = False) -> "StepPairs":
         """No tuples, with the right trailing shapes, dtypes and device."""
         none = latents[:0]
         index = torch.zeros(0, dtype=torch.long, device=latents.device)
-        return StepPairs(none, none, none, index, prompt_embeds[:0], index, index, none if trajectory else None)
+        return StepPairs(none, none, none, index, cond.select(slice(0, 0)), index, index, none if trajectory else None)
 
 
 @dataclass
@@ -182,8 +187,8 @@ def spo_sample(
     scheduler: DDIMScheduler,
     judge: PreferenceModel,
     prompts: list[str],
-    prompt_embeds: torch.Tensor,
-    negative_embeds: torch.Tensor,
+    cond: Conditioning,
+    negative: Conditioning,
     latents: torch.Tensor,
     *,
     num_inference_steps: int = 20,
@@ -203,8 +208,8 @@ def spo_sample(
         unet, vae, scheduler: the model being trained (in eval mode) and its DDIM scheduler.
         judge: scores decoded x0-predictions, ``score(images [B,3,H,W], prompts, timesteps [B]) -> [B]``.
         prompts: b captions.
-        prompt_embeds: [b, L, D] their text embeddings.
-        negative_embeds: [1, L, D] the negative prompt's embeddings.
+        cond: b rows of their conditioning (``family.conditioner(pipe).encode(prompts)``).
+        negative: 1 row, the negative prompt's conditioning.
         latents: [b, C, h, w] initial noise x_T (already scaled by ``init_noise_sigma``).
         num_candidates: k, candidates drawn per step (SPO SD1.5: 4).
         threshold: ``select_pair`` threshold (SPO SD1.5: 0.3).
@@ -218,8 +223,8 @@ def spo_sample(
     if num_candidates < 2:
         raise ValueError(f"num_candidates must be >= 2 to form pairs, got {num_candidates}")
     b, k = latents.shape[0], num_candidates
-    if len(prompts) != b or prompt_embeds.shape[0] != b:
-        raise ValueError(f"{b} latents but {len(prompts)} prompts and {prompt_embeds.shape[0]} embeddings")
+    if len(prompts) != b or len(cond) != b:
+        raise ValueError(f"{b} latents but {len(prompts)} prompts and {len(cond)} rows of conditioning")
     device = latents.device
     scheduler.set_timesteps(num_inference_steps, device=device)
     timesteps = scheduler.timesteps
@@ -231,13 +236,13 @@ def spo_sample(
     steps_t: list[torch.Tensor] = []  # [b] t_i
     all_scores, all_valid, all_choices = [], [], []
     judge_calls = unet_calls = 0
-    cand_embeds = prompt_embeds.repeat(k, 1, 1)  # [k*b, L, D], candidate-major: row j*b + p
+    cand_cond = cond.repeat(k)  # k*b rows, candidate-major: row j*b + p
     cand_prompts = list(prompts) * k
 
     for i, t in enumerate(timesteps):
         t_batch = t.expand(b)
         if noise_pred is None:
-            noise_pred = guided_noise_pred(unet, x, t_batch, prompt_embeds, negative_embeds, guidance_scale)
+            noise_pred = guided_noise_pred(unet, x, t_batch, cond, negative, guidance_scale)
             unet_calls += 1
         if i < divert_start_step:
             x, _ = ddim_step_with_logprob(scheduler, noise_pred, t_batch, x, eta, generator=generator)
@@ -258,7 +263,7 @@ def spo_sample(
             cand_noise = None
         else:
             judge_t = previous_timestep(scheduler, t.expand(k * b))
-            cand_noise = guided_noise_pred(unet, cands, judge_t, cand_embeds, negative_embeds, guidance_scale)
+            cand_noise = guided_noise_pred(unet, cands, judge_t, cand_cond, negative, guidance_scale)
             unet_calls += 1
             x0, _ = predict_x0_and_eps(scheduler, cand_noise, judge_t, cands)
         images = decode_latents(vae, x0, decode_chunk_size)
@@ -292,7 +297,7 @@ def spo_sample(
         win=torch.cat(steps_win)[flat],
         lose=torch.cat(steps_lose)[flat],
         timesteps=torch.cat(steps_t)[flat],
-        prompt_embeds=prompt_embeds[prompt_of],
+        cond=cond.select(prompt_of),
         prompt_index=prompt_of,
         step_index=step_of + divert_start_step,
     )
@@ -324,8 +329,8 @@ def _score_in_batches(
 def ddim_sample(
     unet: UNet2DConditionModel,
     scheduler: DDIMScheduler,
-    prompt_embeds: torch.Tensor,
-    negative_embeds: torch.Tensor,
+    cond: Conditioning,
+    negative: Conditioning,
     latents: torch.Tensor,
     *,
     num_inference_steps: int = 20,
@@ -333,11 +338,14 @@ def ddim_sample(
     guidance_scale: float = 5.0,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Plain guided DDIM sampling: [b, C, h, w] x_T -> [b, C, h, w] x_0 latents (validation images)."""
+    """Plain guided DDIM sampling: [b, C, h, w] x_T -> [b, C, h, w] x_0 latents (validation images).
+
+    ``cond`` holds b rows of conditioning, ``negative`` one row.
+    """
     scheduler.set_timesteps(num_inference_steps, device=latents.device)
     x = latents
     for t in scheduler.timesteps:
-        noise_pred = guided_noise_pred(unet, x, t.expand(x.shape[0]), prompt_embeds, negative_embeds, guidance_scale)
+        noise_pred = guided_noise_pred(unet, x, t.expand(x.shape[0]), cond, negative, guidance_scale)
         x = scheduler.step(noise_pred, t, x, eta=eta, generator=generator).prev_sample
     return x
 
@@ -349,8 +357,8 @@ def trajectory_sample(
     scheduler: DDIMScheduler,
     judge: PreferenceModel,
     prompts: list[str],
-    prompt_embeds: torch.Tensor,
-    negative_embeds: torch.Tensor,
+    cond: Conditioning,
+    negative: Conditioning,
     latents: torch.Tensor,
     *,
     num_inference_steps: int = 20,
@@ -378,11 +386,11 @@ def trajectory_sample(
         raise ValueError(f"trajectory sampling needs 2 chains per prompt: {2 * b} latents, got {latents.shape[0]}")
     device = latents.device
     scheduler.set_timesteps(num_inference_steps, device=device)
-    embeds2 = prompt_embeds.repeat(2, 1, 1)  # [2b, L, D]
+    cond2 = cond.repeat(2)  # 2b rows: chain j of prompt p at row j*b + p
     states = [latents]
     for t in scheduler.timesteps:
         t_batch = t.expand(2 * b)
-        out = guided_noise_pred(unet, states[-1], t_batch, embeds2, negative_embeds, guidance_scale)
+        out = guided_noise_pred(unet, states[-1], t_batch, cond2, negative, guidance_scale)
         x_next, _ = ddim_step_with_logprob(scheduler, out, t_batch, states[-1], eta, generator=generator)
         states.append(x_next)
     images = decode_latents(vae, states[-1].float(), decode_chunk_size)
@@ -400,13 +408,13 @@ def trajectory_sample(
                 win=chains[i + 1, win_chain, keep],
                 lose=chains[i + 1, lose_chain, keep],
                 timesteps=scheduler.timesteps[i].expand(keep.numel()).long(),
-                prompt_embeds=prompt_embeds[keep],
+                cond=cond.select(keep),
                 prompt_index=keep,
                 step_index=torch.full_like(keep, i),
                 latents_lose=chains[i, lose_chain, keep],
             )
         )
-    pairs = StepPairs.cat(kept) if keep.numel() else StepPairs.empty_like(latents, prompt_embeds, trajectory=True)
+    pairs = StepPairs.cat(kept) if keep.numel() else StepPairs.empty_like(latents, cond, trajectory=True)
     return SamplingResult(
         pairs=pairs,
         final_latents=states[-1][:b],

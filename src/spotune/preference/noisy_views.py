@@ -21,7 +21,7 @@ from diffusers import DDIMScheduler
 
 from spotune.diffusion.ddim import predict_x0_and_eps
 from spotune.diffusion.sampler import decode_latents, guided_noise_pred
-from spotune.models.text import encode_prompts
+from spotune.models.family import family_of
 
 
 class NoisyViewMaker:
@@ -37,14 +37,15 @@ class NoisyViewMaker:
 
     def __init__(self, pipe, guidance_scale: float = 5.0, negative_prompt: str = "", decode_chunk_size: int = 8) -> None:
         self.vae, self.unet = pipe.vae, pipe.unet
-        self.text_encoder, self.tokenizer = pipe.text_encoder, pipe.tokenizer
+        # The pipeline's own family decides how captions condition its UNet (SDXL: pooled, time ids, zero negatives).
+        self.conditioner = family_of(pipe).conditioner(pipe)
         # A scheduler of our own: set_timesteps(1000) must not change the pipeline's sampler.
         self.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
         self.scheduler.set_timesteps(self.scheduler.config.num_train_timesteps)
         self.guidance_scale = guidance_scale
         self.decode_chunk_size = decode_chunk_size
         self.device = self.unet.device
-        self.negative_embeds = encode_prompts(self.tokenizer, self.text_encoder, [negative_prompt], self.device)
+        self.negative = self.conditioner.negative(negative_prompt, self.device)
 
     @property
     def num_train_timesteps(self) -> int:
@@ -80,8 +81,8 @@ class NoisyViewMaker:
         ).repeat(2, 1, 1, 1)  # one noise per pair, shared by both images
         t = timesteps.to(device).long().repeat(2)  # [2B]
         x_t = self.scheduler.add_noise(latents, noise, t)
-        cond = encode_prompts(self.tokenizer, self.text_encoder, list(captions), device).repeat(2, 1, 1)  # [2B, L, D]
-        out = guided_noise_pred(self.unet, x_t.to(self.unet.dtype), t, cond, self.negative_embeds, self.guidance_scale)
+        cond = self.conditioner.encode(list(captions), device).repeat(2)  # 2B rows, both images of a pair alike
+        out = guided_noise_pred(self.unet, x_t.to(self.unet.dtype), t, cond, self.negative, self.guidance_scale)
         x0, _ = predict_x0_and_eps(self.scheduler, out, t, x_t)  # [2B, 4, h, w] float32
         views = decode_latents(vae, x0, self.decode_chunk_size).float()
         return views[:b], views[b:]

@@ -34,7 +34,6 @@ from spotune.diffusion.gradspo_sampler import gradspo_sample
 from spotune.diffusion.sampler import SamplingResult, StepPairs, guided_noise_pred
 from spotune.losses import gradspo_loss
 from spotune.models.lora import adapter_disabled, load_lora_state_dict, lora_state_dict
-from spotune.models.text import encode_prompts
 from spotune.recipes.common import seed_for
 from spotune.recipes.train_spo import SPOTrainer
 from spotune.utils.io import atomic_save_safetensors
@@ -111,12 +110,12 @@ class GradSPOTrainer(SPOTrainer):
         """GradSPO's step-wise sampling with the EMA model; pairs carry ``noise_delta``."""
         cfg, acc = self.config, self.accelerator
         generator = torch.Generator(acc.device).manual_seed(seed_for(cfg.seed, self.iteration, acc.process_index, 1))
-        prompt_embeds = self._prompt_embeds(prompts)  # [b, 77, D] (cached at start-up with offload_text_encoder)
+        cond = self._prompt_conditioning(prompts)  # b rows (cached at start-up with offload_text_encoder)
         latents = torch.randn((len(prompts), *self.latent_shape), generator=generator, device=acc.device, dtype=self.weight_dtype)
         latents = latents * self.scheduler.init_noise_sigma  # x_T: [b, 4, h, w]
         with acc.autocast():
             return gradspo_sample(
-                self.ema_unet, self.vae, self.scheduler, self.judge, prompts, prompt_embeds, self.negative_embeds, latents,
+                self.ema_unet, self.vae, self.scheduler, self.judge, prompts, cond, self.negative, latents,
                 num_inference_steps=cfg.num_inference_steps, eta=cfg.eta, guidance_scale=cfg.guidance_scale,
                 divert_start_step=cfg.divert_start_step, num_candidates=cfg.num_samples_per_step,
                 threshold=cfg.preference_threshold, generator=generator, decode_chunk_size=cfg.decode_chunk_size,
@@ -128,17 +127,17 @@ class GradSPOTrainer(SPOTrainer):
     def _pair_loss(self, batch: StepPairs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """GradSPO loss of a micro-batch: guided passes of policy, reference and EMA at the shared x_t."""
         cfg, acc = self.config, self.accelerator
-        x_t, t, embeds = batch.latents, batch.timesteps, batch.prompt_embeds  # [n,4,h,w], [n], [n,77,D]
+        x_t, t, cond = batch.latents, batch.timesteps, batch.cond  # [n,4,h,w], [n], n rows
         with acc.autocast():
             with torch.no_grad():
-                out_ema = guided_noise_pred(self.ema_unet, x_t, t, embeds, self.negative_embeds, cfg.guidance_scale)
+                out_ema = guided_noise_pred(self.ema_unet, x_t, t, cond, self.negative, cfg.guidance_scale)
                 if self.reference_unet is None:
                     base = acc.unwrap_model(self.unet)
                     with adapter_disabled(base):
-                        out_ref = guided_noise_pred(base, x_t, t, embeds, self.negative_embeds, cfg.guidance_scale)
+                        out_ref = guided_noise_pred(base, x_t, t, cond, self.negative, cfg.guidance_scale)
                 else:
-                    out_ref = guided_noise_pred(self.reference_unet, x_t, t, embeds, self.negative_embeds, cfg.guidance_scale)
-            out = guided_noise_pred(self.unet, x_t, t, embeds, self.negative_embeds, cfg.guidance_scale)
+                    out_ref = guided_noise_pred(self.reference_unet, x_t, t, cond, self.negative, cfg.guidance_scale)
+            out = guided_noise_pred(self.unet, x_t, t, cond, self.negative, cfg.guidance_scale)
         # Epsilon predictions (the identity for SD1.5's epsilon models), [n, 4, h, w] float32.
         eps_policy, eps_ref, eps_ema = (predict_x0_and_eps(self.scheduler, o, t, x_t)[1] for o in (out, out_ref, out_ema))
         alphas_cumprod_t = self.scheduler.alphas_cumprod.to(x_t.device)[t].float()  # [n]

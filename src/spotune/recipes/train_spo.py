@@ -49,7 +49,8 @@ from spotune.errors import SpotuneError
 from spotune.losses import spo_loss
 from spotune.models.loading import load_pipeline
 from spotune.models.lora import adapter_disabled, add_lora, load_lora_state_dict, lora_parameters, lora_state_dict
-from spotune.models.text import encode_prompts
+from spotune.models.conditioning import Conditioning
+from spotune.models.family import default_resolution, family_of
 from spotune.recipes.common import (
     MIXED_PRECISION_DTYPES,
     NoTrainingError,
@@ -140,9 +141,11 @@ class SPOTrainer:
 
         # -- models ------------------------------------------------------------------------------
         pipe = load_pipeline(cfg.pretrained_model, dtype=self.weight_dtype)
-        self.tokenizer, self.scheduler = pipe.tokenizer, pipe.scheduler
+        self.family = family_of(pipe)
+        self.scheduler = pipe.scheduler
         self.vae = pipe.vae.to(acc.device).requires_grad_(False).eval()
-        self.text_encoder = pipe.text_encoder.to(acc.device).requires_grad_(False).eval()
+        for name in self.family.text_encoder_names:
+            getattr(pipe, name).to(acc.device).requires_grad_(False).eval()
         unet = pipe.unet.to(acc.device)
         if cfg.finetune == "lora":
             torch.manual_seed(cfg.seed)  # the adapter's initial weights are part of the run's seed
@@ -162,10 +165,11 @@ class SPOTrainer:
         self.trainable = params
 
         vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        resolution = cfg.resolution or self.vae.config.sample_size
+        resolution = cfg.resolution or default_resolution(unet, self.vae)
         if resolution % vae_scale:
             raise SpotuneError(f"config: resolution {resolution} is not a multiple of the VAE's factor {vae_scale}")
         self.latent_shape = (unet.config.in_channels, resolution // vae_scale, resolution // vae_scale)
+        self.conditioner = self.family.conditioner(pipe, resolution)
 
         from spotune.preference.factory import JUDGE_DTYPES, build_judge_from_config
 
@@ -206,10 +210,10 @@ class SPOTrainer:
             num_training_steps=max(1, self.total_iterations * steps_per_iteration),
         )
         self.unet, self.optimizer = acc.prepare(unet, optimizer)
-        self.negative_embeds = encode_prompts(self.tokenizer, self.text_encoder, [cfg.negative_prompt], acc.device)
-        self._embeds_cache: dict[str, torch.Tensor] = {}
+        self.negative = self.conditioner.negative(cfg.negative_prompt, acc.device)  # 1 row
+        self._cond_cache: dict[str, Conditioning] = {}
         if cfg.offload_text_encoder:
-            self._cache_prompt_embeds([*self.prompts, *cfg.validation_prompts])
+            self._cache_prompt_conditioning([*self.prompts, *cfg.validation_prompts])
         if cfg.compile:
             from spotune.models.compiled import compile_models
 
@@ -288,29 +292,29 @@ class SPOTrainer:
         start = (index_in_epoch * acc.num_processes + acc.process_index) * bs
         return [self.prompts[i] for i in order[start : start + bs].tolist()]
 
-    def _cache_prompt_embeds(self, prompts: list[str]) -> None:
-        """Encode every distinct prompt once, keep [77, D] embeddings on the CPU, move the text encoder there.
+    def _cache_prompt_conditioning(self, prompts: list[str]) -> None:
+        """Encode every distinct prompt once, keep its conditioning on the CPU, move the text encoders there.
 
         The UNet attends to the same embeddings whether they come from here or are encoded per iteration
-        (up to floating-point order of the batched encoder), and the text encoder's memory is freed.
+        (up to floating-point order of the batched encoder), and the text encoders' memory is freed.
         """
         cfg, acc = self.config, self.accelerator
         distinct = list(dict.fromkeys(prompts))
         for start in range(0, len(distinct), cfg.sample_batch_size):
             chunk = distinct[start : start + cfg.sample_batch_size]
-            embeds = encode_prompts(self.tokenizer, self.text_encoder, chunk, acc.device).cpu()  # [n, 77, D]
-            self._embeds_cache.update(zip(chunk, embeds))
-        self.text_encoder.to("cpu")
+            cond = self.conditioner.encode(chunk, acc.device).to("cpu")
+            self._cond_cache.update((prompt, cond.select(i)) for i, prompt in enumerate(chunk))
+        for encoder in self.conditioner.text_encoders:
+            encoder.to("cpu")
         if acc.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def _prompt_embeds(self, prompts: list[str]) -> torch.Tensor:
-        """[b] captions -> [b, 77, D] on the accelerator: from the start-up cache when it holds them all."""
+    def _prompt_conditioning(self, prompts: list[str]) -> Conditioning:
+        """[b] captions -> b rows of conditioning on the accelerator: from the start-up cache when it holds them all."""
         acc = self.accelerator
-        if self._embeds_cache and all(p in self._embeds_cache for p in prompts):
-            return torch.stack([self._embeds_cache[p] for p in prompts]).to(acc.device, non_blocking=True)
-        device = self.text_encoder.device
-        return encode_prompts(self.tokenizer, self.text_encoder, prompts, device).to(acc.device)
+        if self._cond_cache and all(p in self._cond_cache for p in prompts):
+            return Conditioning.cat([self._cond_cache[p] for p in prompts]).to(acc.device)
+        return self.conditioner.encode(prompts).to(acc.device)
 
     # ============================================================================================
     #### SAMPLING ####
@@ -323,20 +327,20 @@ class SPOTrainer:
         unet.eval()
         generator = torch.Generator(acc.device).manual_seed(seed_for(cfg.seed, self.iteration, acc.process_index, 1))
         b = len(prompts)
-        prompt_embeds = self._prompt_embeds(prompts)  # [b, 77, D]
+        cond = self._prompt_conditioning(prompts)  # b rows
         chains = 2 * b if cfg.pairing == "trajectory" else b
         latents = torch.randn((chains, *self.latent_shape), generator=generator, device=acc.device, dtype=self.weight_dtype)
         latents = latents * self.scheduler.init_noise_sigma  # x_T: [b, 4, h, w] ([2b, ...] for trajectory pairs)
         with acc.autocast():
             if cfg.pairing == "trajectory":
                 return trajectory_sample(
-                    unet, self.vae, self.scheduler, self.judge, prompts, prompt_embeds, self.negative_embeds, latents,
+                    unet, self.vae, self.scheduler, self.judge, prompts, cond, self.negative, latents,
                     num_inference_steps=cfg.num_inference_steps, eta=cfg.eta, guidance_scale=cfg.guidance_scale,
                     divert_start_step=cfg.divert_start_step, threshold=cfg.preference_threshold,
                     generator=generator, decode_chunk_size=cfg.decode_chunk_size,
                 )
             return spo_sample(
-                unet, self.vae, self.scheduler, self.judge, prompts, prompt_embeds, self.negative_embeds, latents,
+                unet, self.vae, self.scheduler, self.judge, prompts, cond, self.negative, latents,
                 num_inference_steps=cfg.num_inference_steps, eta=cfg.eta, guidance_scale=cfg.guidance_scale,
                 divert_start_step=cfg.divert_start_step, num_candidates=cfg.num_samples_per_step,
                 threshold=cfg.preference_threshold, generator=generator, decode_chunk_size=cfg.decode_chunk_size,
@@ -362,7 +366,7 @@ class SPOTrainer:
             gathered = {k: gather(v) for k, v in padded.items()}
             width = max(counts)
             keep = torch.cat([torch.arange(r * width, r * width + c) for r, c in enumerate(counts)]).to(acc.device)
-            pairs = StepPairs(**{k: v[keep] for k, v in gathered.items()})
+            pairs = StepPairs.from_tensors({k: v[keep] for k, v in gathered.items()})
         total = len(pairs) - len(pairs) % acc.num_processes
         generator = torch.Generator().manual_seed(seed_for(self.config.seed, self.iteration, 2))
         order = torch.randperm(len(pairs), generator=generator)[:total].to(pairs.latents.device)
@@ -455,20 +459,20 @@ class SPOTrainer:
         Win and lose share x_t, t and the prompt, so the same guided output gives both log-probs.
         """
         cfg, acc = self.config, self.accelerator
-        x_t, t, embeds = batch.latents, batch.timesteps, batch.prompt_embeds  # [n,4,h,w], [n], [n,77,D]
+        x_t, t, cond = batch.latents, batch.timesteps, batch.cond  # [n,4,h,w], [n], n rows
         shared = batch.latents_lose is None
         if not shared:  # trajectory pairs: the two steps start from different states, so two passes
             x_t = torch.cat([batch.latents, batch.latents_lose])
-            t, embeds = torch.cat([t, t]), torch.cat([embeds, embeds])
+            t, cond = torch.cat([t, t]), cond.repeat(2)
         with acc.autocast():
-            out = guided_noise_pred(self.unet, x_t, t, embeds, self.negative_embeds, cfg.guidance_scale)
+            out = guided_noise_pred(self.unet, x_t, t, cond, self.negative, cfg.guidance_scale)
             with torch.no_grad():
                 if self.reference_unet is None:
                     base = acc.unwrap_model(self.unet)
                     with adapter_disabled(base):
-                        out_ref = guided_noise_pred(base, x_t, t, embeds, self.negative_embeds, cfg.guidance_scale)
+                        out_ref = guided_noise_pred(base, x_t, t, cond, self.negative, cfg.guidance_scale)
                 else:
-                    out_ref = guided_noise_pred(self.reference_unet, x_t, t, embeds, self.negative_embeds, cfg.guidance_scale)
+                    out_ref = guided_noise_pred(self.reference_unet, x_t, t, cond, self.negative, cfg.guidance_scale)
         n = len(batch)
         lose_rows = slice(0, n) if shared else slice(n, 2 * n)
         logps = {}
@@ -615,9 +619,9 @@ class SPOTrainer:
         prompts = [p for p in cfg.validation_prompts for _ in range(cfg.num_validation_images)]
         generator = torch.Generator(acc.device).manual_seed(cfg.seed)
         latents = torch.randn((len(prompts), *self.latent_shape), generator=generator, device=acc.device, dtype=self.weight_dtype)
-        embeds = self._prompt_embeds(prompts)
+        cond = self._prompt_conditioning(prompts)
         with acc.autocast():
-            x0 = ddim_sample(unet, self.scheduler, embeds, self.negative_embeds, latents * self.scheduler.init_noise_sigma,
+            x0 = ddim_sample(unet, self.scheduler, cond, self.negative, latents * self.scheduler.init_noise_sigma,
                              num_inference_steps=cfg.num_inference_steps, eta=0.0, guidance_scale=cfg.guidance_scale)
             images = decode_latents(self.vae, x0, cfg.decode_chunk_size)
         path = self.output_dir / "samples" / f"{name or f'epoch-{epoch:04d}'}.png"

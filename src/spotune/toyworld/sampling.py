@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from spotune.diffusion.sampler import ddim_sample, decode_latents
+from spotune.models.conditioning import Conditioning
 from spotune.models.text import encode_prompts
 
 
@@ -47,11 +48,11 @@ def generate(
     device = unet.device
     size = unet.config.sample_size
     shape = (unet.config.in_channels, size, size)
-    negative = encode_prompts(tokenizer, text_encoder, [""], device)
+    negative = Conditioning(encode_prompts(tokenizer, text_encoder, [""], device))
     out = []
     for start in range(0, len(captions), batch_size):
         caps, sds = captions[start : start + batch_size], seeds[start : start + batch_size]
-        embeds = encode_prompts(tokenizer, text_encoder, caps, device)
+        embeds = Conditioning(encode_prompts(tokenizer, text_encoder, caps, device))
         latents = initial_noise(sds, shape).to(device, unet.dtype) * scheduler.init_noise_sigma
         generator = torch.Generator(device).manual_seed(int(sds[0])) if eta > 0 else None
         x0 = ddim_sample(unet, scheduler, embeds, negative, latents, num_inference_steps=num_inference_steps,

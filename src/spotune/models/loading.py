@@ -2,7 +2,8 @@
 
 Accepted sources, tried in this order:
 
-* ``builtin:tiny-sd15``: tiny random SD1.5-architecture components built in code (tests, CPU demos);
+* ``builtin:tiny-sd15`` / ``builtin:tiny-sdxl``: tiny random SD1.5- / SDXL-architecture components built in
+  code (tests, CPU demos);
 * a local diffusers folder (has ``model_index.json``);
 * a single-file checkpoint (``.safetensors``; ``.ckpt`` read with ``weights_only=True``) in the original
   CompVis/webui layout, converted with component configs shipped inside the package (works offline);
@@ -21,6 +22,7 @@ import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 
 BUILTIN_TINY_SD15 = "builtin:tiny-sd15"
+BUILTIN_TINY_SDXL = "builtin:tiny-sdxl"
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin")
 
 
@@ -80,6 +82,10 @@ def load_pipeline(
         from spotune.models.tiny import build_tiny_sd15_pipeline
 
         pipe = build_tiny_sd15_pipeline()
+    elif source == BUILTIN_TINY_SDXL:
+        from spotune.models.tiny import build_tiny_sdxl_pipeline
+
+        pipe = build_tiny_sdxl_pipeline()
     else:
         path = Path(os.path.expanduser(source))
         if path.is_dir():

@@ -14,8 +14,8 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 TINY_IMAGE_SIZE = 32
 TINY_TEXT_HIDDEN = 32
@@ -103,8 +103,8 @@ def build_tiny_unet(seed: int = 0, cross_attention_dim: int = TINY_TEXT_HIDDEN) 
         )
 
 
-def build_tiny_vae(seed: int = 0) -> AutoencoderKL:
-    """A three-level VAE mapping 32x32 RGB to 8x8x4 latents (scale factor 4)."""
+def build_tiny_vae(seed: int = 0, **overrides) -> AutoencoderKL:
+    """A three-level VAE mapping 32x32 RGB to 8x8x4 latents (scale factor 4); ``overrides`` set config values."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return AutoencoderKL(
@@ -117,6 +117,7 @@ def build_tiny_vae(seed: int = 0) -> AutoencoderKL:
             layers_per_block=1,
             norm_num_groups=4,
             sample_size=TINY_IMAGE_SIZE,
+            **overrides,
         )
 
 
@@ -152,6 +153,71 @@ def build_tiny_sd15_pipeline(seed: int = 0) -> StableDiffusionPipeline:
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+# SDXL: text_encoder (hidden 32) and text_encoder_2 (hidden 32, projection 32) concatenate to 64 channels.
+TINY_SDXL_CROSS_ATTENTION = 2 * TINY_TEXT_HIDDEN
+TINY_SDXL_POOLED = 32
+TINY_SDXL_TIME_EMBED = 8
+# The real SDXL VAE's latent scale; the fp16-fix VAE has the same (SD1.5's is 0.18215).
+SDXL_VAE_SCALING_FACTOR = 0.13025
+
+
+def build_tiny_sdxl_unet(seed: int = 0) -> UNet2DConditionModel:
+    """A two-level SDXL-architecture UNet on 8x8x4 latents, in the spirit of diffusers' own SDXL tests.
+
+    As in SDXL: ``addition_embed_type="text_time"`` (pooled text embedding + 6 time ids), linear
+    projections in the transformers, no attention at the first level, two layers per block and more than
+    one transformer layer deeper down, so the original-layout names (``input_blocks_4_1_transformer_blocks_1``)
+    come out as kohya writes them for SDXL.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return UNet2DConditionModel(
+            sample_size=TINY_IMAGE_SIZE // 4,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(32, 64),
+            layers_per_block=2,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=(2, 4),
+            use_linear_projection=True,
+            transformer_layers_per_block=(1, 2),
+            cross_attention_dim=TINY_SDXL_CROSS_ATTENTION,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=TINY_SDXL_TIME_EMBED,
+            projection_class_embeddings_input_dim=TINY_SDXL_POOLED + 6 * TINY_SDXL_TIME_EMBED,
+            norm_num_groups=8,
+        )
+
+
+def build_tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
+    """A complete, randomly initialised SDXL-architecture pipeline: two text encoders (the second with a
+    projection, as OpenCLIP bigG), a ``text_time`` UNet, a VAE with SDXL's latent scale, DDIM."""
+    tokenizer = build_tiny_tokenizer()
+    # SDXL's second tokenizer pads with "!" where the first pads with <|endoftext|>.
+    tokenizer_2 = CLIPTokenizer.from_pretrained(str(_tokenizer_folder()), model_max_length=TINY_MAX_LENGTH, pad_token="!")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 1)
+        text_encoder = CLIPTextModel(tiny_text_config(tokenizer))
+        torch.manual_seed(seed + 3)
+        config_2 = tiny_text_config(tokenizer_2)
+        config_2.projection_dim = TINY_SDXL_POOLED
+        text_encoder_2 = CLIPTextModelWithProjection(config_2)
+    pipe = StableDiffusionXLPipeline(
+        vae=build_tiny_vae(seed, scaling_factor=SDXL_VAE_SCALING_FACTOR, force_upcast=True),
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=build_tiny_sdxl_unet(seed + 2),
+        scheduler=sd15_ddim_scheduler(),  # SDXL base trains with the same scaled-linear schedule, offset 1
+        force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -122,6 +122,11 @@ class ModelFamily:
         tokenizer_names: pipeline attributes of its tokenizers, in order.
         ss_base_model_version: kohya's ``ss_base_model_version`` for LoRAs of this family.
         modelspec_architecture: ``modelspec.architecture`` of a LoRA of this family.
+        pipeline_class_name: the diffusers pipeline class that runs it.
+        vae_scaling_factor: its VAE's latent scale (SD1.5 0.18215, SDXL 0.13025), which tells the VAEs apart.
+        vae_honours_force_upcast: whether a VAE whose config sets ``force_upcast`` is kept in fp32 under a
+            reduced dtype. SDXL's VAE overflows in fp16 (diffusers' SDXL pipeline upcasts it, the SPO authors
+            keep it in fp32 unless given the fp16-fix VAE); SD1.5's pipeline ignores the flag, and so do we.
     """
 
     name: str
@@ -130,6 +135,20 @@ class ModelFamily:
     tokenizer_names: tuple[str, ...]
     ss_base_model_version: str
     modelspec_architecture: str
+    pipeline_class_name: str
+    vae_scaling_factor: float
+    vae_honours_force_upcast: bool
+
+    @property
+    def components(self) -> tuple[str, ...]:
+        """The sub-folders a diffusers pipeline folder of this family must have for spotune."""
+        return ("unet", "vae", *self.text_encoder_names, *self.tokenizer_names, "scheduler")
+
+    def pipeline_class(self):
+        """The diffusers pipeline class (imported on use: diffusers is slow to import)."""
+        import diffusers
+
+        return getattr(diffusers, self.pipeline_class_name)
 
     def conditioner(self, pipe, resolution: int | tuple[int, int] | None = None) -> PromptConditioner:
         """The prompt conditioner of ``pipe``'s text encoders (``resolution``: SDXL's time ids; default native)."""
@@ -154,6 +173,9 @@ SD15 = ModelFamily(
     tokenizer_names=("tokenizer",),
     ss_base_model_version="sd_v1",
     modelspec_architecture="stable-diffusion-v1/lora",
+    pipeline_class_name="StableDiffusionPipeline",
+    vae_scaling_factor=0.18215,
+    vae_honours_force_upcast=False,
 )
 SDXL = ModelFamily(
     name="sdxl",
@@ -162,6 +184,9 @@ SDXL = ModelFamily(
     tokenizer_names=("tokenizer", "tokenizer_2"),
     ss_base_model_version="sdxl_base_v1-0",
     modelspec_architecture="stable-diffusion-xl-v1-base/lora",
+    pipeline_class_name="StableDiffusionXLPipeline",
+    vae_scaling_factor=0.13025,
+    vae_honours_force_upcast=True,
 )
 FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (SD15, SDXL)}
 
@@ -184,6 +209,38 @@ def family_of(pipe) -> ModelFamily:
     return family_of_unet(pipe.unet)
 
 
+def family_of_vae_scale(scaling_factor: float) -> ModelFamily | None:
+    """The family whose VAEs have this latent scale, or ``None`` for another VAE (e.g. one trained in code)."""
+    return next((f for f in FAMILIES.values() if abs(f.vae_scaling_factor - float(scaling_factor)) < 1e-6), None)
+
+
+class ResolutionError(SpotuneError, ValueError):
+    """An image size the model's VAE cannot map to whole latents."""
+
+
+def vae_scale_factor(vae) -> int:
+    """Pixels per latent cell: 2 per VAE down block after the first (SD1.5 and SDXL: 8)."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
 def default_resolution(unet, vae) -> int:
     """The model's native image size: ``unet.sample_size * vae_scale_factor`` (SD1.5 512, SDXL 1024)."""
-    return int(unet.config.sample_size) * 2 ** (len(vae.config.block_out_channels) - 1)
+    return int(unet.config.sample_size) * vae_scale_factor(vae)
+
+
+def resolve_resolution(requested: int | None, unet, vae, key: str = "resolution", where: str = "config") -> int:
+    """``requested`` pixels, or the model's native size when unset (0 or ``None``), checked against the VAE.
+
+    Raises:
+        ResolutionError: a size that is not a positive multiple of the VAE factor, naming ``key`` (the message
+            starts with ``where``: the config, or the command).
+    """
+    factor = vae_scale_factor(vae)
+    size = int(requested) if requested else default_resolution(unet, vae)
+    if size <= 0 or size % factor:
+        native = default_resolution(unet, vae)
+        raise ResolutionError(
+            f"{where}: {key}={size} is not a positive multiple of the VAE's factor {factor} (this model's latents are "
+            f"1/{factor} of the image); use a multiple of {factor}, e.g. {key}={native} (the model's native size), or leave it unset"
+        )
+    return size

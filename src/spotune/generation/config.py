@@ -13,7 +13,21 @@ class GenerateConfig:
 
     model: str = field(
         default="",
-        metadata={"help": "Base model: a diffusers folder, a single-file checkpoint, a hub id, or builtin:tiny-sd15."},
+        metadata={
+            "help": "Base model (SD1.5 or SDXL): a diffusers folder, a single-file checkpoint, a hub id, or "
+            "builtin:tiny-sd15 / builtin:tiny-sdxl."
+        },
+    )
+    model_family: str = field(
+        default="auto",
+        metadata={"help": "Model family: auto (read from the model), or sd15 / sdxl to refuse a model of the other family."},
+    )
+    vae: str = field(
+        default="",
+        metadata={
+            "help": "A local diffusers VAE folder replacing the model's (SDXL: madebyollin/sdxl-vae-fp16-fix, which "
+            "runs in fp16; without it the SDXL VAE runs in fp32). Empty: the model's own."
+        },
     )
     loras: list[str] = field(
         default_factory=list,
@@ -56,7 +70,7 @@ class GenerateConfig:
     steps: int = field(default=20, metadata={"help": "DDIM steps (the SPO paper evaluates with 20)."})
     guidance_scale: float = field(default=5.0, metadata={"help": "Classifier-free guidance scale (paper: 5.0)."})
     eta: float = field(default=0.0, metadata={"help": "DDIM eta: 0 is deterministic; 1 adds fresh noise each step."})
-    width: int = field(default=0, metadata={"help": "Image width in pixels (0: the model's own size, 512 for SD1.5)."})
+    width: int = field(default=0, metadata={"help": "Image width in pixels (0: the model's native size, SD1.5 512, SDXL 1024)."})
     height: int = field(default=0, metadata={"help": "Image height in pixels (0: the model's own size)."})
     negative_prompt: str = field(default="", metadata={"help": "Negative prompt for every image."})
     batch_size: int = field(default=4, metadata={"help": "Images per forward pass."})
@@ -98,6 +112,8 @@ class GenerateConfig:
             value = getattr(self, key)
             if value < 0 or value % 8:
                 raise ConfigError(f"generate: '{key}' must be 0 (model default) or a positive multiple of 8, got {value}")
+        if self.model_family not in ("auto", "sd15", "sdxl"):
+            raise ConfigError(f"generate: 'model_family' must be auto, sd15 or sdxl, got {self.model_family!r}")
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
             raise ConfigError(f"generate: 'dtype' must be auto, float32, float16 or bfloat16, got {self.dtype!r}")
         if self.compare_base and not self.loras:

@@ -202,7 +202,12 @@ def identity(spec: ModelSpec, config: GenerateConfig) -> dict[str, Any]:
         "seed": config.seed,
         "negative_prompt": config.negative_prompt,
         "dtype": config.dtype,
+        "vae": config.vae,
     }
+
+
+# What an identity key was before it was recorded, so folders written then still match (vae= came later).
+_IDENTITY_DEFAULTS = {"vae": ""}
 
 
 @dataclass
@@ -229,7 +234,7 @@ def plan_model(folder: Path, spec: ModelSpec, config: GenerateConfig, items: lis
                     "write into it: choose another output_dir"
                 )
         else:
-            old = {k: previous.get(k) for k in wanted}
+            old = {k: previous.get(k, _IDENTITY_DEFAULTS.get(k)) for k in wanted}
             changed = sorted(k for k in wanted if old[k] != wanted[k])
             records = read_metadata(folder)
             moved = [
@@ -292,6 +297,33 @@ def apply_loras(pipe, loras: tuple[LoraSpec, ...]) -> None:
         apply_lora(pipe.unet, weights, scale=lora.scale, fuse=True, adapter_name=f"lora{i}")
 
 
+def image_size(pipe, config: GenerateConfig) -> tuple[int, int]:
+    """(width, height): the configured size, or the model's native one (SD1.5 512, SDXL 1024), checked
+    against the VAE factor.
+
+    Raises:
+        ResolutionError: naming ``width`` or ``height``.
+    """
+    from spotune.models.family import resolve_resolution
+
+    return tuple(
+        resolve_resolution(getattr(config, key), pipe.unet, pipe.vae, key=key, where="generate") for key in ("width", "height")
+    )
+
+
+@torch.no_grad()
+def decode_images(pipe, latents: torch.Tensor) -> list:
+    """[B, C, h, w] final latents -> B PIL images, with the VAE in its own dtype.
+
+    The VAE may run in another dtype than the UNet (an SDXL VAE kept in fp32 under fp16), which the
+    pipelines' own decoding does not handle, so the latents are decoded here, cast to the VAE's dtype.
+    """
+    from spotune.diffusion.sampler import decode_latents
+
+    images = decode_latents(pipe.vae, latents, chunk_size=len(latents))  # [B, 3, H, W] in about [-1, 1]
+    return pipe.image_processor.postprocess(images, output_type="pil", do_denormalize=[True] * len(images))
+
+
 def generate_missing(
     pipe,
     spec: ModelSpec,
@@ -302,19 +334,26 @@ def generate_missing(
 ) -> int:
     """Make ``plan.pending`` images in batches; returns how many were written.
 
+    The negative prompt "" is passed as no negative prompt: SD1.5's pipeline then encodes "", SDXL's uses
+    zeros (``force_zeros_for_empty_prompt``), as the SPO authors' SDXL inference and spotune's training do.
+
     Args:
         size: (width, height) in pixels.
     """
     from tqdm.auto import tqdm
 
+    from spotune.models.family import family_of, vae_scale_factor
+
     width, height = size
     device, dtype = pipe.unet.device, pipe.unet.dtype
-    factor = pipe.vae_scale_factor
+    family = family_of(pipe)
+    factor = vae_scale_factor(pipe.vae)
     latent_shape = (pipe.unet.config.in_channels, height // factor, width // factor)
     base_label = model_label(config.model)
+    vae_label = {"VAE": model_label(config.vae)} if config.vae else {}
     lora_tags = [(lora.name, lora.scale) for lora in spec.loras]
     plan.folder.mkdir(parents=True, exist_ok=True)
-    write_generation(plan.folder, {**identity(spec, config), "spotune_version": __version__})
+    write_generation(plan.folder, {**identity(spec, config), "model_family": family.name, "spotune_version": __version__})
     made = 0
     with tqdm(total=len(plan.pending), desc=f"generate {spec.name}", unit="img") as bar:
         for start in range(0, len(plan.pending), config.batch_size):
@@ -331,9 +370,9 @@ def generate_missing(
                 eta=config.eta,
                 latents=initial_latents(seeds, latent_shape, device, dtype),  # [B, 4, h/8, w/8]
                 generator=sampler_generators([derive_seed(config.seed, p, i, "sampler") for p, i in batch]),
-                output_type="pil",
+                output_type="latent",
             )
-            for (p, i), seed, image in zip(batch, seeds, result.images):
+            for (p, i), seed, image in zip(batch, seeds, decode_images(pipe, result.images)):
                 file = image_filename(p, i)
                 settings = {
                     "Steps": config.steps,
@@ -342,6 +381,8 @@ def generate_missing(
                     "Seed": seed,
                     "Size": f"{width}x{height}",
                     "Model": base_label,
+                    **vae_label,
+                    "Model family": family.name,
                     "Eta DDIM": config.eta,
                     "Version": f"spotune {__version__}",
                 }
@@ -362,6 +403,8 @@ def generate_missing(
                     "height": height,
                     "sampler": "DDIM",
                     "base_model": config.model,
+                    "model_family": family.name,
+                    "vae": config.vae,
                     "loras": [{"path": str(lora.path), "scale": lora.scale} for lora in spec.loras],
                     "prompt_fields": items[p].fields,
                 }
@@ -393,13 +436,12 @@ def run_generate(config: GenerateConfig) -> GenerationResult:
             logger.info("%s: all %d images already exist", spec.name, len(plan.records))
             continue
         if pipe is None:
-            pipe = load_pipeline(config.model, dtype=dtype, device=device)
+            pipe = load_pipeline(config.model, dtype=dtype, device=device, model_family=config.model_family, vae=config.vae or None)
             pipe.set_progress_bar_config(disable=True)
         if spec.loras and not fused:
             apply_loras(pipe, spec.loras)
             fused = True
-        default_size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-        size = (config.width or default_size, config.height or default_size)
+        size = image_size(pipe, config)
         result.generated[spec.name] = generate_missing(pipe, spec, plan, items, config, size)
     if config.grid:
         try:

@@ -26,7 +26,16 @@ from pathlib import Path
 import torch
 from diffusers import DDIMScheduler, DiffusionPipeline
 
-from spotune.models.family import SD15, SDXL, FamilyError, ModelFamily, family_named, family_of, family_of_vae_scale
+from spotune.models.family import (
+    SD15,
+    SDXL,
+    FamilyError,
+    ModelFamily,
+    family_named,
+    family_of,
+    family_of_vae_scale,
+    vae_scale_factor,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -285,6 +294,11 @@ def check_vae_fits(vae, pipe, source: str) -> None:
     channels, wanted = int(vae.config.latent_channels), int(pipe.unet.config.in_channels)
     if channels != wanted:
         raise ModelLoadError(f"vae={source} has {channels} latent channels but the model's UNet takes {wanted}")
+    if vae_scale_factor(vae) != vae_scale_factor(pipe.vae):
+        raise ModelLoadError(
+            f"vae={source} maps {vae_scale_factor(vae)} pixels to one latent, the model's own VAE {vae_scale_factor(pipe.vae)}; "
+            "give a VAE of the model's architecture"
+        )
 
 
 def vae_dtype(vae, family: ModelFamily, dtype: torch.dtype) -> torch.dtype:

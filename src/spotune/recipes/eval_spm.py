@@ -19,6 +19,7 @@ import torch
 from spotune.config import ConfigError, help_field
 from spotune.errors import SpotuneError
 from spotune.data.pickapic import PickAPicPairs, collate_pairs
+from spotune.models.family import resolve_resolution
 from spotune.models.loading import load_pipeline
 from spotune.preference.factory import JUDGE_KINDS, build_judge_from_config
 from spotune.preference.noisy_views import NoisyViewMaker
@@ -45,12 +46,19 @@ class EvalSPMConfig:
         "Step-aware checkpoint (.bin official, .safetensors, or a train-spm run folder); spm / tiny-spm.", None)
     judge_processor_path: str | None = help_field("Folder with the judge's tokenizer and preprocessor_config.json.", None)
     pretrained_model: str = help_field(
-        "Diffusion model making the x0-predictions: diffusers folder, single file, hub id or builtin:tiny-sd15.",
+        "Diffusion model making the x0-predictions (SD1.5 or SDXL): diffusers folder, single file, hub id, "
+        "builtin:tiny-sd15 or builtin:tiny-sdxl.",
         "builtin:tiny-sd15")
+    model_family: Literal["auto", "sd15", "sdxl"] = help_field(
+        "Family of pretrained_model: auto (read from the model), or sd15 / sdxl to refuse the other family.", "auto")
+    vae: str | None = help_field(
+        "A local diffusers VAE folder replacing the model's (SDXL: madebyollin/sdxl-vae-fp16-fix, which runs in fp16; "
+        "without it the SDXL VAE runs in fp32).", None)
     data: str | None = help_field("Pick-a-Pic-format pairs: a .parquet/.arrow file, a folder of them, or a save_to_disk folder.", None)
     split: str | None = help_field("Split of a DatasetDict or hub-style parquet folder (e.g. validation_unique).", None)
     max_pairs: int | None = help_field("Evaluate on the first N labelled pairs only (unset: all).", None)
-    resolution: int | None = help_field("Pairs are resized and centre-cropped to this size; the VAE's sample_size when unset.", None)
+    resolution: int | None = help_field("Pairs are resized and centre-cropped to this size (a multiple of the VAE factor); the model's native size "
+        "(SD1.5 512, SDXL 1024) when unset.", None)
     guidance_scale: float = help_field("Classifier-free guidance of the x0-prediction (SPO: 5.0).", 5.0)
     negative_prompt: str = help_field("Unconditional prompt of the guidance (SPO: empty).", "")
     timesteps: list[int] = help_field("Timesteps to measure at (SPO: 0, 251, 501, 701, 951).", list(SPM_EVAL_TIMESTEPS))
@@ -102,9 +110,9 @@ def _measure(cfg: EvalSPMConfig, acc) -> list[TimestepAccuracy]:
     judge = build_judge_from_config(
         cfg.judge, cfg.judge_clip_path, cfg.judge_checkpoint, cfg.judge_processor_path, device=acc.device, dtype=dtype
     )
-    pipe = load_pipeline(cfg.pretrained_model, dtype=dtype, device=acc.device)
+    pipe = load_pipeline(cfg.pretrained_model, dtype=dtype, device=acc.device, model_family=cfg.model_family, vae=cfg.vae)
     views = NoisyViewMaker(pipe, cfg.guidance_scale, cfg.negative_prompt)
-    pairs.resolution = cfg.resolution or int(pipe.vae.config.sample_size)
+    pairs.resolution = resolve_resolution(cfg.resolution, pipe.unet, pipe.vae)
     loader = acc.prepare(torch.utils.data.DataLoader(
         pairs, batch_size=cfg.batch_size, shuffle=False, collate_fn=collate_pairs, num_workers=cfg.num_workers,
     ))

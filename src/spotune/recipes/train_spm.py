@@ -41,6 +41,7 @@ from spotune.checkpoint import (
 from spotune.config import ConfigError, config_to_dict, config_to_yaml, help_field
 from spotune.data.pickapic import BlockShuffleSampler, PairBatch, PickAPicPairs, checked_batch, collate_pairs
 from spotune.errors import SpotuneError
+from spotune.models.family import resolve_resolution
 from spotune.models.loading import load_pipeline
 from spotune.preference.clip_judge import spm_training_pixels
 from spotune.preference.loading import BUILTIN_TINY_CLIP, load_clip
@@ -82,7 +83,12 @@ class TrainSPMConfig:
     output_dir: str = help_field("Run folder: config.yaml, checkpoints/, logs/ and eval/ are written here.", "runs/spm")
     pretrained_model: str = help_field(
         "The diffusion model whose x0-predictions the SPM learns to judge: a diffusers folder, a single-file "
-        ".safetensors, a hub id (online), or builtin:tiny-sd15.", "builtin:tiny-sd15")
+        ".safetensors, a hub id (online), or builtin:tiny-sd15 / builtin:tiny-sdxl.", "builtin:tiny-sd15")
+    model_family: Literal["auto", "sd15", "sdxl"] = help_field(
+        "Family of pretrained_model: auto (read from the model), or sd15 / sdxl to refuse the other family.", "auto")
+    vae: str | None = help_field(
+        "A local diffusers VAE folder replacing the model's (SDXL: madebyollin/sdxl-vae-fp16-fix, which runs in fp16; "
+        "without it the SDXL VAE runs in fp32).", None)
     clip_path: str | None = help_field(
         "The CLIP the SPM extends: a local CLIPModel folder (PickScore_v1), or builtin:tiny-clip.", BUILTIN_TINY_CLIP)
     processor_path: str | None = help_field(
@@ -103,7 +109,8 @@ class TrainSPMConfig:
         True)
     # -- noisy views ---------------------------------------------------------------------------------
     resolution: int | None = help_field(
-        "Pairs are resized and centre-cropped to this size before the VAE; the VAE's sample_size when unset.", None)
+        "Pairs are resized and centre-cropped to this size before the VAE (a multiple of the VAE factor); the model's "
+        "native size (SD1.5 512, SDXL 1024) when unset.", None)
     guidance_scale: float = help_field("Classifier-free guidance of the x0-prediction the SPM sees (SPO: 5.0).", 5.0)
     negative_prompt: str = help_field("Unconditional prompt of the guidance (SPO: empty).", "")
     eval_timesteps: list[int] = help_field("Timesteps of the accuracy evaluation (SPO: 0, 251, 501, 701, 951).", list(SPM_EVAL_TIMESTEPS))
@@ -246,11 +253,12 @@ class SPMTrainer:
 
         # -- the frozen diffusion model and the views it makes ------------------------------------
         self.views_dtype = MIXED_PRECISION_DTYPES[cfg.views_dtype] if cfg.views_dtype else self.weight_dtype
-        pipe = load_pipeline(cfg.pretrained_model, dtype=self.views_dtype, device=acc.device)
+        pipe = load_pipeline(cfg.pretrained_model, dtype=self.views_dtype, device=acc.device,
+                             model_family=cfg.model_family, vae=cfg.vae)
         for module in (pipe.vae, pipe.unet, pipe.text_encoder):
             module.requires_grad_(False).eval()
         self.views = NoisyViewMaker(pipe, cfg.guidance_scale, cfg.negative_prompt, cfg.decode_chunk_size)
-        self.resolution = cfg.resolution or int(pipe.vae.config.sample_size)
+        self.resolution = resolve_resolution(cfg.resolution, pipe.unet, pipe.vae)
         for pairs in (train_set, eval_set):
             if pairs is not None:
                 pairs.resolution = self.resolution  # the model's own size, now that it is known

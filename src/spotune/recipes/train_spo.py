@@ -50,7 +50,7 @@ from spotune.losses import spo_loss
 from spotune.models.loading import load_pipeline
 from spotune.models.lora import adapter_disabled, add_lora, load_lora_state_dict, lora_parameters, lora_state_dict
 from spotune.models.conditioning import Conditioning
-from spotune.models.family import default_resolution, family_of
+from spotune.models.family import family_of, resolve_resolution, vae_scale_factor
 from spotune.recipes.common import (
     MIXED_PRECISION_DTYPES,
     NoTrainingError,
@@ -140,7 +140,7 @@ class SPOTrainer:
         self.total_iterations = planned_iterations(cfg.num_epochs, self.iterations_per_epoch, cfg.max_iterations)
 
         # -- models ------------------------------------------------------------------------------
-        pipe = load_pipeline(cfg.pretrained_model, dtype=self.weight_dtype)
+        pipe = load_pipeline(cfg.pretrained_model, dtype=self.weight_dtype, model_family=cfg.model_family, vae=cfg.vae)
         self.family = family_of(pipe)
         self.scheduler = pipe.scheduler
         self.vae = pipe.vae.to(acc.device).requires_grad_(False).eval()
@@ -164,10 +164,8 @@ class SPOTrainer:
             raise SpotuneError(f"nothing to train: no UNet module matches lora_targets {cfg.lora_targets}")
         self.trainable = params
 
-        vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        resolution = cfg.resolution or default_resolution(unet, self.vae)
-        if resolution % vae_scale:
-            raise SpotuneError(f"config: resolution {resolution} is not a multiple of the VAE's factor {vae_scale}")
+        vae_scale = vae_scale_factor(self.vae)
+        resolution = resolve_resolution(cfg.resolution, unet, self.vae)
         self.latent_shape = (unet.config.in_channels, resolution // vae_scale, resolution // vae_scale)
         self.conditioner = self.family.conditioner(pipe, resolution)
 

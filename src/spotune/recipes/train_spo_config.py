@@ -14,8 +14,13 @@ class TrainSPOConfig:
     # -- where things are ---------------------------------------------------------------------------
     output_dir: str = help_field("Run folder: config.yaml, checkpoints/, logs/ and samples/ are written here.", "runs/spo")
     pretrained_model: str = help_field(
-        "The model to fine-tune: a diffusers folder, a single-file SD1.5 .safetensors, a hub id (online), "
-        "or builtin:tiny-sd15.", "builtin:tiny-sd15")
+        "The model to fine-tune (SD1.5 or SDXL): a diffusers folder, a single-file .safetensors, a hub id, "
+        "or builtin:tiny-sd15 / builtin:tiny-sdxl.", "builtin:tiny-sd15")
+    model_family: Literal["auto", "sd15", "sdxl"] = help_field(
+        "Model family: auto (read from the model), or sd15 / sdxl to refuse a model of the other family.", "auto")
+    vae: str | None = help_field(
+        "A local diffusers VAE folder replacing the model's (SDXL: madebyollin/sdxl-vae-fp16-fix, which runs in fp16; "
+        "without it the SDXL VAE runs in fp32).", None)
     prompts: str = help_field(
         "Training prompt file (.json list of {caption}, .txt, .csv/.tsv, .jsonl, .parquet); the SPO 4k list for "
         "the paper recipe.", "builtin:tiny-prompts")
@@ -44,7 +49,7 @@ class TrainSPOConfig:
     num_samples_per_step: int = help_field("k: candidates drawn from each x_t.", 4)
     preference_threshold: float = help_field("A pair is kept when softmax(best, worst) differs by more than this.", 0.3)
     sample_batch_size: int = help_field("Prompts per sampling batch, per process.", 10)
-    resolution: int | None = help_field("Image size in pixels; the model's own default (512 for SD1.5) when unset.", None)
+    resolution: int | None = help_field("Image size in pixels, a multiple of the VAE factor (8); the model's native size (SD1.5 512, SDXL 1024) when unset.", None)
     decode_chunk_size: int = help_field(
         "Images decoded by the VAE at once while judging (memory bound); 0 sizes the chunks by free CUDA memory.", 8)
     judge_batch_size: int | None = help_field(

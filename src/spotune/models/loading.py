@@ -125,7 +125,7 @@ def _check_pipeline_folder(path: Path, family: ModelFamily) -> None:
     missing = [name for name in family.components if not (path / name).is_dir()]
     if missing:
         raise ModelLoadError(
-            f"pipeline folder {path} is {family.title} but has no {', '.join(f'{m}/' for m in missing)} sub-folder(s); "
+            f"pipeline folder {path} has no {', '.join(f'{m}/' for m in missing)} sub-folder(s), which {family.title} needs; "
             f"a pipeline folder of {family.title} (as written by save_pretrained) holds model_index.json and "
             f"{', '.join(f'{c}/' for c in family.components)}"
         )

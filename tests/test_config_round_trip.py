@@ -37,6 +37,8 @@ SHIPPED = {
     "sd15_generate.yaml": (GenerateConfig, ["model=/models/stable-diffusion-v1-5"]),
     "tiny_generate.yaml": (GenerateConfig, []),
     "sd15_eval.yaml": (EvalConfig, []),
+    "sdxl_generate.yaml": (GenerateConfig, ["model=/models/stable-diffusion-xl-base-1.0"]),
+    "sdxl_eval.yaml": (EvalConfig, []),
     "tiny_eval.yaml": (EvalConfig, []),
     "toyworld_pretrain.yaml": (PretrainConfig, []),
 }

@@ -7,7 +7,7 @@ repository's ``configs/``:
 * commands that need no external weights run for real: the tiny CPU training, the exports of that
   run (the README's ``runs/sd15_spo`` swapped for the ``runs/tiny`` it trains just above), the tiny
   generate/eval configs, ``--list-keys`` and ``--help``;
-* commands that need real weights (``/models/...``, ``PATH`` placeholders, the ``sd15_*`` configs)
+* commands that need real weights (``/models/...``, ``PATH`` placeholders, the ``sd15_*`` and ``sdxl_*`` configs)
   and the demo (8 minutes; ``tests/toyworld/test_demo.py`` runs it shrunk) are checked by a dry run,
   ``--print-config``: every key is resolved and validated, so a renamed key fails here.
 """
@@ -32,7 +32,7 @@ README = ROOT / "README.md"
 # The README's placeholder run folder and the tiny run it trains without weights.
 EXPORT_SWAPS = {"runs/sd15_spo": "runs/tiny"}
 # Arguments that point at weights this checkout does not have; a command holding one is only parsed.
-NEEDS_WEIGHTS = re.compile(r"(^|[=/])(models/|PATH$|DIR$|file\.safetensors$)|configs/sd15_")
+NEEDS_WEIGHTS = re.compile(r"(^|[=/])(models/|PATH$|DIR$|file\.safetensors$)|configs/sd(15|xl)_")
 
 
 def readme_commands(text: str) -> list[str]:

@@ -73,6 +73,17 @@ def test_train_sdxl_with_the_fp16_fix_vae_and_resume_keeps_both_keys(tmp_path, c
     one_line_error(capsys, "resume changes model_family", "'sdxl' -> 'auto'")
 
 
+def test_train_sdxl_in_fp16_keeps_its_vae_in_fp32(tmp_path, caplog):
+    """Sampling decodes fp16 latents with the fp32 SDXL VAE (force_upcast) without a dtype clash."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="spotune.models.loading")
+    out = tmp_path / "run"
+    assert main([*TRAIN, f"output_dir={out}", "pretrained_model=builtin:tiny-sdxl", "mixed_precision=fp16"]) == 0
+    assert "the VAE runs in float32" in caplog.text
+    assert (out / "checkpoints" / "iter-00000001").is_dir()
+
+
 def test_print_config_shows_the_keys(capsys):
     assert main(["train", "--config", str(ROOT / "configs" / "tiny_cpu.yaml"), "model_family=sdxl", "--print-config"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)

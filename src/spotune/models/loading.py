@@ -381,8 +381,9 @@ def load_pipeline(
     if pipe.vae.dtype != wanted_vae_dtype:
         pipe.vae.to(dtype=wanted_vae_dtype)
     if wanted_vae_dtype != dtype:
-        logger.info("%s: the VAE runs in fp32 (its config sets force_upcast: it overflows in %s); give the fp16-fix "
-                    "VAE as vae= to run it in %s", source, dtype, dtype)
+        name = str(dtype).removeprefix("torch.")
+        logger.info("%s: the VAE runs in float32 (its config sets force_upcast: it overflows in float16); give the "
+                    "fp16-fix VAE as vae= to run it in %s", source, name)
     if device is not None:
         pipe.to(device)
     return pipe

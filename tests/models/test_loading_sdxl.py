@@ -137,6 +137,13 @@ def test_sdxl_vae_precision(fp16_fix_vae_dir, sdxl_dir):
 
 
 def test_resolution_must_fit_the_vae():
+    # SDXL base 1.0's and SD1.5's own config values (unet/config.json sample_size, vae/config.json blocks).
+    sdxl_unet, sd15_unet = types.SimpleNamespace(config=types.SimpleNamespace(sample_size=128)), types.SimpleNamespace(
+        config=types.SimpleNamespace(sample_size=64))
+    vae = types.SimpleNamespace(config=types.SimpleNamespace(block_out_channels=[128, 256, 512, 512]))
+    assert resolve_resolution(None, sdxl_unet, vae) == 1024 and resolve_resolution(0, sd15_unet, vae) == 512
+    with pytest.raises(ResolutionError, match=r"resolution=1020 is not a positive multiple of the VAE's factor 8.*resolution=1024"):
+        resolve_resolution(1020, sdxl_unet, vae)
     pipe = load_pipeline(BUILTIN_TINY_SDXL)
     assert resolve_resolution(None, pipe.unet, pipe.vae) == 32  # tiny: 8 latents x factor 4
     assert resolve_resolution(48, pipe.unet, pipe.vae) == 48

@@ -70,10 +70,6 @@ def _with_ddim(pipe: DiffusionPipeline) -> DiffusionPipeline:
     return pipe
 
 
-# The components spotune uses for SD1.5; each family lists its own (ModelFamily.components).
-REQUIRED_COMPONENTS = SD15.components
-
-
 def _wanted_family(model_family: str) -> ModelFamily | None:
     if model_family == "auto":
         return None

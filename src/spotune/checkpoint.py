@@ -13,6 +13,9 @@ A run folder::
                                    (``down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight``)
           unet.safetensors         finetune=full: the whole UNet state dict
           ema.safetensors          algorithm=gradspo: the EMA model's weights, same keys as the file above
+          accumulation.safetensors an open accumulation group (state.json: open_group_micro_batches > 0):
+                                   its summed gradients (``grad.<parameter name>``) and ``losses``
+          scaler.json              mixed_precision=fp16: the loss scaler's state (scale, growth tracker)
           optimizer.safetensors    optimizer tensors (``state.<param index>.<name>``)
           optimizer.json           optimizer param groups and scalar state
           scheduler.json           learning-rate scheduler state
@@ -40,6 +43,8 @@ from safetensors.torch import load_file
 
 CHECKPOINT_FORMAT = "spotune-checkpoint-v1"
 EMA_FILE = "ema.safetensors"
+ACCUMULATION_FILE = "accumulation.safetensors"
+SCALER_FILE = "scaler.json"
 WEIGHT_CHOICES = ("trained", "ema")
 _CKPT_RE = re.compile(r"^iter-(\d{8})$")
 

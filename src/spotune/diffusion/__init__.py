@@ -1,7 +1,8 @@
 """Step-wise sampling for SPO: the DDIM step with its log-density, and the SPO sampler.
 
 Public names: :func:`ddim_step_with_logprob` (one DDIM step x_t -> x_{t-1} and log p of it) and
-:func:`spo_sample` (the step-wise sampler that yields win/lose tuples), with the samplers and
+:func:`spo_sample` (the step-wise sampler that yields win/lose tuples; :func:`segment_spo_sample` is
+the authors' SDXL variant that branches every ``num_inner_steps + 1`` steps), with the samplers and
 helpers beside them. They pull in diffusers, so they are imported on first access (PEP 562).
 """
 
@@ -16,6 +17,7 @@ _LAZY = {
     "previous_timestep": "spotune.diffusion.ddim",
     "spo_sample": "spotune.diffusion.sampler",
     "trajectory_sample": "spotune.diffusion.sampler",
+    "segment_spo_sample": "spotune.diffusion.segment_sampler",
     "ddim_sample": "spotune.diffusion.sampler",
     "decode_latents": "spotune.diffusion.sampler",
     "guided_noise_pred": "spotune.diffusion.sampler",

@@ -108,10 +108,14 @@ class StepPairs:
         cond: N rows of the tuple's prompt conditioning (embeddings; for SDXL also pooled and time ids).
         prompt_index: [N] long, index of the prompt in its sampling batch.
         step_index: [N] long, index i of the denoising step.
-        latents_lose: [N, C, h, w] x_t the losing step starts from, only for trajectory-level pairs (two
-            different chains); ``None`` when both steps share ``latents``, as in SPO.
+        latents_lose: [N, C, h, w] x_t the losing step starts from, for tuples whose two steps may start
+            from different states (trajectory pairs; the SDXL sampler's segments); ``None`` when every
+            tuple's steps share ``latents``, as with the SD1.5 sampler.
         noise_delta: [N, C, h, w] float32 (z_win - z_lose) / 2 of the standard-normal draws behind the two
             candidates, only for GradSPO (the winner's offset; the loser's is its negative); else ``None``.
+        shared: [N] bool, only beside ``latents_lose`` from the SDXL sampler: True where the two steps do
+            start from one x_t (a branching transition; ``latents_lose`` then equals ``latents``), so
+            training evaluates that state once. ``None`` with ``latents_lose`` set: no tuple shares x_t.
     """
 
     latents: torch.Tensor
@@ -123,6 +127,15 @@ class StepPairs:
     step_index: torch.Tensor
     latents_lose: torch.Tensor | None = None
     noise_delta: torch.Tensor | None = None
+    shared: torch.Tensor | None = None
+
+    def two_state(self) -> torch.Tensor | None:
+        """[N] bool: the tuples whose losing step starts from its own x_t; ``None`` when none does."""
+        if self.latents_lose is None:
+            return None
+        if self.shared is None:
+            return torch.ones(len(self), dtype=torch.bool, device=self.latents.device)
+        return ~self.shared
 
     def __len__(self) -> int:
         return self.latents.shape[0]
@@ -163,10 +176,12 @@ class SamplingResult:
 
     Attributes:
         pairs: the decisive tuples (may be empty).
-        final_latents: [b, C, h, w] the end of the continued chain.
-        scores: [S, k, b] judge scores of every candidate at each of the S branching steps.
+        final_latents: [b, C, h, w] the end of the continued chain (the SDXL sampler: [k*b, C, h, w], its
+            k chains' ends, row j*b + p).
+        scores: [S, k, b] judge scores of every candidate at each of the S judging steps.
         valid: [S, b] which pairs were decisive.
-        choices: [S, b] the candidate each chain continued from.
+        choices: [S, b] the candidate each chain continued from (the SDXL sampler: [S-1, b], one per
+            judged step that branches again).
         judge_calls: number of calls to ``judge.score``.
         unet_calls: number of guided UNet passes (each on a batch of b or k*b latents).
     """

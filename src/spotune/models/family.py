@@ -127,6 +127,8 @@ class ModelFamily:
         vae_honours_force_upcast: whether a VAE whose config sets ``force_upcast`` is kept in fp32 under a
             reduced dtype. SDXL's VAE overflows in fp16 (diffusers' SDXL pipeline upcasts it, the SPO authors
             keep it in fp32 unless given the fp16-fix VAE); SD1.5's pipeline ignores the flag, and so do we.
+        spo_sampler: the authors' SPO sampler for this family (``sampler=auto``): ``sd15`` branches at every
+            step (:mod:`spotune.diffusion.sampler`), ``sdxl`` in segments (:mod:`spotune.diffusion.segment_sampler`).
     """
 
     name: str
@@ -135,6 +137,7 @@ class ModelFamily:
     tokenizer_names: tuple[str, ...]
     ss_base_model_version: str
     modelspec_architecture: str
+    spo_sampler: str
     pipeline_class_name: str
     vae_scaling_factor: float
     vae_honours_force_upcast: bool
@@ -176,6 +179,7 @@ SD15 = ModelFamily(
     pipeline_class_name="StableDiffusionPipeline",
     vae_scaling_factor=0.18215,
     vae_honours_force_upcast=False,
+    spo_sampler="sd15",
 )
 SDXL = ModelFamily(
     name="sdxl",
@@ -187,6 +191,7 @@ SDXL = ModelFamily(
     pipeline_class_name="StableDiffusionXLPipeline",
     vae_scaling_factor=0.13025,
     vae_honours_force_upcast=True,
+    spo_sampler="sdxl",
 )
 FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (SD15, SDXL)}
 

@@ -25,9 +25,13 @@ import torch
 from tqdm.auto import tqdm
 
 from spotune.checkpoint import (
+    ACCUMULATION_FILE,
     CHECKPOINT_FORMAT,
+    SCALER_FILE,
     checkpoint_name,
     list_checkpoints,
+    load_checkpoint_json,
+    load_checkpoint_tensors,
     load_weights,
     optimizer_to_files,
     read_state,
@@ -37,6 +41,7 @@ from spotune.checkpoint import (
 from spotune.config import config_to_dict, config_to_yaml
 from spotune.data.prompts import load_prompts
 from spotune.diffusion.ddim import ddim_step_with_logprob
+from spotune.diffusion.segment_sampler import segment_spo_sample
 from spotune.diffusion.sampler import (
     StepPairs,
     ddim_sample,
@@ -63,7 +68,7 @@ from spotune.recipes.common import (
     seed_for,
 )
 from spotune.recipes.resume import check_nothing_lost, check_resume_config, override_learning_rate, write_run_config
-from spotune.recipes.train_spo_config import TrainSPOConfig
+from spotune.recipes.train_spo_config import TrainSPOConfig, sdxl_sampler_check
 from spotune.utils.io import atomic_directory, atomic_save_safetensors, atomic_write_json
 from spotune.utils.images import save_image_grid
 
@@ -91,6 +96,11 @@ class SPOTrainer:
         self.output_dir = Path(config.output_dir)
         self.iteration = 0  # completed SPO iterations
         self.optimizer_step = 0
+        # The open accumulation group (train_on_pairs): micro-batches whose gradients are summed in .grad
+        # but not applied yet, and their [n] losses, checked for NaN/inf before the group is applied.
+        # Checkpoints save both, so a resume continues the group.
+        self.open_group_size = 0
+        self.open_group_losses: list[torch.Tensor] = []
 
     # ============================================================================================
     # setup
@@ -142,6 +152,7 @@ class SPOTrainer:
         # -- models ------------------------------------------------------------------------------
         pipe = load_pipeline(cfg.pretrained_model, dtype=self.weight_dtype, model_family=cfg.model_family, vae=cfg.vae)
         self.family = family_of(pipe)
+        self.sampler_kind = self._resolve_sampler()
         self.scheduler = pipe.scheduler
         self.vae = pipe.vae.to(acc.device).requires_grad_(False).eval()
         for name in self.family.text_encoder_names:
@@ -192,20 +203,18 @@ class SPOTrainer:
         )
         from diffusers.optimization import get_scheduler
 
-        steps_per_iteration = math.ceil(
-            cfg.num_inner_epochs
-            * (cfg.num_inference_steps - cfg.divert_start_step)
-            * cfg.sample_batch_size
-            / cfg.train_batch_size
-            / cfg.gradient_accumulation_steps
-        )
-        # The lr schedule is stepped once per optimizer step; this is its horizon (an upper bound,
-        # since only decisive pairs are trained on).
+        # The lr schedule is stepped once per optimizer step; this is its horizon, an upper bound since only
+        # decisive tuples are trained on: either sampler yields at most one tuple per prompt and step from
+        # divert_start_step on, a process trains on at most that many per round, in batches of
+        # train_batch_size, and accumulation groups run on across rounds, so the steps are the run's
+        # micro-batches divided by gradient_accumulation_steps, rounded down.
+        max_tuples = (cfg.num_inference_steps - cfg.divert_start_step) * cfg.sample_batch_size
+        micro_per_iteration = cfg.num_inner_epochs * math.ceil(max_tuples / cfg.train_batch_size)
         self.lr_scheduler = get_scheduler(
             cfg.lr_scheduler,
             optimizer=optimizer,
             num_warmup_steps=cfg.lr_warmup_steps,
-            num_training_steps=max(1, self.total_iterations * steps_per_iteration),
+            num_training_steps=max(1, self.total_iterations * micro_per_iteration // cfg.gradient_accumulation_steps),
         )
         self.unet, self.optimizer = acc.prepare(unet, optimizer)
         self.negative = self.conditioner.negative(cfg.negative_prompt, acc.device)  # 1 row
@@ -275,6 +284,18 @@ class SPOTrainer:
         if cfg.validate_every_epochs and self.iteration < self.iterations_per_epoch and metrics:
             # The run ended before its first epoch did: one grid of where it got to, so every run shows its images.
             self.validate(0, name=f"iter-{self.iteration:08d}")
+        if self.open_group_size and acc.is_main_process:
+            logger.info(
+                "the last accumulation group (%d of %d micro-batches) is left unapplied, as in the authors' loop; "
+                "the last checkpoint keeps it for a longer resumed run", self.open_group_size, cfg.gradient_accumulation_steps,
+            )
+        if self.optimizer_step == 0 and (pairs_kept or self.open_group_size):
+            raise NoTrainingError(
+                f"no optimizer step was taken in {self.iteration} iteration(s): the {pairs_kept} decisive pair(s) kept "
+                f"made {self.open_group_size} micro-batch(es) of train_batch_size={cfg.train_batch_size}, fewer than one "
+                f"accumulation group (gradient_accumulation_steps={cfg.gradient_accumulation_steps}, which runs on "
+                "across sampling rounds); train for more iterations (max_iterations) or lower gradient_accumulation_steps"
+            )
         if self.optimizer_step == 0:
             raise NoTrainingError(
                 f"no optimizer step was taken in {self.iteration} iteration(s): {pairs_kept} decisive pair(s) were "
@@ -282,6 +303,23 @@ class SPOTrainer:
                 "its best and worst candidate to exceed it); lower preference_threshold, or check the judge"
             )
         return metrics
+
+    def _resolve_sampler(self) -> str:
+        """``sd15`` or ``sdxl``: the config's ``sampler``, or the model family's for ``auto`` (checked here,
+        where the family is known)."""
+        cfg = self.config
+        kind = self.family.spo_sampler if cfg.sampler == "auto" else cfg.sampler
+        if kind == "sd15" and cfg.num_inner_steps and cfg.algorithm == "spo" and cfg.pairing == "step":
+            raise SpotuneError(
+                f"config: num_inner_steps={cfg.num_inner_steps} needs the SDXL sampler, but {cfg.pretrained_model} is "
+                f"{self.family.title}, whose sampler (sampler=auto: sd15) branches at every step; set sampler=sdxl, "
+                "or num_inner_steps=0"
+            )
+        if kind == "sdxl":
+            ok, message = sdxl_sampler_check(cfg)
+            if not ok:
+                raise SpotuneError(f"config: {message}")
+        return kind
 
     def _prompts_for(self, epoch: int, index_in_epoch: int) -> list[str]:
         """This process's prompts for one iteration: a seeded per-epoch permutation, split by rank."""
@@ -337,13 +375,16 @@ class SPOTrainer:
                     divert_start_step=cfg.divert_start_step, threshold=cfg.preference_threshold,
                     generator=generator, decode_chunk_size=cfg.decode_chunk_size,
                 )
-            return spo_sample(
-                unet, self.vae, self.scheduler, self.judge, prompts, cond, self.negative, latents,
+            common = dict(
                 num_inference_steps=cfg.num_inference_steps, eta=cfg.eta, guidance_scale=cfg.guidance_scale,
                 divert_start_step=cfg.divert_start_step, num_candidates=cfg.num_samples_per_step,
                 threshold=cfg.preference_threshold, generator=generator, decode_chunk_size=cfg.decode_chunk_size,
                 judge_batch_size=cfg.judge_batch_size,
             )
+            if self.sampler_kind == "sdxl":
+                return segment_spo_sample(unet, self.vae, self.scheduler, self.judge, prompts, cond, self.negative,
+                                          latents, num_inner_steps=cfg.num_inner_steps, **common)
+            return spo_sample(unet, self.vae, self.scheduler, self.judge, prompts, cond, self.negative, latents, **common)
 
     # ============================================================================================
     #### TRAINING ####
@@ -371,7 +412,17 @@ class SPOTrainer:
         return pairs.select(order[acc.process_index :: acc.num_processes])
 
     def train_on_pairs(self, pairs: StepPairs) -> dict[str, float]:
-        """One pass (per inner epoch) over the kept tuples with the SPO loss; returns mean statistics."""
+        """One pass (per inner epoch) over the kept tuples with the SPO loss; returns mean statistics.
+
+        Accumulation groups run across sampling rounds, as in the authors' loop (accelerate's
+        ``accumulate`` with ``end_of_dataloader`` held False): an optimizer step is taken after every
+        ``gradient_accumulation_steps`` micro-batches (training batches), and a group the round's tuples
+        leave unfinished stays open, its gradients summed in ``.grad``, until the next rounds' first
+        micro-batches complete it. Each micro-batch's mean loss is divided by ``gradient_accumulation_steps``
+        (accelerate's scaling), so every step applies the mean over a full group. A group still open when
+        the run ends is not applied (nor in the authors' loop); the last checkpoint keeps it, so a resumed,
+        longer run completes it.
+        """
         cfg, acc = self.config, self.accelerator
         share = self._gather_and_shuffle(pairs)
         if len(share) == 0:
@@ -385,49 +436,55 @@ class SPOTrainer:
         sums: dict[str, torch.Tensor] = {}
         norms: list[float] = []  # gradient norm before clipping, per optimizer step
         micro = 0
+        group_size = cfg.gradient_accumulation_steps
         batches = [share.select(idx) for idx in torch.arange(len(share), device=share.latents.device).split(cfg.train_batch_size)]
         micro_size = cfg.train_micro_batch_size or cfg.train_batch_size
         for _ in range(cfg.num_inner_epochs):
-            for start in range(0, len(batches), cfg.gradient_accumulation_steps):
-                group = batches[start : start + cfg.gradient_accumulation_steps]
-                losses = []
-                for j, batch in enumerate(group):
-                    parts = [batch] if len(batch) <= micro_size else [
-                        batch.select(idx) for idx in torch.arange(len(batch), device=batch.latents.device).split(micro_size)
-                    ]
-                    for m, part in enumerate(parts):
-                        last = j == len(group) - 1 and m == len(parts) - 1
-                        # A part's mean loss weighted by its share of the batch: the parts' gradients add up
-                        # to the gradient of the mean over the whole batch, whatever the split.
-                        weight = len(part) / len(batch)
-                        # Gradients are synchronised across processes only on the group's last pass.
-                        with nullcontext() if last else acc.no_sync(self.unet):
-                            loss, stats = self._pair_loss(part)
-                            acc.backward(loss * weight / len(group))
-                        losses.append(loss.detach())
-                        for key, value in {"loss": loss.detach(), **stats}.items():
-                            term = value.detach().float().mean().double() * weight
-                            sums[key] = sums[key] + term if key in sums else term
-                    micro += 1
-                # One check per optimizer step, before it is applied: a non-finite loss anywhere in the
-                # group stops training with the weights as they were.
-                self._check_finite(torch.stack(losses))
-                grad_norm = self._grad_norm_and_clip()
-                self.optimizer.step()
-                self.lr_scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                self.optimizer_step += 1
-                self._log_grad_norm(grad_norm)
-                norms.append(grad_norm)
-                self._after_optimizer_step()
+            for batch in batches:
+                closes = self.open_group_size + 1 == group_size
+                parts = [batch] if len(batch) <= micro_size else [
+                    batch.select(idx) for idx in torch.arange(len(batch), device=batch.latents.device).split(micro_size)
+                ]
+                for m, part in enumerate(parts):
+                    # A part's mean loss weighted by its share of the batch: the parts' gradients add up
+                    # to the gradient of the mean over the whole batch, whatever the split.
+                    weight = len(part) / len(batch)
+                    # Gradients are synchronised across processes only on the group's last pass.
+                    with nullcontext() if closes and m == len(parts) - 1 else acc.no_sync(self.unet):
+                        loss, stats = self._pair_loss(part)
+                        acc.backward(loss * weight / group_size)
+                    self.open_group_losses.append(loss.detach().reshape(-1))
+                    for key, value in {"loss": loss.detach(), **stats}.items():
+                        term = value.detach().float().mean().double() * weight
+                        sums[key] = sums[key] + term if key in sums else term
+                micro += 1
+                self.open_group_size += 1
+                if closes:
+                    norms.append(self._apply_group())
         means = {k: float(v) / micro for k, v in sums.items()}
-        # The same on every process: gradients are synchronised before they are measured.
-        means["grad_norm"], means["grad_norm_max"] = sum(norms) / len(norms), max(norms)
+        if norms:  # the same on every process: gradients are synchronised before they are measured
+            means["grad_norm"], means["grad_norm_max"] = sum(norms) / len(norms), max(norms)
+        means["optimizer_steps"] = float(len(norms))
         if acc.num_processes > 1:  # every process ran the same number of micro-batches: average the means
             keys = sorted(means)
             reduced = acc.reduce(torch.tensor([means[k] for k in keys], device=acc.device), reduction="mean")
             means = dict(zip(keys, reduced.tolist()))
         return means
+
+    def _apply_group(self) -> float:
+        """Check, clip and apply the completed accumulation group; return the gradient norm before clipping."""
+        # One check per optimizer step, before it is applied: a non-finite loss anywhere in the group
+        # stops training with the weights as they were.
+        self._check_finite(torch.cat(self.open_group_losses))
+        grad_norm = self._grad_norm_and_clip()
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer_step += 1
+        self.open_group_size, self.open_group_losses = 0, []
+        self._log_grad_norm(grad_norm)
+        self._after_optimizer_step()
+        return grad_norm
 
     def _grad_norm_and_clip(self) -> float:
         """The L2 norm of the trainable parameters' gradient before clipping; clips when max_grad_norm > 0.
@@ -452,16 +509,27 @@ class SPOTrainer:
                 tracker.writer.add_scalar("grad_norm_per_optimizer_step", grad_norm, self.optimizer_step)
 
     def _pair_loss(self, batch: StepPairs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """SPO loss of a micro-batch: one guided pass of the policy and one of the reference per tuple.
+        """SPO loss of a micro-batch: guided passes of the policy and of the reference on every state.
 
-        Win and lose share x_t, t and the prompt, so the same guided output gives both log-probs.
+        A tuple whose win and lose share x_t (the SD1.5 sampler's, the SDXL sampler's branching
+        transitions) needs one state, so the same guided output gives both log-probs: 2 passes. A tuple
+        whose two steps start from different states (the SDXL sampler's inner and last transitions,
+        trajectory pairs) needs both states: 4 passes, as the authors' SDXL trainer runs. Both kinds mix
+        in one micro-batch; each model runs once on the rows [every tuple's x_t; the two-state tuples'
+        losing x_t].
         """
         cfg, acc = self.config, self.accelerator
         x_t, t, cond = batch.latents, batch.timesteps, batch.cond  # [n,4,h,w], [n], n rows
-        shared = batch.latents_lose is None
-        if not shared:  # trajectory pairs: the two steps start from different states, so two passes
-            x_t = torch.cat([batch.latents, batch.latents_lose])
-            t, cond = torch.cat([t, t]), cond.repeat(2)
+        n = len(batch)
+        two = batch.two_state()  # [n] bool, or None when every tuple shares x_t
+        lose_rows: torch.Tensor | slice = slice(0, n)
+        if two is not None:
+            extra = two.nonzero().squeeze(1)  # tuples whose losing step has its own x_t
+            x_t = torch.cat([batch.latents, batch.latents_lose[extra]])
+            t, cond = torch.cat([t, t[extra]]), Conditioning.cat([cond, cond.select(extra)])
+            # Row of each tuple's losing state: its own row when shared, else its place after the n rows.
+            lose_rows = torch.arange(n, device=x_t.device)
+            lose_rows[extra] = n + torch.arange(len(extra), device=x_t.device)
         with acc.autocast():
             out = guided_noise_pred(self.unet, x_t, t, cond, self.negative, cfg.guidance_scale)
             with torch.no_grad():
@@ -471,8 +539,6 @@ class SPOTrainer:
                         out_ref = guided_noise_pred(base, x_t, t, cond, self.negative, cfg.guidance_scale)
                 else:
                     out_ref = guided_noise_pred(self.reference_unet, x_t, t, cond, self.negative, cfg.guidance_scale)
-        n = len(batch)
-        lose_rows = slice(0, n) if shared else slice(n, 2 * n)
         logps = {}
         for name, model_out in (("", out), ("_ref", out_ref)):
             for side, target, rows in (("win", batch.win, slice(0, n)), ("lose", batch.lose, lose_rows)):
@@ -521,6 +587,7 @@ class SPOTrainer:
         final = self.output_dir / "checkpoints" / checkpoint_name(self.iteration)
         acc.wait_for_everyone()
         rng_tensors, rng_meta = rng_state_to_files()
+        open_grads = self._open_group_gradients()
         # Each process's RNG state travels to the main process, which alone writes the folder.
         all_rng = [(rng_tensors, rng_meta)]
         if acc.num_processes > 1:
@@ -540,6 +607,10 @@ class SPOTrainer:
                 atomic_save_safetensors(opt_tensors, tmp / "optimizer.safetensors")
                 atomic_write_json(tmp / "optimizer.json", opt_meta)
                 atomic_write_json(tmp / "scheduler.json", self.lr_scheduler.state_dict())
+                if acc.scaler is not None:  # fp16 loss scaling: the scale the open group's gradients carry
+                    atomic_write_json(tmp / SCALER_FILE, acc.scaler.state_dict())
+                if open_grads is not None:
+                    atomic_save_safetensors(open_grads, tmp / ACCUMULATION_FILE)
                 for rank, (tensors, meta) in enumerate(all_rng):
                     atomic_save_safetensors(tensors, tmp / f"rng_rank{rank}.safetensors")
                     atomic_write_json(tmp / f"rng_rank{rank}.json", meta)
@@ -567,8 +638,54 @@ class SPOTrainer:
             },
             "base_model": cfg.pretrained_model,
             "num_processes": self.accelerator.num_processes,
+            # The open accumulation group (its summed gradients and losses are in accumulation.safetensors).
+            "open_group_micro_batches": self.open_group_size,
             "config": config_to_dict(cfg),
         }
+
+    def _trainable_names(self) -> list[str]:
+        """Names of the trained parameters, in the order of ``self.trainable``."""
+        unet = self.accelerator.unwrap_model(self.unet)
+        return [name for name, p in unet.named_parameters() if p.requires_grad]
+
+    def _open_group_gradients(self) -> dict[str, torch.Tensor] | None:
+        """What a checkpoint must hold of an open accumulation group: the summed gradients and the losses.
+
+        Called on every process. Under DDP the group's passes so far ran without synchronisation, so each
+        process holds its own partial sum; they are averaged here first, on every process, which leaves
+        the step that closes the group unchanged (DDP averages the processes' sums, and averaging is
+        linear) and lets one file restore every process.
+        """
+        if not self.open_group_size:
+            return None
+        acc = self.accelerator
+        grads = {}
+        for name, p in zip(self._trainable_names(), self.trainable):
+            if p.grad is None:
+                continue
+            if acc.num_processes > 1:
+                p.grad.copy_(acc.reduce(p.grad.contiguous(), reduction="mean"))
+            grads[f"grad.{name}"] = p.grad.detach().float().cpu() if p.grad.dtype != torch.float32 else p.grad.detach().cpu()
+        losses = torch.cat(self.open_group_losses)
+        if acc.num_processes > 1:  # a non-finite loss on any process must still stop the step
+            losses = acc.gather(losses.contiguous())
+        grads["losses"] = losses.float().cpu()
+        return grads
+
+    def _load_open_group(self, checkpoint: Path, state: dict[str, Any]) -> None:
+        """Restore the open accumulation group (and fp16's loss scale) a checkpoint holds."""
+        acc = self.accelerator
+        if acc.scaler is not None and (checkpoint / SCALER_FILE).is_file():
+            acc.scaler.load_state_dict(load_checkpoint_json(checkpoint, SCALER_FILE))
+        self.open_group_size = int(state.get("open_group_micro_batches", 0))
+        self.open_group_losses = []
+        if not self.open_group_size:
+            return
+        tensors = load_checkpoint_tensors(checkpoint, ACCUMULATION_FILE, device=str(acc.device))
+        for name, p in zip(self._trainable_names(), self.trainable):
+            grad = tensors.get(f"grad.{name}")
+            p.grad = None if grad is None else grad.to(p.dtype)
+        self.open_group_losses = [tensors["losses"]]
 
     def _prune_checkpoints(self) -> None:
         keep = self.config.keep_checkpoints
@@ -595,6 +712,7 @@ class SPOTrainer:
         else:
             unet.load_state_dict(weights)
         restore_training_state(checkpoint, self.optimizer, self.lr_scheduler, acc.process_index, str(acc.device))
+        self._load_open_group(checkpoint, state)
         self.iteration = int(state["iteration"])
         self.optimizer_step = int(state["optimizer_step"])
         logger.info("resumed from %s (iteration %d, optimizer step %d)", checkpoint, self.iteration, self.optimizer_step)

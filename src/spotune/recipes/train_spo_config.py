@@ -54,6 +54,13 @@ class TrainSPOConfig:
         "Images decoded by the VAE at once while judging (memory bound); 0 sizes the chunks by free CUDA memory.", 8)
     judge_batch_size: int | None = help_field(
         "Images scored by the judge at once (memory bound); unset scores all k x sample_batch_size candidates at once.", None)
+    sampler: Literal["auto", "sd15", "sdxl"] = help_field(
+        "Which of the authors' step-wise samplers: sd15 branches k candidates at every step from divert_start_step "
+        "on and judges each branch at the next step; sdxl branches every num_inner_steps + 1 steps and labels "
+        "every transition of a segment with the scores at its end (README: the SDXL sampler). auto: the model "
+        "family's own (SD1.5 models sd15, SDXL models sdxl).", "auto")
+    num_inner_steps: int = help_field(
+        "sampler=sdxl: single steps of each chain between two branchings (SPO SDXL: 3); 0 for sampler=sd15.", 0)
     pairing: Literal["step", "trajectory"] = help_field(
         "step: SPO's step-wise pairs from a shared x_t. trajectory: the Diffusion-DPO-style baseline SPO argues "
         "against (two chains per prompt, the final images' label applied to every step), for comparisons.", "step")
@@ -151,7 +158,20 @@ class TrainSPOConfig:
             (0.0 <= self.ema_decay <= 1.0, f"ema_decay must be in [0, 1], got {self.ema_decay}"),
             (self.algorithm != "gradspo" or self.pairing == "step",
              "algorithm=gradspo needs pairing=step (its noise offset exists only for candidates of one x_t)"),
+            (self.num_inner_steps >= 0, f"num_inner_steps must be >= 0, got num_inner_steps={self.num_inner_steps}"),
+            (self.num_inner_steps == 0 or self.sampler != "sd15",
+             f"num_inner_steps={self.num_inner_steps} needs sampler=sdxl (sampler=sd15 branches at every step); "
+             "set sampler=sdxl, or num_inner_steps=0"),
+            (self.num_inner_steps == 0 or self.algorithm != "gradspo",
+             f"algorithm=gradspo needs num_inner_steps=0, got num_inner_steps={self.num_inner_steps} (GradSPO's "
+             "loss needs win and lose to share x_t, which inner steps break; its SDXL recipe uses 0)"),
+            (self.num_inner_steps == 0 or self.pairing == "step",
+             f"pairing=trajectory ignores num_inner_steps; set num_inner_steps=0 (got {self.num_inner_steps})"),
+            (self.sampler == "auto" or self.algorithm != "gradspo",
+             f"algorithm=gradspo samples with GradSPO's own sampler; leave sampler=auto (got sampler={self.sampler})"),
         ]
+        if self.sampler == "sdxl":
+            checks.append(sdxl_sampler_check(self))
         if self.compile:
             import torch._dynamo
 
@@ -162,3 +182,15 @@ class TrainSPOConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(f"config: {message}")
+
+
+def sdxl_sampler_check(config: TrainSPOConfig) -> tuple[bool, str]:
+    """The SDXL sampler needs a judged step after its first branch (``divert_start_step``)."""
+    from spotune.diffusion.segment_sampler import judged_steps
+
+    ok = bool(judged_steps(config.num_inference_steps, config.divert_start_step, config.num_inner_steps))
+    return ok, (
+        f"divert_start_step={config.divert_start_step} with num_inference_steps={config.num_inference_steps} and "
+        f"num_inner_steps={config.num_inner_steps} leaves the SDXL sampler no evaluation step after its first "
+        f"branch; set divert_start_step below {config.num_inference_steps - 1}"
+    )

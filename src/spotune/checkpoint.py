@@ -122,6 +122,8 @@ def _damaged(file: Path, exc: BaseException) -> CheckpointError:
 def load_checkpoint_tensors(checkpoint: str | Path, name: str, device: str = "cpu") -> dict[str, torch.Tensor]:
     """The tensors of ``checkpoint/name`` (a safetensors file); a damaged file names the previous checkpoint."""
     file = Path(checkpoint) / name
+    # A multi-process CPU run's accelerator device is "cpu:<rank>", which safetensors refuses; CPU is one device.
+    device = "cpu" if str(device).split(":")[0] == "cpu" else str(device)
     try:
         return load_file(str(file), device=device)
     except Exception as exc:  # safetensors raises its own error type for truncated headers and data

@@ -78,7 +78,9 @@ class TrainSPOConfig:
     train_micro_batch_size: int | None = help_field(
         "Tuples per forward/backward pass when smaller than train_batch_size (memory bound); the gradients are "
         "accumulated so the loss stays the mean over the whole training batch. Unset: one pass per batch.", None)
-    gradient_accumulation_steps: int = help_field("Micro-batches per optimizer step (an iteration's last step may be shorter).", 1)
+    gradient_accumulation_steps: int = help_field(
+        "Micro-batches per optimizer step; a group runs on across sampling rounds, as in the authors' loop "
+        "(one left open at the end of the run is not applied).", 1)
     num_inner_epochs: int = help_field("Passes over each sampling round's tuples.", 1)
     learning_rate: float = help_field("AdamW learning rate.", 6e-5)
     adam_beta1: float = help_field("AdamW beta1.", 0.9)

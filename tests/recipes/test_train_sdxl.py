@@ -203,3 +203,28 @@ def test_inner_steps_on_an_sd15_model_need_the_sdxl_sampler(tmp_path, capsys):
                  "num_inner_steps=3", "log_with=none", "progress=false"]) == 1
     err = capsys.readouterr().err
     assert "num_inner_steps=3 needs the SDXL sampler" in err and "sampler=sdxl" in err
+
+
+def test_checkpoint_keeps_the_fp16_loss_scale(tmp_path):
+    """An open group's gradients carry fp16's loss scale, so a checkpoint keeps the scaler's state
+    (CUDA-only in accelerate; a CPU GradScaler stands in for it here)."""
+    out = tmp_path / "run"
+    trainer = _trainer(out, "max_iterations=2")
+    try:
+        trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=7)
+        trainer.iteration = 1
+        trainer.save_checkpoint()
+    finally:
+        trainer.cleanup()
+    ckpt = list_checkpoints(out)[-1]
+    import json
+
+    assert json.loads((ckpt / "scaler.json").read_text())["scale"] == 1024.0
+    resumed = _trainer(tmp_path / "other", "max_iterations=2")
+    try:
+        resumed.accelerator.scaler = torch.amp.GradScaler("cpu")
+        resumed._load_open_group(ckpt, read_state(ckpt))
+        assert resumed.accelerator.scaler.get_scale() == 1024.0
+        assert resumed.accelerator.scaler.state_dict()["growth_interval"] == 7
+    finally:
+        resumed.cleanup()

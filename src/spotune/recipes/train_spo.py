@@ -309,7 +309,9 @@ class SPOTrainer:
         where the family is known)."""
         cfg = self.config
         kind = self.family.spo_sampler if cfg.sampler == "auto" else cfg.sampler
-        if kind == "sd15" and cfg.num_inner_steps and cfg.algorithm == "spo" and cfg.pairing == "step":
+        if cfg.algorithm != "spo" or cfg.pairing != "step":
+            return kind  # GradSPO and trajectory pairs sample with samplers of their own
+        if kind == "sd15" and cfg.num_inner_steps:
             raise SpotuneError(
                 f"config: num_inner_steps={cfg.num_inner_steps} needs the SDXL sampler, but {cfg.pretrained_model} is "
                 f"{self.family.title}, whose sampler (sampler=auto: sd15) branches at every step; set sampler=sdxl, "
@@ -665,7 +667,7 @@ class SPOTrainer:
                 continue
             if acc.num_processes > 1:
                 p.grad.copy_(acc.reduce(p.grad.contiguous(), reduction="mean"))
-            grads[f"grad.{name}"] = p.grad.detach().float().cpu() if p.grad.dtype != torch.float32 else p.grad.detach().cpu()
+            grads[f"grad.{name}"] = p.grad.detach().float().cpu().clone()  # a copy: .grad goes on accumulating
         losses = torch.cat(self.open_group_losses)
         if acc.num_processes > 1:  # a non-finite loss on any process must still stop the step
             losses = acc.gather(losses.contiguous())

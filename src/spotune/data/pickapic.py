@@ -21,12 +21,13 @@ pairs row group by row group, so each worker decodes from the group it has in me
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -189,12 +190,17 @@ def decode_image(cell: Any, where: str) -> Image.Image:
 def image_to_tensor(image: Image.Image, resolution: int) -> torch.Tensor:
     """Resize the shortest side to ``resolution`` (bicubic), centre-crop, scale to [-1, 1].
 
+    As SPO's SPM dataset does it, through the CLIP image processor of transformers 4.27 with
+    ``shortest_edge`` and ``crop_size`` set to the resolution: the long side becomes
+    ``int(resolution * long / short)`` (truncated), the crop offsets are floored.
+
     Returns:
         [3, resolution, resolution] float32.
     """
     w, h = image.size
-    scale = resolution / min(w, h)
-    new_w, new_h = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    short, long = (w, h) if w <= h else (h, w)
+    new_long = int(resolution * long / short)
+    new_w, new_h = (resolution, new_long) if w <= h else (new_long, resolution)
     if (new_w, new_h) != (w, h):
         image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
     left, top = (new_w - resolution) // 2, (new_h - resolution) // 2
@@ -216,6 +222,9 @@ class PairBatch:
         label_0, label_1: [B] float32 (1/0, 0/1 or 0.5/0.5).
         num_pairs: [B] float32, how many pairs the dataset holds for each caption (the loss weight is 1/this).
         rows: B ``file row N`` strings, for messages.
+        index: [B] long, the pairs' indices in their dataset (keys of per-pair caches).
+        clip_pixels_0, clip_pixels_1: [B, 3, S, S] the original images through a CLIP processor, when the
+            dataset was asked for them (PickScore relabelling, :mod:`spotune.preference.relabel`); else ``None``.
     """
 
     pixel_values_0: torch.Tensor
@@ -225,16 +234,25 @@ class PairBatch:
     label_1: torch.Tensor
     num_pairs: torch.Tensor
     rows: list[str]
+    index: torch.Tensor | None = None
+    clip_pixels_0: torch.Tensor | None = None
+    clip_pixels_1: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.captions)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "PairBatch":
-        move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
+        move = lambda t: None if t is None else t.to(device, non_blocking=non_blocking)  # noqa: E731
         return PairBatch(
             move(self.pixel_values_0), move(self.pixel_values_1), self.captions,
             move(self.label_0), move(self.label_1), move(self.num_pairs), self.rows,
+            move(self.index), move(self.clip_pixels_0), move(self.clip_pixels_1),
         )
+
+    def with_labels(self, labels: torch.Tensor) -> "PairBatch":
+        """The same pairs with other labels ([B, 2]: label_0, label_1), on the labels' current device."""
+        device = self.label_0.device
+        return dataclasses.replace(self, label_0=labels[:, 0].to(device), label_1=labels[:, 1].to(device))
 
 
 class PickAPicPairs(torch.utils.data.Dataset):
@@ -248,6 +266,9 @@ class PickAPicPairs(torch.utils.data.Dataset):
         max_pairs: keep only the first N labelled pairs (evaluation subsets).
         keep_unlabelled: keep rows whose ``has_label`` is false (their labels may also be 0/0), as SPO's
             SPM trainer does in its training split; evaluation splits drop them (the default).
+
+    The attribute ``clip_pixels`` (``None`` by default) may be set to a picklable ``PIL image -> [3, S, S]``
+    function; items then also carry both original images through it (before any resizing to ``resolution``).
     Raises:
         PairDataError: a missing source, missing columns, a null caption or labels that are not
             1/0, 0/1 or 0.5/0.5 (naming the file and row). Undecodable images are reported when the
@@ -263,6 +284,7 @@ class PickAPicPairs(torch.utils.data.Dataset):
         keep_unlabelled: bool = False,
     ) -> None:
         self.resolution = resolution
+        self.clip_pixels: Callable[[Image.Image], torch.Tensor] | None = None
         self.sources = [_Source(f) for f in find_pair_files(path, split)]
         captions: list[str] = []
         labels: list[tuple[float, float]] = []
@@ -345,7 +367,7 @@ class PickAPicPairs(torch.utils.data.Dataset):
             # Raised inside a DataLoader worker, the message would come back wrapped in a traceback;
             # hand it to the main process as data instead (collate_pairs raises it there).
             return {"error": str(exc)}
-        return {
+        item = {
             "pixel_values_0": image_to_tensor(image_0, self.resolution),
             "pixel_values_1": image_to_tensor(image_1, self.resolution),
             "caption": self.captions[i],
@@ -353,7 +375,11 @@ class PickAPicPairs(torch.utils.data.Dataset):
             "label_1": float(self.labels[i, 1]),
             "num_pairs": float(self.num_pairs[i]),
             "row": self.where(i),
+            "index": i,
         }
+        if self.clip_pixels is not None:
+            item["clip_pixels_0"], item["clip_pixels_1"] = self.clip_pixels(image_0), self.clip_pixels(image_1)
+        return item
 
     @property
     def blocks(self) -> list[range]:
@@ -391,6 +417,9 @@ def collate_pairs(items: list[dict[str, Any]]) -> PairBatch | dict[str, str]:
         label_1=torch.tensor([it["label_1"] for it in items], dtype=torch.float32),
         num_pairs=torch.tensor([it["num_pairs"] for it in items], dtype=torch.float32),
         rows=[it["row"] for it in items],
+        index=torch.tensor([it["index"] for it in items], dtype=torch.long) if all("index" in it for it in items) else None,
+        clip_pixels_0=torch.stack([it["clip_pixels_0"] for it in items]) if "clip_pixels_0" in items[0] else None,
+        clip_pixels_1=torch.stack([it["clip_pixels_1"] for it in items]) if "clip_pixels_1" in items[0] else None,
     )
 
 

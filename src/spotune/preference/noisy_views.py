@@ -28,17 +28,31 @@ class NoisyViewMaker:
     """Builds x0-prediction views with a frozen diffusion pipeline.
 
     Args:
-        pipe: an SD1.5-family pipeline (``vae``, ``unet``, ``text_encoder``, ``tokenizer``, ``scheduler``),
+        pipe: an SD1.5 or SDXL pipeline (``vae``, ``unet``, its text encoders and tokenizers, ``scheduler``),
             already on its device and dtype; it is not modified.
         guidance_scale: classifier-free guidance of the x0-prediction (SPO: 5.0).
         negative_prompt: the unconditional prompt (SPO: "").
         decode_chunk_size: latents decoded by the VAE at once.
+        resolution: the size of the images the views are made of; SDXL's time ids say it (SPO's SDXL SPM:
+            (1024, 1024, 0, 0, 1024, 1024)). The model's native size when ``None``.
+
+    The VAE runs in its own dtype (SDXL's fp16-fix VAE in fp16, the original SDXL VAE in fp32 under an
+    fp16 UNet), the UNet in its own: latents are cast on the way in and out.
     """
 
-    def __init__(self, pipe, guidance_scale: float = 5.0, negative_prompt: str = "", decode_chunk_size: int = 8) -> None:
+    def __init__(
+        self,
+        pipe,
+        guidance_scale: float = 5.0,
+        negative_prompt: str = "",
+        decode_chunk_size: int = 8,
+        resolution: int | None = None,
+    ) -> None:
         self.vae, self.unet = pipe.vae, pipe.unet
-        # The pipeline's own family decides how captions condition its UNet (SDXL: pooled, time ids, zero negatives).
-        self.conditioner = family_of(pipe).conditioner(pipe)
+        # The pipeline's own family decides how captions condition its UNet (SDXL: pooled, time ids at the
+        # views' resolution, an empty negative prompt as zeros).
+        self.family = family_of(pipe)
+        self.conditioner = self.family.conditioner(pipe, resolution)
         # A scheduler of our own: set_timesteps(1000) must not change the pipeline's sampler.
         self.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
         self.scheduler.set_timesteps(self.scheduler.config.num_train_timesteps)

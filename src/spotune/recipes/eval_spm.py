@@ -18,11 +18,12 @@ import torch
 
 from spotune.config import ConfigError, help_field
 from spotune.errors import SpotuneError
-from spotune.data.pickapic import PickAPicPairs, collate_pairs
+from spotune.data.pickapic import PickAPicPairs, checked_batch, collate_pairs
 from spotune.models.family import resolve_resolution
 from spotune.models.loading import load_pipeline
 from spotune.preference.factory import JUDGE_KINDS, build_judge_from_config
 from spotune.preference.noisy_views import NoisyViewMaker
+from spotune.preference.relabel import DEFAULT_TIE_MARGIN, LabelCache, PickScoreRelabeller
 from spotune.preference.spm_eval import (
     SPM_EVAL_TIMESTEPS,
     TimestepAccuracy,
@@ -68,6 +69,15 @@ class EvalSPMConfig:
         "Seed of the views' noise (the same seed repeats the measurement exactly; a train-spm run's seed, with its "
         "eval data and eval_batch_size as batch_size, draws the noise its own evaluation drew).", 0)
     mixed_precision: Literal["no", "fp16", "bf16"] = help_field("Precision of the diffusion model and the judge.", "no")
+    relabel_with: Literal["none", "pickscore"] = help_field(
+        "none: measure against the data's own labels. pickscore: against PickScore's verdict on the clean images "
+        "(a tie within relabel_tie_margin), as SPO evaluates its SDXL SPM.", "none")
+    relabel_tie_margin: float = help_field("relabel_with=pickscore: the tie margin on the softmax probabilities (SPO: 0.1).",
+                                           DEFAULT_TIE_MARGIN)
+    relabel_clip_path: str | None = help_field(
+        "relabel_with=pickscore: the PickScore CLIPModel folder or builtin:tiny-clip; judge_clip_path when unset.", None)
+    relabel_processor_path: str | None = help_field(
+        "relabel_with=pickscore: its tokenizer and preprocessor_config.json folder; judge_processor_path when unset.", None)
     output: str | None = help_field("Write the table here: .csv or .json (unset: print only).", None)
     overwrite: bool = help_field("Replace an existing output file.", False)
     progress: bool = help_field("Show a progress bar.", True)
@@ -81,6 +91,9 @@ class EvalSPMConfig:
              "timesteps must be a non-empty list of timesteps in [0, 1000)"),
             (self.output is None or Path(self.output).suffix in (".csv", ".json"), "output must end in .csv or .json"),
             (self.max_pairs is None or self.max_pairs >= 1, "max_pairs must be >= 1"),
+            (0.0 <= self.relabel_tie_margin < 1.0, f"relabel_tie_margin must be in [0, 1), got {self.relabel_tie_margin}"),
+            (self.relabel_with == "none" or bool(self.relabel_clip_path or self.judge_clip_path),
+             "relabel_with=pickscore needs relabel_clip_path=PATH (PickScore_v1, or builtin:tiny-clip)"),
         ]
         for ok, message in checks:
             if not ok:
@@ -110,29 +123,43 @@ def _measure(cfg: EvalSPMConfig, acc) -> list[TimestepAccuracy]:
     judge = build_judge_from_config(
         cfg.judge, cfg.judge_clip_path, cfg.judge_checkpoint, cfg.judge_processor_path, device=acc.device, dtype=dtype
     )
+    relabeller = None
+    if cfg.relabel_with == "pickscore":
+        relabeller = PickScoreRelabeller.from_pretrained(
+            cfg.relabel_clip_path or cfg.judge_clip_path, cfg.relabel_processor_path or cfg.judge_processor_path,
+            cfg.relabel_tie_margin, device=acc.device,
+        )
+        pairs.clip_pixels = relabeller.pixels
     pipe = load_pipeline(cfg.pretrained_model, dtype=dtype, device=acc.device, model_family=cfg.model_family, vae=cfg.vae)
-    views = NoisyViewMaker(pipe, cfg.guidance_scale, cfg.negative_prompt)
     pairs.resolution = resolve_resolution(cfg.resolution, pipe.unet, pipe.vae)
+    # SDXL's time ids carry the views' resolution.
+    views = NoisyViewMaker(pipe, cfg.guidance_scale, cfg.negative_prompt, resolution=pairs.resolution)
     loader = acc.prepare(torch.utils.data.DataLoader(
         pairs, batch_size=cfg.batch_size, shuffle=False, collate_fn=collate_pairs, num_workers=cfg.num_workers,
     ))
+    batches = loader
+    if relabeller is not None:
+        cache = LabelCache(len(pairs))
+        batches = (relabeller.relabel_batch(checked_batch(b), cache) for b in loader)
     # Seeded as train-spm seeds its evaluation: with that run's seed, data, eval_batch_size and process
     # count, the noisy views here are the ones its accuracy.csv was measured on.
     generator = torch.Generator(acc.device).manual_seed(seed_for(cfg.seed, -1, acc.process_index))
     with acc.autocast():
         rows = evaluate_pair_accuracy(
-            judge, views, loader, cfg.timesteps, generator, gather=acc.gather_for_metrics,
+            judge, views, batches, cfg.timesteps, generator, gather=acc.gather_for_metrics,
             progress=cfg.progress and acc.is_local_main_process,
         )
+    ties = rows[0].ties if relabeller is not None else pairs.num_ties  # PickScore's ties when relabelled
     if acc.is_main_process:
-        logger.info("measured the %s judge on %d pairs (%d ties: left out of accuracy, 0.5 each in accuracy_with_ties)", cfg.judge, len(pairs), pairs.num_ties)
+        logger.info("measured the %s judge on %d pairs (%d ties%s: left out of accuracy, 0.5 each in accuracy_with_ties)",
+                    cfg.judge, len(pairs), ties, " by PickScore's labels" if relabeller is not None else "")
         if cfg.output:
             if cfg.output.endswith(".csv"):
                 atomic_write_text(cfg.output, accuracy_csv([(None, r) for r in rows]))
             else:
                 atomic_write_json(cfg.output, {
                     "judge": cfg.judge, "checkpoint": cfg.judge_checkpoint, "data": cfg.data, "split": cfg.split,
-                    "pairs": len(pairs), "ties": pairs.num_ties, "seed": cfg.seed,
+                    "pairs": len(pairs), "ties": ties, "seed": cfg.seed, "labels": cfg.relabel_with,
                     "rows": [{"timestep": r.timestep, "accuracy": None if math.isnan(r.accuracy) else r.accuracy,
                               "correct": r.correct, "total": r.total,
                               "accuracy_with_ties": None if math.isnan(r.accuracy_with_ties) else r.accuracy_with_ties,

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from spotune.checkpoint import (
@@ -46,6 +47,7 @@ from spotune.models.loading import load_pipeline
 from spotune.preference.clip_judge import spm_training_pixels
 from spotune.preference.loading import BUILTIN_TINY_CLIP, load_clip
 from spotune.preference.noisy_views import NoisyViewMaker
+from spotune.preference.relabel import DEFAULT_TIE_MARGIN, LabelCache, PickScoreRelabeller
 from spotune.preference.spm_eval import (
     SPM_EVAL_TIMESTEPS,
     TimestepAccuracy,
@@ -105,8 +107,23 @@ class TrainSPMConfig:
     max_eval_pairs: int | None = help_field("Evaluate on the first N labelled pairs only (unset: all).", None)
     train_keep_unlabelled: bool = help_field(
         "Keep training rows whose has_label is false, as SPO's trainer does (it filters only the evaluation "
-        "splits); they add no gradient and count in the per-batch weight normalisation. Evaluation always drops them.",
+        "splits); they add no gradient and count in the per-batch weight normalisation (with relabel_with=pickscore "
+        "they get PickScore's labels, as in SPO's SDXL run). Evaluation always drops them.",
         True)
+    # -- labels --------------------------------------------------------------------------------------
+    relabel_with: Literal["none", "pickscore"] = help_field(
+        "none: train and evaluate on the data's own (human) labels. pickscore: replace every pair's labels, in "
+        "training and evaluation, by PickScore's verdict on the two clean images, as SPO trained its SDXL SPM "
+        "(softmax of the two scores; a tie when they differ by at most relabel_tie_margin).", "none")
+    relabel_tie_margin: float = help_field(
+        "relabel_with=pickscore: a pair whose two PickScore softmax probabilities differ by at most this is a tie "
+        "(0.5/0.5) (SPO: 0.1).", DEFAULT_TIE_MARGIN)
+    relabel_clip_path: str | None = help_field(
+        "relabel_with=pickscore: the PickScore CLIPModel folder (PickScore_v1) or builtin:tiny-clip; clip_path when unset.",
+        None)
+    relabel_processor_path: str | None = help_field(
+        "relabel_with=pickscore: its tokenizer and preprocessor_config.json folder (CLIP-ViT-H-14-laion2B-s32B-b79K); "
+        "processor_path when unset.", None)
     # -- noisy views ---------------------------------------------------------------------------------
     resolution: int | None = help_field(
         "Pairs are resized and centre-cropped to this size before the VAE (a multiple of the VAE factor); the model's "
@@ -172,10 +189,15 @@ class TrainSPMConfig:
             (bool(self.eval_timesteps) and all(0 <= t < 1000 for t in self.eval_timesteps),
              "eval_timesteps must be a non-empty list of timesteps in [0, 1000)"),
             (not (self.resume and self.overwrite), "resume and overwrite=true contradict each other"),
+            (0.0 <= self.relabel_tie_margin < 1.0,
+             f"relabel_tie_margin must be in [0, 1) (a gap of softmax probabilities), got relabel_tie_margin={self.relabel_tie_margin}"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ConfigError(f"config: {message}")
+
+
+RELABEL_FILE = "relabel_labels.safetensors"
 
 
 class SPMTrainer:
@@ -193,6 +215,9 @@ class SPMTrainer:
         self.epoch = 0
         self.batch_in_epoch = 0  # micro-batches of the current epoch already consumed
         self.eval_history: list[tuple[int, TimestepAccuracy]] = []
+        self.relabeller: PickScoreRelabeller | None = None  # relabel_with=pickscore
+        self.train_labels: LabelCache | None = None  # PickScore's labels of the training pairs seen so far
+        self.eval_labels: LabelCache | None = None
 
     # ============================================================================================
     # setup
@@ -255,13 +280,27 @@ class SPMTrainer:
         self.views_dtype = MIXED_PRECISION_DTYPES[cfg.views_dtype] if cfg.views_dtype else self.weight_dtype
         pipe = load_pipeline(cfg.pretrained_model, dtype=self.views_dtype, device=acc.device,
                              model_family=cfg.model_family, vae=cfg.vae)
-        for module in (pipe.vae, pipe.unet, pipe.text_encoder):
-            module.requires_grad_(False).eval()
-        self.views = NoisyViewMaker(pipe, cfg.guidance_scale, cfg.negative_prompt, cfg.decode_chunk_size)
         self.resolution = resolve_resolution(cfg.resolution, pipe.unet, pipe.vae)
+        # SDXL's time ids carry the views' resolution (SPO's SDXL SPM: 1024 x 1024).
+        self.views = NoisyViewMaker(pipe, cfg.guidance_scale, cfg.negative_prompt, cfg.decode_chunk_size, self.resolution)
+        for module in (pipe.vae, pipe.unet, *self.views.conditioner.text_encoders):
+            module.requires_grad_(False).eval()
         for pairs in (train_set, eval_set):
             if pairs is not None:
                 pairs.resolution = self.resolution  # the model's own size, now that it is known
+
+        # -- PickScore's labels instead of the data's (SPO's SDXL SPM) -----------------------------
+        if cfg.relabel_with == "pickscore":
+            self.relabeller = PickScoreRelabeller.from_pretrained(
+                cfg.relabel_clip_path or cfg.clip_path, cfg.relabel_processor_path or cfg.processor_path,
+                cfg.relabel_tie_margin, device=acc.device,
+            )
+            # The workers hand over both original images through PickScore's processor, beside the views' pixels.
+            for pairs in (train_set, eval_set):
+                if pairs is not None:
+                    pairs.clip_pixels = self.relabeller.pixels
+            self.train_labels = LabelCache(len(train_set))
+            self.eval_labels = LabelCache(len(eval_set)) if eval_set is not None else None
 
         # Shuffled row group by row group (parquet); the order of epoch e is fixed by (seed, e).
         loader = torch.utils.data.DataLoader(
@@ -409,6 +448,7 @@ class SPMTrainer:
         """
         cfg, acc = self.config, self.accelerator
         spm = self.unwrapped
+        batch = self._relabelled(batch, self.train_labels)
         b = len(batch)
         generator = torch.Generator(acc.device).manual_seed(seed_for(cfg.seed, micro_step, acc.process_index))
         t = torch.randint(0, self.views.num_train_timesteps, (b,), generator=generator, device=acc.device)  # [B]
@@ -428,6 +468,12 @@ class SPMTrainer:
             # Normalise over the global batch: DDP averages the processes' gradients.
             weight_total = acc.reduce((1.0 / batch.num_pairs).sum(), reduction="mean")
         return spm_pair_loss(text, image_0, image_1, logit_scale, batch.label_0, batch.label_1, batch.num_pairs, weight_total)
+
+    def _relabelled(self, batch: PairBatch, cache: LabelCache | None) -> PairBatch:
+        """The batch with PickScore's labels (relabel_with=pickscore), each pair's computed once; else unchanged."""
+        if self.relabeller is None or cache is None:
+            return batch
+        return self.relabeller.relabel_batch(batch, cache)
 
     def _check_finite(self, loss: torch.Tensor) -> None:
         bad = torch.tensor(0.0 if torch.isfinite(loss) else 1.0, device=loss.device)
@@ -455,9 +501,13 @@ class SPMTrainer:
         # The global RNGs come out as they went in (the loader draws its base seed from them): a
         # checkpoint saved just before an evaluation then resumes exactly as the run goes on after it.
         rng = torch.random.fork_rng(devices=[acc.device] if acc.device.type == "cuda" else [])
+        batches = self.eval_loader
+        if self.relabeller is not None:
+            # SPO relabels its evaluation pairs too and scores accuracy on PickScore's decisive pairs.
+            batches = (self._relabelled(checked_batch(b), self.eval_labels) for b in self.eval_loader)
         with rng, acc.autocast() if cfg.views_dtype is None else nullcontext():  # the views as in training
             rows = evaluate_pair_accuracy(
-                spm, self.views, self.eval_loader, cfg.eval_timesteps, generator,
+                spm, self.views, batches, cfg.eval_timesteps, generator,
                 gather=acc.gather_for_metrics, progress=cfg.progress and acc.is_local_main_process,
             )
         spm.clear_text_cache()
@@ -491,6 +541,7 @@ class SPMTrainer:
             from accelerate.utils import gather_object
 
             all_rng = gather_object([(rng_tensors, rng_meta)])
+        relabelled = self._gathered_train_labels()
         if acc.is_main_process:
             if final.exists():  # a re-run of the same step (e.g. after a failed later save)
                 shutil.rmtree(final)
@@ -501,6 +552,8 @@ class SPMTrainer:
                 atomic_save_safetensors(opt_tensors, tmp / "optimizer.safetensors")
                 atomic_write_json(tmp / "optimizer.json", opt_meta)
                 atomic_write_json(tmp / "scheduler.json", self.lr_scheduler.state_dict())
+                if relabelled is not None:
+                    atomic_save_safetensors({"labels": relabelled}, tmp / RELABEL_FILE)
                 for rank, (tensors, meta) in enumerate(all_rng):
                     atomic_save_safetensors(tensors, tmp / f"rng_rank{rank}.safetensors")
                     atomic_write_json(tmp / f"rng_rank{rank}.json", meta)
@@ -512,6 +565,23 @@ class SPMTrainer:
             logger.info("saved checkpoint %s", final)
         acc.wait_for_everyone()
         return final
+
+    def _gathered_train_labels(self) -> torch.Tensor | None:
+        """[N, 2] PickScore's labels of the training pairs any process has seen (NaN elsewhere), or ``None``.
+
+        Each process relabels the pairs of its own batches; the labels are a function of the pair alone,
+        so the processes' caches merge into one, which a resume (with any process count) starts from.
+        """
+        if self.train_labels is None:
+            return None
+        labels = self.train_labels.labels
+        if self.accelerator.num_processes > 1:
+            every = self.accelerator.gather(labels.to(self.accelerator.device)[None]).cpu()  # [P, N, 2]
+            merged = LabelCache(labels.shape[0])
+            for part in every:
+                merged.merge(part)
+            labels = merged.labels
+        return labels.contiguous()
 
     def _record_evaluation(self, checkpoint: Path) -> None:
         """Add the evaluation just made to the checkpoint saved before it (``state.json`` only, atomically)."""
@@ -552,6 +622,15 @@ class SPMTrainer:
                 "uninterrupted run", checkpoint, state.get("num_processes"), acc.num_processes,
             )
         self.unwrapped.load_checkpoint(checkpoint / SPM_WEIGHTS_NAME)
+        if self.train_labels is not None and (checkpoint / RELABEL_FILE).is_file():
+            # The labels computed before the interruption, so a pair seen again is judged as it was then.
+            saved = load_file(str(checkpoint / RELABEL_FILE))["labels"]
+            if saved.shape != self.train_labels.labels.shape:
+                raise SpotuneError(
+                    f"{checkpoint / RELABEL_FILE}: labels of {saved.shape[0]} pairs, but train_data holds "
+                    f"{self.train_labels.labels.shape[0]}: the training data changed since the checkpoint"
+                )
+            self.train_labels.merge(saved)
         restore_training_state(checkpoint, self.optimizer, self.lr_scheduler, acc.process_index, str(acc.device))
         self.global_step = int(state["optimizer_step"])
         self.micro_step = int(state["micro_step"])

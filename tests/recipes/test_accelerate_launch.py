@@ -77,3 +77,40 @@ def test_two_process_sdxl_resume_with_an_open_accumulation_group(tmp_path):
     assert a.name == b.name == "iter-00000004" and read_state(a)["optimizer_step"] == read_state(b)["optimizer_step"] == 2
     wa, wb = load_file(str(a / "lora.safetensors")), load_file(str(b / "lora.safetensors"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.slow
+def test_two_process_spm_training_merges_pickscores_labels(tmp_path):
+    """Each process relabels the pairs of its own batches; the checkpoint holds the union, PickScore's labels."""
+    import torch
+
+    from spotune.data.pickapic import synthetic_pairs, write_pairs_parquet
+    from spotune.recipes.train_spm import RELABEL_FILE
+
+    pairs = write_pairs_parquet(tmp_path / "pairs.parquet", *synthetic_pairs(8, 32, seed=0))
+    out = tmp_path / "spm"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+        "-m", "spotune.cli", "train-spm", "--config", str(ROOT / "configs" / "tiny_spm.yaml"),
+        f"output_dir={out}", f"train_data={pairs}", "pretrained_model=builtin:tiny-sdxl", "relabel_with=pickscore",
+        "relabel_clip_path=builtin:tiny-clip", "relabel_tie_margin=0.01", "train_batch_size=2", "max_steps=1",
+        "guidance_scale=1.0", "log_with=none", "progress=false",
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (ckpt,) = list_checkpoints(out)
+    labels = load_file(str(ckpt / RELABEL_FILE))["labels"]  # [8, 2], NaN for pairs no process has seen
+    known = ~torch.isnan(labels[:, 0])
+    assert int(known.sum()) == 4  # one micro-batch of 2 pairs on each of the 2 processes
+    # The same labels the relabelling model gives those pairs here, in one process.
+    from spotune.data.pickapic import PickAPicPairs, collate_pairs
+    from spotune.preference.relabel import LabelCache, PickScoreRelabeller
+
+    relabeller = PickScoreRelabeller.from_pretrained("builtin:tiny-clip", None, 0.01)
+    data = PickAPicPairs(pairs, resolution=32)
+    data.clip_pixels = relabeller.pixels
+    batch = relabeller.relabel_batch(collate_pairs([data[i] for i in range(8)]), LabelCache(8))
+    expected = torch.stack([batch.label_0, batch.label_1], dim=1)
+    assert torch.equal(labels[known], expected[known])

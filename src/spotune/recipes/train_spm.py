@@ -347,6 +347,11 @@ class SPMTrainer:
             len(self.eval_loader.dataset) if self.eval_loader else 0,
             len(self.train_loader), cfg.max_steps, sum(p.numel() for p in spm.parameters()), acc.num_processes,
         )
+        if self.relabeller is not None:
+            logger.info(
+                "labels: PickScore's on the clean images (%s), a tie within %.3g of softmax probability; the data's "
+                "own labels are not used", cfg.relabel_clip_path or cfg.clip_path, cfg.relabel_tie_margin,
+            )
 
     @property
     def unwrapped(self) -> StepAwarePreferenceModel:

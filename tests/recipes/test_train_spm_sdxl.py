@@ -152,3 +152,19 @@ def test_eval_spm_on_sdxl_against_pickscores_labels(data, tmp_path, capsys):
     assert main([*args[:-5], f"output={tmp_path / 'own.json'}"]) == 0
     own = json.loads((tmp_path / "own.json").read_text())
     assert own["labels"] == "none" and own["ties"] == sum(l[0] == l[1] for l in synthetic_pairs(4, 32, seed=1)[3])
+
+
+def test_bad_relabel_settings_are_one_line(data, tmp_path, capsys):
+    train, evaluation = data
+    assert main(["train-spm", *_args(tmp_path / "run", train, "relabel_tie_margin=1.5")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "relabel_tie_margin must be in [0, 1)" in err and "\n" not in err
+    assert main(["train-spm", *_args(tmp_path / "run", train, "relabel_with=humans")]) != 0
+    assert "relabel_with" in capsys.readouterr().err
+    assert main(["train-spm", *_args(tmp_path / "run", train, "relabel_clip_path=/no/such/pickscore")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "/no/such/pickscore does not exist" in err and "\n" not in err
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    # eval-spm with a judge that names no CLIP folder needs the relabelling model named.
+    assert main(["eval-spm", "judge=tiny-spm", f"data={evaluation}", "relabel_with=pickscore"]) == 1
+    assert "relabel_with=pickscore needs relabel_clip_path=PATH" in capsys.readouterr().err

@@ -276,6 +276,19 @@ class SPMTrainer:
         if cfg.gradient_checkpointing:
             spm.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
+        # -- PickScore's labels instead of the data's (SPO's SDXL SPM), before the slow diffusion model
+        if cfg.relabel_with == "pickscore":
+            self.relabeller = PickScoreRelabeller.from_pretrained(
+                cfg.relabel_clip_path or cfg.clip_path, cfg.relabel_processor_path or cfg.processor_path,
+                cfg.relabel_tie_margin, device=acc.device,
+            )
+            # The workers hand over both original images through PickScore's processor, beside the views' pixels.
+            for pairs in (train_set, eval_set):
+                if pairs is not None:
+                    pairs.clip_pixels = self.relabeller.pixels
+            self.train_labels = LabelCache(len(train_set))
+            self.eval_labels = LabelCache(len(eval_set)) if eval_set is not None else None
+
         # -- the frozen diffusion model and the views it makes ------------------------------------
         self.views_dtype = MIXED_PRECISION_DTYPES[cfg.views_dtype] if cfg.views_dtype else self.weight_dtype
         pipe = load_pipeline(cfg.pretrained_model, dtype=self.views_dtype, device=acc.device,
@@ -288,19 +301,6 @@ class SPMTrainer:
         for pairs in (train_set, eval_set):
             if pairs is not None:
                 pairs.resolution = self.resolution  # the model's own size, now that it is known
-
-        # -- PickScore's labels instead of the data's (SPO's SDXL SPM) -----------------------------
-        if cfg.relabel_with == "pickscore":
-            self.relabeller = PickScoreRelabeller.from_pretrained(
-                cfg.relabel_clip_path or cfg.clip_path, cfg.relabel_processor_path or cfg.processor_path,
-                cfg.relabel_tie_margin, device=acc.device,
-            )
-            # The workers hand over both original images through PickScore's processor, beside the views' pixels.
-            for pairs in (train_set, eval_set):
-                if pairs is not None:
-                    pairs.clip_pixels = self.relabeller.pixels
-            self.train_labels = LabelCache(len(train_set))
-            self.eval_labels = LabelCache(len(eval_set)) if eval_set is not None else None
 
         # Shuffled row group by row group (parquet); the order of epoch e is fixed by (seed, e).
         loader = torch.utils.data.DataLoader(

@@ -15,7 +15,9 @@ Every pair is relabelled, whatever its human label was: Pick-a-Pic ties, and the
 human label (``has_label`` false, kept in training), get PickScore's verdict too. The authors relabel in
 evaluation as well and score accuracy on PickScore's decisive pairs only.
 
-The authors recompute the labels every time a pair comes round; the model is frozen, so
+The captions are tokenised as the judges tokenise them (padded to 77), where the authors' processor pads to
+the batch's longest caption: the same text features, since CLIP's causal text tower pools at the end token
+and reads nothing after it. The authors recompute the labels every time a pair comes round; the model is frozen, so
 :class:`LabelCache` keeps each pair's labels (two floats per pair) and epochs reuse them.
 """
 
@@ -31,7 +33,6 @@ from spotune.data.pickapic import PairBatch
 from spotune.eval.preprocess import resize_shortest_center_crop, to_normalized_tensor
 from spotune.preference.clip_judge import CLIP_MEAN, CLIP_STD, PickScoreJudge
 
-RELABEL_KINDS = ("none", "pickscore")
 DEFAULT_TIE_MARGIN = 0.1  # SPO's pickscore_threshold
 
 

@@ -35,7 +35,7 @@ SHIPPED = {
     "sdxl_gradspo.yaml": (TrainSPOConfig, []),
     "toyworld_spo.yaml": (TrainSPOConfig, []),
     "sd15_spm.yaml": (TrainSPMConfig, ["clip_path=PATH", "processor_path=PATH", "train_data=PATH"]),
-    "sdxl_spm.yaml": (TrainSPMConfig, ["clip_path=PATH", "processor_path=PATH", "train_data=PATH"]),
+    "sdxl_spm.yaml": (TrainSPMConfig, ["vae=PATH", "clip_path=PATH", "processor_path=PATH", "train_data=PATH"]),
     "tiny_spm.yaml": (TrainSPMConfig, ["train_data=pairs.parquet", "eval_data=pairs.parquet"]),
     "toyworld_spm.yaml": (TrainSPMConfig, []),
     "sd15_generate.yaml": (GenerateConfig, ["model=/models/stable-diffusion-v1-5"]),

@@ -90,3 +90,21 @@ def test_a_1024_view_goes_to_224_by_bicubic_without_antialiasing():
     torch.testing.assert_close(spm_training_pixels(images, 224, CLIP_MEAN, CLIP_STD), training)
     smooth = F.interpolate(images, size=(224, 224), mode="bicubic", align_corners=False, antialias=True)
     assert not torch.allclose(sampling, ((smooth / 2 + 0.5).clamp(0, 1) - mean) / std, atol=1e-2)
+
+
+def test_the_vae_runs_in_its_own_dtype_under_an_fp16_unet(make_images):
+    """SDXL's own VAE stays fp32 under fp16 (it overflows in fp16); the UNet gets fp16 latents, the views are fp32."""
+    pipe = load_pipeline(BUILTIN_TINY_SDXL, dtype=torch.float16)
+    assert pipe.unet.dtype == torch.float16 and pipe.vae.dtype == torch.float32
+    seen, handle = _unet_inputs(pipe.unet)
+    dtypes = []
+    hook = pipe.unet.register_forward_pre_hook(lambda module, args: dtypes.append(args[0].dtype))
+    try:
+        images = make_images(2, seed=4)
+        views_0, views_1 = NoisyViewMaker(pipe, resolution=32)(images, images, ["a", "b"], torch.tensor([10, 900]),
+                                                                torch.Generator().manual_seed(0))
+    finally:
+        handle.remove()
+        hook.remove()
+    assert dtypes == [torch.float16] and seen[0]["added_cond_kwargs"]["time_ids"].dtype == torch.float16
+    assert views_0.dtype == torch.float32 and torch.isfinite(torch.cat([views_0, views_1])).all()

@@ -1,4 +1,4 @@
-"""Key mapping between diffusers' SD1.5 components and the original CompVis/webui single-file layout.
+"""Key mapping between diffusers' components and the original CompVis/sgm single-file layout (SD1.5's here).
 
 The original checkpoint holds three models under three prefixes:
 
@@ -11,7 +11,10 @@ The LDM block indices are derived from the UNet/VAE config (number of blocks, la
 which blocks have attention), not from a table of SD1.5's sizes, so any model with SD1.5's kind of
 blocks maps both ways: a tiny test model as well as the real one. The mapping is expressed as
 module-prefix rules; :func:`to_original` renames a diffusers state dict and :func:`from_original`
-inverts the same rules against a model's own key list.
+inverts the same rules against a model's own key list. SDXL's UNet and VAE use the same rules (its UNet
+adds ``label_emb``, the pooled-text/time-id embedding); its two text encoders are in
+:mod:`spotune.export.original_layout_sdxl`. :func:`original_module_names` applies the UNet rules to
+module names, which is how kohya's SDXL LoRA names are formed.
 """
 
 from __future__ import annotations
@@ -75,7 +78,7 @@ def _has_attention(block_type: str) -> bool:
 
 
 def unet_rules(config: Mapping[str, Any]) -> list[_Rule]:
-    """Module-prefix rules for a ``UNet2DConditionModel`` config with SD1.5's kind of blocks.
+    """Module-prefix rules for a ``UNet2DConditionModel`` config with SD1.5's or SDXL's kind of blocks.
 
     LDM numbering: ``input_blocks.0`` is conv_in; each down block adds one input block per layer
     (``.0`` resnet, ``.1`` attention) and, except the last, one for its downsampler (``.0.op``).
@@ -92,6 +95,9 @@ def unet_rules(config: Mapping[str, Any]) -> list[_Rule]:
         _Rule("conv_norm_out", "out.0"),
         _Rule("conv_out", "out.2"),
     ]
+    if config.get("addition_embed_type") == "text_time":
+        # SDXL: the MLP on [pooled text, Fourier time ids] is sgm's label_emb (an nn.Sequential in a Sequential).
+        rules += [_Rule("add_embedding.linear_1", "label_emb.0.0"), _Rule("add_embedding.linear_2", "label_emb.0.2")]
     index = 1
     for i, block_type in enumerate(down_types):
         for j in range(layers[i]):
@@ -150,7 +156,7 @@ def vae_rules(config: Mapping[str, Any]) -> list[_Rule]:
     return rules
 
 
-def _key_map(keys: Iterable[str], rules: list[_Rule], prefix: str, what: str) -> dict[str, str]:
+def _key_map(keys: Iterable[str], rules: list[_Rule], prefix: str, what: str, layout: str = "SD1.5") -> dict[str, str]:
     """diffusers key -> original key for every key; a key no rule covers is an error."""
     ordered = sorted(rules, key=lambda r: len(r.diffusers), reverse=True)
     mapping = {}
@@ -162,10 +168,36 @@ def _key_map(keys: Iterable[str], rules: list[_Rule], prefix: str, what: str) ->
                 break
         else:
             raise OriginalLayoutError(
-                f"{what} key {key} has no place in the original SD1.5 single-file layout (the model has a part "
-                "that SD1.5's architecture does not)"
+                f"{what} key {key} has no place in the original {layout} single-file layout (the model has a part "
+                f"that {layout}'s architecture does not)"
             )
     return mapping
+
+
+def original_module_names(modules: Iterable[str], config: Mapping[str, Any]) -> dict[str, str]:
+    """diffusers UNet module name -> original-layout module name, for any module inside a mapped block.
+
+    ``down_blocks.1.attentions.0.transformer_blocks.1.attn1.to_q`` -> ``input_blocks.4.1.transformer_blocks.1.attn1.to_q``
+    for SDXL's config (level 1, layer 0: 1 + 1 * 3 + 0). A module a rule names exactly (``conv_in``) maps too.
+
+    Raises:
+        OriginalLayoutError: a module no rule covers (a part the original layout does not have).
+    """
+    ordered = sorted(unet_rules(config), key=lambda r: len(r.diffusers), reverse=True)
+    out = {}
+    for module in modules:
+        for rule in ordered:
+            if module == rule.diffusers:
+                out[module] = rule.original
+                break
+            # Renamed as its weight is, so that a rule's inner renames (a resnet's conv1) apply to the module too.
+            renamed = rule.forward(module + ".weight")
+            if renamed is not None:
+                out[module] = renamed.removesuffix(".weight")
+                break
+        else:
+            raise OriginalLayoutError(f"UNet module {module} has no place in the original (LDM/sgm) UNet layout")
+    return out
 
 
 def _text_key_map(keys: Iterable[str]) -> dict[str, str]:

@@ -99,11 +99,14 @@ def write_utf8(path: Path, text: str) -> None:
 
 
 def make_folder_loadable_everywhere(folder: Path) -> None:
-    """Apply both fixes to a pipeline folder written by ``save_pretrained`` (text encoder, tokenizer)."""
-    if (folder / "text_encoder").is_dir():
-        prefix_text_model_keys(folder / "text_encoder")
-    if (folder / "tokenizer" / "tokenizer.json").is_file():
-        write_bpe_files(folder / "tokenizer")
+    """Apply both fixes to a pipeline folder written by ``save_pretrained``: every text encoder and
+    tokenizer it holds (SD1.5: ``text_encoder``/``tokenizer``; SDXL adds ``text_encoder_2``/``tokenizer_2``)."""
+    for name in ("text_encoder", "text_encoder_2"):
+        if (folder / name).is_dir():
+            prefix_text_model_keys(folder / name)
+    for name in ("tokenizer", "tokenizer_2"):
+        if (folder / name / "tokenizer.json").is_file():
+            write_bpe_files(folder / name)
 
 
 # SD1.5's tokenizer settings (CLIP ViT-L/14): 77 positions, padded with end-of-text, lower-cased.
@@ -121,7 +124,9 @@ CLIP_TOKENIZER_CONFIG = {
 CLIP_SPECIAL_TOKENS = {k: CLIP_TOKENIZER_CONFIG[k] for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
 
 
-def write_clip_tokenizer_folder(folder: Path, vocab: Mapping[str, int], merges: Iterable[Sequence[str] | str]) -> None:
+def write_clip_tokenizer_folder(
+    folder: Path, vocab: Mapping[str, int], merges: Iterable[Sequence[str] | str], pad_token: str = "<|endoftext|>"
+) -> None:
     """A ``tokenizer/`` folder that transformers 4 (slow or fast) and 5 load as SD1.5's ``CLIPTokenizer``.
 
     Args:
@@ -129,10 +134,14 @@ def write_clip_tokenizer_folder(folder: Path, vocab: Mapping[str, int], merges: 
             ``special_tokens_map.json`` (created if missing).
         vocab: token -> id (49408 entries for CLIP).
         merges: the BPE merges in priority order (48894 pairs for CLIP).
+        pad_token: what pads to 77 positions: end-of-text for CLIP ViT-L (SD1.5, SDXL's first tokenizer),
+            ``"!"`` for SDXL's second tokenizer (OpenCLIP pads with id 0, which is "!").
     """
     folder.mkdir(parents=True, exist_ok=True)
     vocab_text, merges_text = bpe_file_texts(vocab, merges)
     write_utf8(folder / "vocab.json", vocab_text)
     write_utf8(folder / "merges.txt", merges_text)
-    atomic_write_text(folder / "tokenizer_config.json", json.dumps(CLIP_TOKENIZER_CONFIG, indent=2, sort_keys=True) + "\n")
-    atomic_write_text(folder / "special_tokens_map.json", json.dumps(CLIP_SPECIAL_TOKENS, indent=2, sort_keys=True) + "\n")
+    config = {**CLIP_TOKENIZER_CONFIG, "pad_token": pad_token}
+    special = {**CLIP_SPECIAL_TOKENS, "pad_token": pad_token}
+    atomic_write_text(folder / "tokenizer_config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(folder / "special_tokens_map.json", json.dumps(special, indent=2, sort_keys=True) + "\n")

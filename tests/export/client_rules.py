@@ -17,6 +17,21 @@ LoRA file is used and with what strength:
 * diffusers ``load_lora_weights`` of a diffusers-format file: before 0.34 (``get_peft_kwargs``)
   r = the most common rank of the lora_B tensors, lora_alpha = the rank of the *first* one, no alpha
   pattern; from 0.34 the LoraConfig in the ``lora_adapter_metadata`` header.
+
+SDXL (kohya writes its LoRAs with the original sgm UNet's module names):
+
+* ComfyUI: the same ``unet_to_diffusers`` walk with SDXL's detected ``transformer_depth`` (transformer
+  layers per input block, e.g. [0, 0, 2, 2, 10, 10]), ``transformer_depth_output`` and
+  ``transformer_depth_middle`` (10); ``model_lora_keys_unet`` also maps ``lora_unet_<LDM module, dots as
+  underscores>`` for every ``diffusion_model.*.weight`` of the loaded model, which is what an SDXL file uses.
+* webui ``networks.py`` ``load_network``: ``convert_diffusers_name_to_compvis`` leaves
+  ``lora_unet_input_blocks_...`` as it is, no layer has that name, and the fallback "SDXL loras seem to
+  already have correct compvis keys" replaces ``lora_unet`` with ``diffusion_model``: that must be a layer.
+* kohya ``LoRANetwork.create_modules`` on ``SdxlUNet2DConditionModel`` (``library/sdxl_original_unet.py``):
+  its Transformer2DModel blocks sit at ``input_blocks.{4,5}.1`` (2 layers), ``input_blocks.{7,8}.1``
+  (10 layers), ``middle_block.1`` (10) and ``output_blocks.{0,1,2}.1`` (10), ``output_blocks.{3,4,5}.1``
+  (2); inside each the Linear layers ``proj_in``, ``proj_out`` (linear projections) and per layer
+  ``attn1/attn2.{to_q, to_k, to_v, to_out.0}``, ``ff.net.0.proj``, ``ff.net.2``.
 """
 
 from __future__ import annotations
@@ -38,25 +53,29 @@ COMFY_TRANSFORMER_WEIGHTS = tuple(
 
 
 def comfy_unet_config(diffusers_config: Mapping[str, Any]) -> dict[str, Any]:
-    """The fields ComfyUI's model detection finds in an SD1.5-family LDM state dict.
+    """The fields ComfyUI's model detection finds in an SD1.5- or SDXL-family LDM state dict.
 
-    ``transformer_depth`` runs over the input blocks' resnets in order; ``transformer_depth_output``
-    is collected while walking the input blocks forward and the output blocks backward, so it lists
-    the output blocks from the last to the first (``unet_to_diffusers`` pops it from the end).
+    ``transformer_depth`` runs over the input blocks' resnets in order (how many transformer layers
+    each one's attention has, 0 for none); ``transformer_depth_output`` is collected while walking the
+    input blocks forward and the output blocks backward, so it lists the output blocks from the last to
+    the first (``unet_to_diffusers`` pops it from the end). ComfyUI counts the layers in the weights;
+    here they come from ``transformer_layers_per_block`` (1 for SD1.5), which is what built them.
     """
     layers = diffusers_config["layers_per_block"]
     down = list(diffusers_config["down_block_types"])
     up = list(diffusers_config["up_block_types"])
     layers = [layers] * len(down) if isinstance(layers, int) else list(layers)
-    depth = [1 if "CrossAttn" in t else 0 for i, t in enumerate(down) for _ in range(layers[i])]
-    rev = list(reversed(layers))
-    output_in_order = [1 if "CrossAttn" in t else 0 for i, t in enumerate(up) for _ in range(rev[i] + 1)]
+    per_level = diffusers_config.get("transformer_layers_per_block") or 1
+    per_level = [per_level] * len(down) if isinstance(per_level, int) else list(per_level)
+    depth = [per_level[i] if "CrossAttn" in t else 0 for i, t in enumerate(down) for _ in range(layers[i])]
+    rev, rev_depth = list(reversed(layers)), list(reversed(per_level))
+    output_in_order = [rev_depth[i] if "CrossAttn" in t else 0 for i, t in enumerate(up) for _ in range(rev[i] + 1)]
     return {
         "num_res_blocks": layers,
         "channel_mult": list(range(len(down))),
         "transformer_depth": depth,
         "transformer_depth_output": list(reversed(output_in_order)),
-        "transformer_depth_middle": 1,
+        "transformer_depth_middle": per_level[-1],
     }
 
 
@@ -209,6 +228,21 @@ def kohya_dims_and_alphas(lora: Mapping[str, torch.Tensor]) -> tuple[dict[str, i
         elif "lora_down" in key:
             dims[name] = int(value.shape[0])
     return dims, {name: alphas.get(name, float(dim)) for name, dim in dims.items()}
+
+
+def kohya_sdxl_unet_module_names() -> set[str]:
+    """Names ``LoRANetwork.create_modules`` gives the Linear layers of kohya's (fixed-size) SDXL UNet."""
+    blocks = {f"input_blocks_{n}_1": 2 for n in (4, 5)} | {f"input_blocks_{n}_1": 10 for n in (7, 8)}
+    blocks |= {"middle_block_1": 10} | {f"output_blocks_{n}_1": 10 for n in (0, 1, 2)}
+    blocks |= {f"output_blocks_{n}_1": 2 for n in (3, 4, 5)}
+    names = set()
+    for block, count in blocks.items():
+        names |= {f"lora_unet_{block}_proj_in", f"lora_unet_{block}_proj_out"}
+        for t in range(count):
+            layer = f"lora_unet_{block}_transformer_blocks_{t}"
+            names |= {f"{layer}_{a}_{p}" for a in ("attn1", "attn2") for p in ("to_q", "to_k", "to_v", "to_out_0")}
+            names |= {f"{layer}_ff_net_0_proj", f"{layer}_ff_net_2"}
+    return names
 
 
 # -- diffusers --------------------------------------------------------------------------------------

@@ -15,9 +15,11 @@ from diffusers import UNet2DConditionModel
 from export_helpers import (
     LORA_ALPHA,
     LORA_RANK,
+    SDXLProbe,
     TrainedRun,
     UNetProbe,
     build_sd15_structured_pipeline,
+    randomise_lora,
     write_checkpoint,
 )
 from spotune.models.lora import add_lora, lora_state_dict
@@ -67,3 +69,32 @@ def full_run(tmp_path_factory, base_dir, probe) -> TrainedRun:
             param.add_(0.05 * torch.randn(param.shape, generator=g))
     ckpt = write_checkpoint(run, 3, "full", str(base_dir), {"unet.safetensors": unet.state_dict()})
     return TrainedRun(run, ckpt, probe(unet), base_output, None)
+
+
+# -- SDXL -------------------------------------------------------------------------------------------
+
+TINY_SDXL = "builtin:tiny-sdxl"
+
+
+@pytest.fixture(scope="session")
+def sdxl_probe() -> SDXLProbe:
+    g = torch.Generator().manual_seed(321)
+    time_ids = torch.tensor([[32.0, 32.0, 0.0, 0.0, 32.0, 32.0]]).repeat(2, 1)
+    return SDXLProbe(
+        torch.randn(2, 4, 8, 8, generator=g), torch.tensor([20, 700]), torch.randn(2, 77, 64, generator=g),
+        torch.randn(2, 32, generator=g), time_ids,
+    )
+
+
+@pytest.fixture(scope="session")
+def sdxl_lora_run(tmp_path_factory, sdxl_probe) -> TrainedRun:
+    """A run on ``builtin:tiny-sdxl`` whose checkpoint holds nonzero random LoRA values (rank 4, alpha 2)."""
+    from spotune.models.loading import load_pipeline
+
+    run = tmp_path_factory.mktemp("runs") / "sdxl-run"
+    unet = load_pipeline(TINY_SDXL).unet
+    base_output = sdxl_probe(unet)
+    add_lora(unet, rank=LORA_RANK, alpha=LORA_ALPHA)
+    weights = randomise_lora(unet, seed=11)
+    latest = write_checkpoint(run, 4, "lora", TINY_SDXL, {"lora.safetensors": weights})
+    return TrainedRun(run, latest, sdxl_probe(unet), base_output, weights)

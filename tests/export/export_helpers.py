@@ -92,3 +92,33 @@ class TrainedRun:
     expected: torch.Tensor  # the trained UNet's output on the probe
     base_output: torch.Tensor  # the base UNet's output on the probe
     lora: dict[str, torch.Tensor] | None
+
+
+@dataclass
+class SDXLProbe:
+    """Fixed inputs of a tiny SDXL UNet: latents [2, 4, 8, 8], timesteps [2], text states [2, 77, 64],
+    pooled text [2, 32] and time ids [2, 6] (what its ``added_cond_kwargs`` take)."""
+
+    sample: torch.Tensor
+    timesteps: torch.Tensor
+    text: torch.Tensor
+    pooled: torch.Tensor
+    time_ids: torch.Tensor
+
+    @torch.no_grad()
+    def __call__(self, unet: torch.nn.Module) -> torch.Tensor:
+        unet = unet.float().eval()
+        extra = {"text_embeds": self.pooled, "time_ids": self.time_ids}
+        return unet(self.sample, self.timesteps, self.text, added_cond_kwargs=extra).sample
+
+
+def randomise_lora(unet: torch.nn.Module, seed: int, scale: float = 0.2) -> dict[str, torch.Tensor]:
+    """Give every LoRA parameter of ``unet`` a nonzero random value; returns the peft state dict."""
+    from spotune.models.lora import lora_state_dict
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in unet.named_parameters():
+            if "lora_" in name:
+                param.copy_(scale * torch.randn(param.shape, generator=g))
+    return {k: v.detach().clone() for k, v in lora_state_dict(unet).items()}

@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 from spotune.export import ExportError, LoraFormatError, apply_lora, export_checkpoint, load_lora_file
+from spotune.models.family import FamilyError
 from spotune.models.loading import load_pipeline
 
 
@@ -19,12 +20,16 @@ def _kohya(path, keys: dict[str, tuple[int, ...]]):
     return path
 
 
-def test_sdxl_kohya_names_are_refused(tmp_path):
+def test_sdxl_kohya_names_on_an_sd15_model_are_one_family_error(tmp_path, base_dir):
+    # kohya's SDXL naming (the original sgm layout) is read, and refused on an SD1.5 UNet naming both families.
     key = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_down.weight"
     file = _kohya(tmp_path / "sdxl.safetensors", {key: (4, 640), key.replace("down", "up"): (640, 4)})
-    with pytest.raises(LoraFormatError) as info:
-        load_lora_file(file)
-    assert "sdxl.safetensors" in str(info.value) and key in str(info.value)
+    weights = load_lora_file(file)
+    assert weights.layout == "original" and weights.modules == ["input_blocks.4.1.transformer_blocks.0.attn1.to_q"]
+    with pytest.raises(FamilyError) as info:
+        apply_lora(load_pipeline(str(base_dir)).unet, weights)
+    message = str(info.value)
+    assert "sdxl.safetensors" in message and "an SDXL model" in message and "an SD1.5-family model" in message
 
 
 def test_text_encoder_only_lora_is_refused(tmp_path):

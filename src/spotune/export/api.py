@@ -8,7 +8,11 @@ Formats:
                   A1111 / Forge / ComfyUI;
 * ``merged``      a full diffusers pipeline folder with the LoRA fused into the base model (or the
                   fully fine-tuned UNet in place);
-* ``single-file`` one original-layout SD1.5 ``.safetensors`` of the merged model (webui checkpoints).
+* ``single-file`` one original-layout ``.safetensors`` of the merged model (webui checkpoints): SD1.5's
+                  CompVis layout, or SDXL's sgm layout with both text encoders.
+
+Each format is written for the base model's family (SD1.5 or SDXL): the webui names and metadata kohya
+writes for it, the single-file layout its clients load. A LoRA of the other family is refused.
 
 Every output is staged beside its final path and renamed into place, so a crash leaves either the
 old content or the new, never half of it; an existing output is replaced only with ``overwrite``, and
@@ -27,7 +31,12 @@ from typing import Iterator, Literal
 import torch
 
 from spotune.export.lora_files import DIFFUSERS_LORA_FILE, diffusers_lora_file, webui_lora_file
-from spotune.export.metadata import single_file_metadata
+from spotune.export.apply import check_lora_family
+from spotune.export.base_config import base_unet_config
+from spotune.export.lora_files import LoraWeights
+from spotune.export.lora_layout import lora_family, sdxl_base_unet_config, to_diffusers_layout, to_original_layout
+from spotune.export.metadata import model_name, single_file_metadata
+from spotune.models.family import SD15, SDXL, ModelFamily, family_of, family_of_unet_config
 from spotune.export.pipeline_folder import make_folder_loadable_everywhere
 from spotune.export.source import ExportError, ExportSource, read_export_source
 from spotune.utils.io import apply_umask_modes, aside_name, make_temp_dir, make_temp_file, remove_stale_temporaries
@@ -47,7 +56,7 @@ class ExportConfig:
     source: str = field(default="", metadata={"help": "A spotune run folder (its latest checkpoint), a checkpoint folder, or a LoRA file to convert."})
     format: Literal["diffusers", "webui", "merged", "single-file"] | None = field(
         default=None,
-        metadata={"help": "diffusers: LoRA for load_lora_weights; webui: kohya LoRA file for A1111/ComfyUI; merged: diffusers pipeline folder with the LoRA fused in; single-file: original-layout SD1.5 checkpoint."},
+        metadata={"help": "diffusers: LoRA for load_lora_weights; webui: kohya LoRA file for A1111/ComfyUI; merged: diffusers pipeline folder with the LoRA fused in; single-file: original-layout SD1.5 or SDXL checkpoint."},
     )
     output: str = field(default="", metadata={"help": "Where to write: a .safetensors file (webui, single-file, diffusers) or a folder (diffusers, merged)."})
     base_model: str | None = field(default=None, metadata={"help": "Base model to merge into; the one recorded in the checkpoint when unset."})
@@ -173,8 +182,28 @@ def _require_lora(source: ExportSource, fmt: str):
     return source.lora
 
 
-def _single_file_metadata(source: ExportSource, base: str | None) -> dict[str, str]:
-    return single_file_metadata(source.title, source.description, source.resolution, base)
+def _single_file_metadata(source: ExportSource, base: str | None, family: ModelFamily) -> dict[str, str]:
+    return single_file_metadata(
+        source.title, source.description, source.resolution, base, family.modelspec_checkpoint_architecture
+    )
+
+
+def lora_target(lora: LoraWeights, base: str | None) -> tuple[ModelFamily, dict | None]:
+    """The family a LoRA is exported for and the UNet config its names are read against.
+
+    With a known base model: its family and UNet config (a LoRA of the other family is refused). Without
+    one (a bare LoRA file): the family the LoRA's names and shapes show, SDXL's with SDXL base 1.0's config.
+
+    Raises:
+        FamilyError: the LoRA and the base model are of different families, naming both.
+    """
+    config = base_unet_config(base)
+    if config is not None:
+        family = family_of_unet_config(config)
+        check_lora_family(lora, family, f"base model {model_name(base)}")
+        return family, config
+    family = lora_family(lora)[0] or SD15
+    return family, (sdxl_base_unet_config() if family is SDXL else None)
 
 
 def export_checkpoint(
@@ -228,11 +257,13 @@ def export_checkpoint(
 
     if format in _LORA_ONLY:
         lora = _require_lora(src, format)
+        family, unet_config = lora_target(lora, recorded_base)
         if format == "diffusers":
-            tensors, metadata = diffusers_lora_file(lora, torch_dtype)
+            tensors, metadata = diffusers_lora_file(to_diffusers_layout(lora, unet_config), torch_dtype)
         else:
+            named = to_original_layout(lora, unet_config) if family.kohya_unet_layout == "original" else lora
             tensors, metadata = webui_lora_file(
-                lora, torch_dtype, src.title, src.description, src.resolution, base_model or src.base_model
+                named, torch_dtype, src.title, src.description, src.resolution, recorded_base, family
             )
         with staged_output(output, overwrite, folder=not wants_file) as tmp:
             _save_safetensors(tensors, tmp if wants_file else tmp / DIFFUSERS_LORA_FILE, metadata)
@@ -249,9 +280,8 @@ def export_checkpoint(
             write_output_marker(tmp, "export-merged")  # lets a later --overwrite know this folder is ours
         return output
 
-    from spotune.export.original_layout import to_original
-
-    tensors = to_original(pipe.unet, pipe.vae, pipe.text_encoder, dtype=torch_dtype)
+    family = family_of(pipe)
+    tensors = family.single_file_state(pipe, dtype=torch_dtype)
     with staged_output(output, overwrite, folder=False) as tmp:
-        _save_safetensors(tensors, tmp, _single_file_metadata(src, recorded_base))
+        _save_safetensors(tensors, tmp, _single_file_metadata(src, recorded_base, family))
     return output

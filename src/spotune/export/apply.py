@@ -1,8 +1,10 @@
 """Put a :class:`LoraWeights` onto a diffusers UNet: as a switchable peft adapter, or fused into the weights.
 
-Every module the LoRA names is checked against the UNet first (it exists, is a Linear or Conv2d,
-and the shapes fit), so a LoRA for another architecture fails with the file and the offending key
-before anything is changed.
+Every module the LoRA names is checked against the UNet first: the LoRA's family (SD1.5 or SDXL, read
+from its names and shapes) is the UNet's, then each module exists, is a Linear or Conv2d, and the shapes
+fit. So a LoRA for another architecture fails with the file and the offending key before anything is
+changed. This is the one place export and generate check it. kohya's SDXL files, named by the original
+(sgm) UNet layout, are renamed to diffusers' modules here from the UNet's own config.
 """
 
 from __future__ import annotations
@@ -11,7 +13,10 @@ import torch
 from torch import nn
 
 from spotune.export.lora_files import LoraFormatError, LoraWeights
+from spotune.export.lora_layout import diffusers_module_names, lora_family
+from spotune.export.original_layout import OriginalLayoutError
 from spotune.export.naming import PEFT_A, PEFT_B, kohya_lookup
+from spotune.models.family import FamilyError, ModelFamily, family_of_unet
 
 
 def _base_layer(module: nn.Module) -> nn.Module:
@@ -37,20 +42,44 @@ def _expected_shapes(layer: nn.Module, rank: int) -> tuple[tuple[int, ...], tupl
     return None
 
 
+def check_lora_family(weights: LoraWeights, family: ModelFamily, what: str) -> None:
+    """Refuse a LoRA of the other family than ``family`` (``what``: how to name the model it would go on).
+
+    Raises:
+        FamilyError: naming the LoRA file, both families and the evidence.
+    """
+    found, why = lora_family(weights)
+    if found is not None and found is not family:
+        raise FamilyError(
+            f"{weights.source} is a LoRA for {found.title} ({why}), but {what} is {family.title}: "
+            f"use it with a base model of its own family"
+        )
+
+
 def resolve_modules(unet: nn.Module, weights: LoraWeights) -> dict[str, str]:
-    """Map each module name of ``weights`` to the UNet's module name, checking existence and shapes.
+    """Map each module name of ``weights`` to the UNet's module name, checking family, existence and shapes.
 
     kohya names are read back heuristically (:func:`~spotune.export.naming.module_from_kohya`); when
     that guess is not a module here, the underscored form is matched exactly against this UNet.
+    Original-layout names (kohya's SDXL) are renamed by this UNet's config first.
 
     Raises:
+        FamilyError: a LoRA of the other family.
         LoraFormatError: naming ``weights.source`` and the first key that does not fit.
     """
+    check_lora_family(weights, family_of_unet(unet), "the base model")
+    diffusers_names = {m: m for m in weights.modules}
+    if weights.layout != "diffusers":
+        try:
+            diffusers_names = diffusers_module_names(weights.modules, unet.config)
+        except OriginalLayoutError as exc:
+            raise LoraFormatError(f"{weights.source}: {exc}") from exc
     modules = _plain_module_names(unet)
     by_underscore = kohya_lookup(modules)
     resolved: dict[str, str] = {}
     for name in weights.modules:
-        target = name if name in modules else by_underscore.get(name.replace(".", "_"))
+        candidate = diffusers_names[name]
+        target = candidate if candidate in modules else by_underscore.get(candidate.replace(".", "_"))
         key = f"{name}.{PEFT_A}"
         if target is None:
             raise LoraFormatError(

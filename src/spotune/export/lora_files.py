@@ -16,7 +16,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -36,6 +36,9 @@ from spotune.export.naming import (
     module_from_kohya,
     split_peft_key,
 )
+
+if TYPE_CHECKING:
+    from spotune.models.family import ModelFamily
 
 DIFFUSERS_LORA_FILE = "pytorch_lora_weights.safetensors"
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"  # what diffusers' save_lora_weights writes
@@ -58,6 +61,9 @@ class LoraWeights:
         source_format: "spotune", "diffusers" or "webui".
         source: the file or folder the weights were read from (for error messages).
         alphas: alpha of every module (module name -> alpha).
+        layout: ``diffusers`` (module names as in diffusers' UNet) or ``original`` (the LDM/sgm UNet's
+            names, dotted: ``input_blocks.4.1.transformer_blocks.0.attn1.to_q``, as kohya's SDXL files
+            carry them); :mod:`spotune.export.lora_layout` converts between the two for a UNet config.
     """
 
     state_dict: dict[str, torch.Tensor]
@@ -66,6 +72,7 @@ class LoraWeights:
     source_format: str
     source: Path
     alphas: dict[str, float] = field(default_factory=dict)
+    layout: str = "diffusers"
 
     @property
     def modules(self) -> list[str]:
@@ -123,7 +130,9 @@ def _majority(values: list[float]) -> float:
     return collections.Counter(values).most_common(1)[0][0]
 
 
-def _finish(state: dict[str, torch.Tensor], alphas: dict[str, float], fmt: str, source: Path) -> LoraWeights:
+def _finish(
+    state: dict[str, torch.Tensor], alphas: dict[str, float], fmt: str, source: Path, layout: str = "diffusers"
+) -> LoraWeights:
     """Check that every module has a matching A/B pair and wrap them in :class:`LoraWeights`."""
     if not state:
         raise LoraFormatError(f"{source}: holds no UNet LoRA weights")
@@ -148,11 +157,17 @@ def _finish(state: dict[str, torch.Tensor], alphas: dict[str, float], fmt: str, 
         source_format=fmt,
         source=source,
         alphas=alphas,
+        layout=layout,
     )
 
 
 def _from_kohya(tensors: dict[str, torch.Tensor], source: Path) -> LoraWeights:
     text_keys = [k for k in tensors if k.startswith(KOHYA_TEXT_PREFIXES)]
+    if any(k.startswith("lora_te2_") for k in text_keys):
+        raise LoraFormatError(
+            f"{source}: holds SDXL text-encoder weights (e.g. {next(k for k in text_keys if k.startswith('lora_te2_'))}); "
+            f"spotune applies UNet LoRAs (keys starting with {KOHYA_UNET_PREFIX})"
+        )
     if text_keys:
         only = "only text-encoder weights" if len(text_keys) == len(tensors) else "text-encoder weights"
         raise LoraFormatError(
@@ -161,16 +176,14 @@ def _from_kohya(tensors: dict[str, torch.Tensor], source: Path) -> LoraWeights:
         )
     state: dict[str, torch.Tensor] = {}
     alphas: dict[str, float] = {}
+    layouts: dict[str, str] = {}
     for key, value in tensors.items():
         name, _, part = key.partition(".")
         if not name.startswith(KOHYA_UNET_PREFIX):
             raise LoraFormatError(f"{source}: key {key} is not a kohya UNet LoRA key (expected {KOHYA_UNET_PREFIX}...)")
         body = name.removeprefix(KOHYA_UNET_PREFIX)
-        if body.startswith(ORIGINAL_LAYOUT_MARKERS):
-            raise LoraFormatError(
-                f"{source}: key {key} names a module of the original (LDM/sgm) UNet layout, as kohya writes "
-                "for SDXL; this LoRA is not for an SD1.5 UNet with diffusers module names"
-            )
+        # kohya names SDXL's modules by the original (sgm) UNet, SD1.5's by diffusers' UNet.
+        layouts.setdefault("original" if body.startswith(ORIGINAL_LAYOUT_MARKERS) else "diffusers", key)
         module = module_from_kohya(body)
         if part == KOHYA_DOWN:
             state[f"{module}.{PEFT_A}"] = value
@@ -183,7 +196,12 @@ def _from_kohya(tensors: dict[str, torch.Tensor], source: Path) -> LoraWeights:
                 f"{source}: key {key} is not plain LoRA (expected .{KOHYA_DOWN}, .{KOHYA_UP} or .{KOHYA_ALPHA}; "
                 "LyCORIS/LoHa/DoRA variants are not supported)"
             )
-    return _finish(state, alphas, "webui", source)
+    if len(layouts) > 1:
+        raise LoraFormatError(
+            f"{source}: mixes original-layout names ({layouts['original']}) with diffusers-layout ones "
+            f"({layouts['diffusers']}); a kohya file uses one UNet layout"
+        )
+    return _finish(state, alphas, "webui", source, layout=next(iter(layouts), "diffusers"))
 
 
 def _pattern_value(module: str, patterns: dict[str, Any]) -> Any | None:
@@ -344,6 +362,8 @@ def diffusers_lora_file(weights: LoraWeights, dtype: torch.dtype = torch.float16
     written (r, lora_alpha, target_modules, rank_pattern, alpha_pattern): a full
     ``LoraConfig.to_dict()`` names fields that older peft releases reject.
     """
+    if weights.layout != "diffusers":
+        raise LoraFormatError(f"{weights.source}: a diffusers LoRA names diffusers modules, these are in the {weights.layout} layout")
     folded = diffusers_lora_tensors(weights)
     rank = int(next(iter(folded.values())).shape[0])
     config = {
@@ -365,26 +385,31 @@ def webui_metadata(
     description: str = "",
     resolution: int = SD15_DEFAULT_RESOLUTION,
     base_model: str | None = None,
+    family: "ModelFamily | None" = None,
 ) -> dict[str, str]:
-    """kohya ``ss_*`` and Stability's ``modelspec.*`` metadata for an SD1.5 LoRA (every value a string).
+    """kohya ``ss_*`` and Stability's ``modelspec.*`` metadata for a LoRA of ``family`` (every value a string).
 
-    The values kohya's ``train_network.py`` writes for an SD1.5 LoRA: webui shows ``ss_output_name``
-    as the LoRA's alias, reads ``ss_base_model_version`` / ``ss_v2`` for its family, and lists
+    The values kohya's ``train_network.py`` writes: webui shows ``ss_output_name`` as the LoRA's alias,
+    reads ``ss_base_model_version`` / ``ss_v2`` for its family (``sd_v1``, ``sdxl_base_v1-0``), and lists
     ``ss_sd_model_name`` (the base model's name, never a local path: :func:`model_name`).
+    ``modelspec.architecture`` / ``.implementation`` are kohya's for the family (``sai_model_spec.py``).
     The ``sshs_*`` hashes are added by :func:`webui_lora_file`, which knows the tensors.
     """
+    from spotune.models.family import SD15
+
+    family = family or SD15
     return {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(weights.rank),
         "ss_network_alpha": str(float(weights.alpha)),
-        "ss_base_model_version": "sd_v1",
+        "ss_base_model_version": family.ss_base_model_version,
         "ss_v2": "False",
         "ss_sd_model_name": model_name(base_model),
         "ss_output_name": title,
         "ss_training_comment": description,
         "modelspec.sai_model_spec": SAI_MODEL_SPEC_VERSION,
-        "modelspec.architecture": "stable-diffusion-v1/lora",
-        "modelspec.implementation": "diffusers",
+        "modelspec.architecture": family.modelspec_architecture,
+        "modelspec.implementation": family.modelspec_lora_implementation,
         "modelspec.title": title,
         "modelspec.description": description,
         "modelspec.resolution": f"{resolution}x{resolution}",
@@ -400,8 +425,12 @@ def webui_lora_file(
     description: str = "",
     resolution: int = SD15_DEFAULT_RESOLUTION,
     base_model: str | None = None,
+    family: "ModelFamily | None" = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """One kohya-named state dict for A1111/Forge/ComfyUI, plus its metadata.
+
+    ``weights`` must carry the module names kohya uses for ``family`` (``family.kohya_unet_layout``:
+    diffusers names for SD1.5, original-layout names for SDXL; :mod:`spotune.export.lora_layout` converts).
 
     Keys: ``lora_unet_<module>.lora_down.weight`` (= lora_A), ``.lora_up.weight`` (= lora_B) and
     ``.alpha`` (0-dim); every client scales by ``alpha / rank``, the rank read from lora_down. The alpha
@@ -409,12 +438,20 @@ def webui_lora_file(
     ``.item()`` on it, so its dtype does not matter to them). ``sshs_model_hash`` /
     ``sshs_legacy_hash`` are computed from exactly these tensors (:func:`kohya_hashes`).
     """
+    from spotune.models.family import SD15
+
+    family = family or SD15
+    if weights.layout != family.kohya_unet_layout:
+        raise LoraFormatError(
+            f"{weights.source}: a webui LoRA for {family.title} names UNet modules in the {family.kohya_unet_layout} "
+            f"layout, these are in the {weights.layout} layout"
+        )
     tensors: dict[str, torch.Tensor] = {}
     for module in weights.modules:
         name = kohya_module_name(module)
         tensors[f"{name}.{KOHYA_DOWN}"] = _cast(weights.state_dict[f"{module}.{PEFT_A}"], dtype)
         tensors[f"{name}.{KOHYA_UP}"] = _cast(weights.state_dict[f"{module}.{PEFT_B}"], dtype)
         tensors[f"{name}.{KOHYA_ALPHA}"] = torch.tensor(weights.module_alpha(module), dtype=torch.float32)
-    metadata = webui_metadata(weights, title, description, resolution, base_model)
+    metadata = webui_metadata(weights, title, description, resolution, base_model, family)
     metadata["sshs_model_hash"], metadata["sshs_legacy_hash"] = kohya_hashes(tensors, metadata)
     return tensors, metadata

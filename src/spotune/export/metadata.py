@@ -69,25 +69,28 @@ def model_default_resolution(source: str | None) -> int:
     """The image size the recipe uses for ``source`` when ``resolution`` is unset (its VAE's ``sample_size``).
 
     Read from the model's own ``vae/config.json`` for a diffusers folder, from spotune's shipped SD1.5
-    configs for a single file (those are the configs it is loaded with), from the built-in model, or
-    from the local hub cache for a hub id. When none of these can be read (a hub model that is not
-    cached, a bare LoRA file with no run), SD1.5's 512.
+    or SDXL configs for a single file (those are the configs it is loaded with; SDXL's when the file
+    holds SDXL's keys), from the built-in model, or from the local hub cache for a hub id. When none of
+    these can be read (a hub model that is not cached, a bare LoRA file with no run), SD1.5's 512.
     """
     if not source:
         return SD15_DEFAULT_RESOLUTION
     if source.startswith("builtin:"):
-        from spotune.models.loading import BUILTIN_TINY_SD15
+        from spotune.models.loading import BUILTIN_TINY_SD15, BUILTIN_TINY_SDXL
         from spotune.models.tiny import TINY_IMAGE_SIZE
 
-        return TINY_IMAGE_SIZE if source == BUILTIN_TINY_SD15 else SD15_DEFAULT_RESOLUTION
+        return TINY_IMAGE_SIZE if source in (BUILTIN_TINY_SD15, BUILTIN_TINY_SDXL) else SD15_DEFAULT_RESOLUTION
     path = Path(source).expanduser()
     size: int | None = None
     if path.is_dir():
         size = _vae_sample_size(path / "vae" / "config.json")
     elif path.is_file():
+        from spotune.export.base_config import _single_file_keys
         from spotune.models.single_file import sd15_resources
+        from spotune.models.single_file_sdxl import is_sdxl_checkpoint, sdxl_resources
 
-        size = _vae_sample_size(sd15_resources() / "vae" / "config.json")
+        folder = sdxl_resources() if is_sdxl_checkpoint(_single_file_keys(path)) else sd15_resources()
+        size = _vae_sample_size(folder / "vae" / "config.json")
     elif _HUB_ID.fullmatch(source):
         try:
             from huggingface_hub import hf_hub_download
@@ -133,11 +136,16 @@ def kohya_hashes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str
     return model_hash, legacy_hash
 
 
-def single_file_metadata(title: str, description: str, resolution: int, base_model: str | None) -> dict[str, str]:
-    """Stability ModelSpec metadata of a whole SD1.5 checkpoint, as kohya writes it for one (strings only)."""
+def single_file_metadata(
+    title: str, description: str, resolution: int, base_model: str | None, architecture: str = "stable-diffusion-v1"
+) -> dict[str, str]:
+    """Stability ModelSpec metadata of a whole checkpoint, as kohya writes it for one (strings only).
+
+    ``architecture``: the family's ``modelspec_checkpoint_architecture`` (``stable-diffusion-xl-v1-base`` for SDXL).
+    """
     return {
         "modelspec.sai_model_spec": SAI_MODEL_SPEC_VERSION,
-        "modelspec.architecture": "stable-diffusion-v1",
+        "modelspec.architecture": architecture,
         "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
         "modelspec.title": title,
         "modelspec.description": description,

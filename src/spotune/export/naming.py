@@ -35,6 +35,9 @@ _UNDERSCORED_IDENTIFIERS = (
     "add_v_proj", "to_add_out", "proj_in", "proj_out", "conv_in", "conv_out", "conv_norm_out",
     "conv_shortcut", "time_emb_proj", "time_embedding", "linear_1", "linear_2", "add_embedding",
     "class_embedding", "encoder_hid_proj", "time_proj", "norm_out", "ff_inner",
+    # The original (LDM/sgm) layout's, for kohya's SDXL names.
+    "input_blocks", "middle_block", "output_blocks", "label_emb", "time_embed", "in_layers", "out_layers",
+    "emb_layers", "skip_connection",
 )
 _IDENTIFIER_PIECES = sorted((name.split("_") for name in _UNDERSCORED_IDENTIFIERS), key=len, reverse=True)
 

@@ -29,7 +29,8 @@ class ExportSource:
         title: a human-readable name for metadata (run name and checkpoint).
         description: one sentence for metadata; names the base model, never its local path.
         resolution: training image size in pixels (for modelspec metadata): the run's setting, or the
-            base model's default when it was unset; SD1.5's 512 for a bare LoRA file.
+            base model's default when it was unset; for a bare LoRA file its family's native size
+            (SDXL 1024, SD1.5 512).
     """
 
     path: Path
@@ -63,6 +64,9 @@ def read_export_source(source: str | Path, weights: str = "trained") -> ExportSo
         if weights != "trained":
             raise ExportError(f"{path}: --weights {weights} needs a spotune run or checkpoint folder, not a LoRA file")
         lora = load_lora_file(path)
+        from spotune.export.lora_layout import lora_family
+
+        family = lora_family(lora)[0]
         return ExportSource(
             path=lora.source,
             kind="lora",
@@ -71,6 +75,8 @@ def read_export_source(source: str | Path, weights: str = "trained") -> ExportSo
             base_model=None,
             title=path.stem,
             description=f"LoRA converted by spotune from {path.name}",
+            # A bare file says nothing of its training size: its family's native one (SDXL 1024, SD1.5 512).
+            resolution=family.native_resolution if family is not None else SD15_DEFAULT_RESOLUTION,
         )
 
     from spotune.checkpoint import load_weights, read_state, resolve_checkpoint

@@ -129,6 +129,13 @@ class ModelFamily:
             keep it in fp32 unless given the fp16-fix VAE); SD1.5's pipeline ignores the flag, and so do we.
         spo_sampler: the authors' SPO sampler for this family (``sampler=auto``): ``sd15`` branches at every
             step (:mod:`spotune.diffusion.sampler`), ``sdxl`` in segments (:mod:`spotune.diffusion.segment_sampler`).
+        modelspec_lora_implementation: ``modelspec.implementation`` kohya writes for a LoRA of this family
+            (``diffusers`` for SD1.5, whose LoRAs it names by diffusers modules; Stability's repository for SDXL).
+        modelspec_checkpoint_architecture: ``modelspec.architecture`` of a whole single-file checkpoint.
+        kohya_unet_layout: which module names kohya's webui LoRA files use for the UNet: ``diffusers``
+            (SD1.5: ``lora_unet_down_blocks_0_attentions_0_...``) or ``original`` (SDXL, whose kohya UNet is
+            the sgm one: ``lora_unet_input_blocks_4_1_...``).
+        native_resolution: the image size of the family's base model (its LoRAs' resolution when nothing else is known).
     """
 
     name: str
@@ -141,6 +148,10 @@ class ModelFamily:
     pipeline_class_name: str
     vae_scaling_factor: float
     vae_honours_force_upcast: bool
+    modelspec_lora_implementation: str
+    modelspec_checkpoint_architecture: str
+    kohya_unet_layout: str
+    native_resolution: int
 
     @property
     def components(self) -> tuple[str, ...]:
@@ -162,6 +173,16 @@ class ModelFamily:
         force = bool(getattr(pipe.config, "force_zeros_for_empty_prompt", True))
         return SDXLConditioner(pipe.tokenizer, pipe.tokenizer_2, pipe.text_encoder, pipe.text_encoder_2, size, force)
 
+    def single_file_state(self, pipe, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """The pipeline's models in this family's original single-file layout (what webui/ComfyUI load)."""
+        if self.name == "sdxl":
+            from spotune.export.original_layout_sdxl import to_original_sdxl
+
+            return to_original_sdxl(pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, dtype=dtype)
+        from spotune.export.original_layout import to_original
+
+        return to_original(pipe.unet, pipe.vae, pipe.text_encoder, dtype=dtype)
+
     def check_unet(self, unet, what: str) -> None:
         """Refuse a UNet of the other family, naming both."""
         found = family_of_unet(unet)
@@ -180,6 +201,10 @@ SD15 = ModelFamily(
     vae_scaling_factor=0.18215,
     vae_honours_force_upcast=False,
     spo_sampler="sd15",
+    modelspec_lora_implementation="diffusers",
+    modelspec_checkpoint_architecture="stable-diffusion-v1",
+    kohya_unet_layout="diffusers",
+    native_resolution=512,
 )
 SDXL = ModelFamily(
     name="sdxl",
@@ -192,6 +217,10 @@ SDXL = ModelFamily(
     vae_scaling_factor=0.13025,
     vae_honours_force_upcast=True,
     spo_sampler="sdxl",
+    modelspec_lora_implementation="https://github.com/Stability-AI/generative-models",
+    modelspec_checkpoint_architecture="stable-diffusion-xl-v1-base",
+    kohya_unet_layout="original",
+    native_resolution=1024,
 )
 FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (SD15, SDXL)}
 
@@ -205,8 +234,13 @@ def family_named(name: str) -> ModelFamily:
 
 def family_of_unet(unet) -> ModelFamily:
     """SDXL when the UNet takes the pooled text embedding and time ids (``addition_embed_type='text_time'``)."""
-    config = unet.config
-    return SDXL if getattr(config, "addition_embed_type", None) == "text_time" else SD15
+    return family_of_unet_config(unet.config)
+
+
+def family_of_unet_config(config) -> ModelFamily:
+    """:func:`family_of_unet` for a UNet config (a diffusers ``FrozenDict`` or a plain dict from config.json)."""
+    value = config.get("addition_embed_type") if hasattr(config, "get") else getattr(config, "addition_embed_type", None)
+    return SDXL if value == "text_time" else SD15
 
 
 def family_of(pipe) -> ModelFamily:

@@ -197,12 +197,14 @@ def lora_target(lora: LoraWeights, base: str | None) -> tuple[ModelFamily, dict 
     Raises:
         FamilyError: the LoRA and the base model are of different families, naming both.
     """
+    found = lora_family(lora)[0]
     config = base_unet_config(base)
     if config is not None:
         family = family_of_unet_config(config)
-        check_lora_family(lora, family, f"base model {model_name(base)}")
+        fix = f"pass --base-model with {found.title if found else 'a model of its family'} (base_model: in an export --config file)"
+        check_lora_family(lora, family, f"base model {model_name(base)}", fix)
         return family, config
-    family = lora_family(lora)[0] or SD15
+    family = found or SD15
     return family, (sdxl_base_unet_config() if family is SDXL else None)
 
 
@@ -255,9 +257,10 @@ def export_checkpoint(
     if recorded_base and Path(recorded_base).expanduser().exists():
         check_output(output, overwrite, [Path(recorded_base).expanduser()])
 
+    if src.kind == "lora" and src.lora is not None:
+        family, unet_config = lora_target(src.lora, recorded_base)  # refuses a base of the other family, for every format
     if format in _LORA_ONLY:
         lora = _require_lora(src, format)
-        family, unet_config = lora_target(lora, recorded_base)
         if format == "diffusers":
             tensors, metadata = diffusers_lora_file(to_diffusers_layout(lora, unet_config), torch_dtype)
         else:

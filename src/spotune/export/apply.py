@@ -42,8 +42,11 @@ def _expected_shapes(layer: nn.Module, rank: int) -> tuple[tuple[int, ...], tupl
     return None
 
 
-def check_lora_family(weights: LoraWeights, family: ModelFamily, what: str) -> None:
-    """Refuse a LoRA of the other family than ``family`` (``what``: how to name the model it would go on).
+def check_lora_family(
+    weights: LoraWeights, family: ModelFamily, what: str, fix: str = "use it with a base model of its own family"
+) -> None:
+    """Refuse a LoRA of the other family than ``family`` (``what``: how to name the model it would go on;
+    ``fix``: what the user can change, e.g. the command's option).
 
     Raises:
         FamilyError: naming the LoRA file, both families and the evidence.
@@ -51,8 +54,7 @@ def check_lora_family(weights: LoraWeights, family: ModelFamily, what: str) -> N
     found, why = lora_family(weights)
     if found is not None and found is not family:
         raise FamilyError(
-            f"{weights.source} is a LoRA for {found.title} ({why}), but {what} is {family.title}: "
-            f"use it with a base model of its own family"
+            f"{weights.source} is a LoRA for {found.title} ({why}), but {what} is {family.title}: {fix}"
         )
 
 

@@ -59,7 +59,11 @@ class ExportConfig:
         metadata={"help": "diffusers: LoRA for load_lora_weights; webui: kohya LoRA file for A1111/ComfyUI; merged: diffusers pipeline folder with the LoRA fused in; single-file: original-layout SD1.5 or SDXL checkpoint."},
     )
     output: str = field(default="", metadata={"help": "Where to write: a .safetensors file (webui, single-file, diffusers) or a folder (diffusers, merged)."})
-    base_model: str | None = field(default=None, metadata={"help": "Base model to merge into; the one recorded in the checkpoint when unset."})
+    base_model: str | None = field(
+        default=None,
+        metadata={"help": "Base model to merge into, and whose family (SD1.5 or SDXL) and UNet layout the LoRA is written for; "
+                          "the one recorded in the checkpoint when unset."},
+    )
     dtype: Literal["fp16", "bf16", "fp32"] = field(default="fp16", metadata={"help": "Floating-point type of the written weights."})
     overwrite: bool = field(default=False, metadata={"help": "Replace an existing output instead of refusing."})
     weights: Literal["trained", "ema"] = field(

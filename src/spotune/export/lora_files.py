@@ -284,9 +284,12 @@ def load_lora_file(path: str | Path, weights: str = "trained") -> LoraWeights:
         path: a spotune run folder (latest checkpoint) or checkpoint folder; a diffusers LoRA folder
             (with ``pytorch_lora_weights.safetensors``) or file; a kohya/webui ``.safetensors``.
         weights: for a run or checkpoint folder, "trained" or "ema" (a GradSPO run's EMA LoRA).
+    kohya files with original-layout UNet names (kohya's SDXL naming) are read with ``layout="original"``;
+    :func:`~spotune.export.apply.apply_lora` renames them for the UNet they are applied to.
+
     Raises:
-        LoraFormatError: naming the file and the first key that does not fit (text-encoder-only,
-            original-layout/SDXL names, LyCORIS variants, corrupt files).
+        LoraFormatError: naming the file and the first key that does not fit (text-encoder weights, a mix
+            of both UNet layouts, LyCORIS variants, corrupt files).
     """
     path = Path(path)
     if not path.exists():

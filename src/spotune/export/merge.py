@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import DiffusionPipeline
 
 from spotune.export.apply import apply_lora
 from spotune.export.source import ExportError, ExportSource
 
 
-def merged_pipeline(source: ExportSource, base_model: str | None = None) -> StableDiffusionPipeline:
+def merged_pipeline(source: ExportSource, base_model: str | None = None) -> DiffusionPipeline:
     """Load the base model (fp32, CPU) and fold ``source`` into its UNet.
 
     Args:
         source: from :func:`~spotune.export.source.read_export_source`.
         base_model: overrides the base model recorded in the checkpoint (needed for a bare LoRA file).
     Returns:
-        A pipeline whose UNet carries no adapter: ``W + (alpha / r) * B @ A`` for a LoRA, the trained
+        An SD1.5 or SDXL pipeline (the base model's family) whose UNet carries no adapter: ``W + (alpha / r) * B @ A`` for a LoRA, the trained
         weights for a full fine-tune.
     """
     from spotune.models.loading import load_pipeline

@@ -5,7 +5,9 @@
 * diffusers (``pytorch_lora_weights.safetensors``): the same with a ``unet.`` prefix.
 * kohya / webui: ``lora_unet_<module with dots as underscores>.{lora_down.weight,lora_up.weight,alpha}``;
   lora_down is peft's lora_A [r, in], lora_up is lora_B [out, r]. A1111 splits a key at its first
-  dot, so the module part must carry none.
+  dot, so the module part must carry none. For SD1.5 the module is diffusers'; for SDXL kohya writes the
+  original (sgm) UNet's module (``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q``), renamed
+  by :mod:`spotune.export.lora_layout`.
 
 Going from diffusers to kohya is a plain character swap and works for any module path. The way back
 is ambiguous (``to_out_0`` could be ``to.out.0`` or ``to_out.0``), so :func:`module_from_kohya` reads

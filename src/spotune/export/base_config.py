@@ -10,19 +10,16 @@ import json
 from pathlib import Path
 from typing import Any
 
-from spotune.models.loading import BUILTIN_TINY_SD15, BUILTIN_TINY_SDXL
+from spotune.models.family import SDXL
+from spotune.models.loading import BUILTIN_TINY_SD15, BUILTIN_TINY_SDXL, single_file_family
 
 
-def _single_file_keys(path: Path) -> list[str]:
-    if path.suffix == ".safetensors":
-        try:
-            from safetensors import safe_open
+def single_file_configs(path: Path) -> Path:
+    """The shipped config folder a single-file checkpoint is loaded with: SDXL's for SDXL keys, else SD1.5's."""
+    from spotune.models.single_file import sd15_resources
+    from spotune.models.single_file_sdxl import sdxl_resources
 
-            with safe_open(str(path), framework="pt") as handle:
-                return list(handle.keys())
-        except Exception:  # not readable here: the loader names the problem when the model is loaded
-            return []
-    return []
+    return sdxl_resources() if single_file_family(path) is SDXL else sd15_resources()
 
 
 def base_unet_config(source: str | None) -> dict[str, Any] | None:
@@ -47,11 +44,7 @@ def base_unet_config(source: str | None) -> dict[str, Any] | None:
     if path.is_dir():
         file = path / "unet" / "config.json"
     elif path.is_file():
-        from spotune.models.single_file import sd15_resources
-        from spotune.models.single_file_sdxl import is_sdxl_checkpoint, sdxl_resources
-
-        folder = sdxl_resources() if is_sdxl_checkpoint(_single_file_keys(path)) else sd15_resources()
-        file = folder / "unet" / "config.json"
+        file = single_file_configs(path) / "unet" / "config.json"
     elif "/" in source:
         try:
             from huggingface_hub import hf_hub_download

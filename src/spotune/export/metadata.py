@@ -85,12 +85,9 @@ def model_default_resolution(source: str | None) -> int:
     if path.is_dir():
         size = _vae_sample_size(path / "vae" / "config.json")
     elif path.is_file():
-        from spotune.export.base_config import _single_file_keys
-        from spotune.models.single_file import sd15_resources
-        from spotune.models.single_file_sdxl import is_sdxl_checkpoint, sdxl_resources
+        from spotune.export.base_config import single_file_configs
 
-        folder = sdxl_resources() if is_sdxl_checkpoint(_single_file_keys(path)) else sd15_resources()
-        size = _vae_sample_size(folder / "vae" / "config.json")
+        size = _vae_sample_size(single_file_configs(path) / "vae" / "config.json")
     elif _HUB_ID.fullmatch(source):
         try:
             from huggingface_hub import hf_hub_download

@@ -72,6 +72,8 @@ def test_single_file_has_sgm_keys_and_reads_back_through_both_loaders(sdxl_lora_
         assert any(k.startswith(prefix) for k in keys), prefix
     assert "model.diffusion_model.label_emb.0.0.weight" in keys
     assert "conditioner.embedders.1.model.transformer.resblocks.1.attn.in_proj_weight" in keys
+    # The two keys SDXL base carries beside the models' weights (clients that list missing keys list none).
+    assert {"conditioner.embedders.0.transformer.text_model.embeddings.position_ids", "conditioner.embedders.1.model.logit_scale"} <= keys
     assert not any(k.startswith("cond_stage_model.") for k in keys)
     assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base"
     assert meta["modelspec.resolution"] == "32x32"

@@ -19,6 +19,7 @@ built from configs, so export and import are exact inverses.
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Mapping
 
@@ -40,6 +41,10 @@ SDXL_TEXT_ENCODER_PREFIX = "conditioner.embedders.0.transformer.text_model."
 SDXL_TEXT_ENCODER_2_PREFIX = "conditioner.embedders.1.model."
 # In the original files but not part of the diffusers models (OpenCLIP's contrastive temperature).
 SDXL_IGNORED_KEYS = (SDXL_TEXT_ENCODER_2_PREFIX + "logit_scale", SDXL_TEXT_ENCODER_PREFIX + TEXT_POSITION_IDS)
+# OpenCLIP clamps its learnt temperature at 100, and ViT-bigG ends there: SDXL base stores ln(100) (4.6055 in
+# fp16). No text-to-image client uses it, and diffusers' models do not keep it, so it is written as that
+# value: the file then has every key SDXL base has, and loaders that list missing keys list none.
+OPEN_CLIP_LOGIT_SCALE = math.log(100.0)
 
 # transformers' CLIP encoder layer -> OpenCLIP's residual attention block (all but the fused q/k/v).
 _OPEN_CLIP_LAYER = {
@@ -206,8 +211,9 @@ def to_original_sdxl(
 ) -> dict[str, torch.Tensor]:
     """One sgm-layout state dict of SDXL's four models (floating tensors cast to ``dtype`` if given).
 
-    The first text encoder's ``position_ids`` [1, 77] (int64) is written as SDXL base carries it; the VAE
-    attention projections become 1x1 convolutions [c, c, 1, 1] as in SD1.5's layout.
+    The first text encoder's ``position_ids`` [1, 77] (int64) and OpenCLIP's ``logit_scale`` (0-dim,
+    :data:`OPEN_CLIP_LOGIT_SCALE`) are written as SDXL base carries them; the VAE attention projections
+    become 1x1 convolutions [c, c, 1, 1] as in SD1.5's layout.
     """
     unet_state, vae_state = unet.state_dict(), vae.state_dict()
     maps = unet_vae_key_maps(unet_state, unet.config, vae_state, vae.config)
@@ -220,6 +226,7 @@ def to_original_sdxl(
             out[new_key] = tensor
     out.update({k: v.detach().to("cpu") for k, v in clip_l_to_original(text_encoder.state_dict()).items()})
     out.update({k: v.detach().to("cpu") for k, v in open_clip_to_original(text_encoder_2.state_dict()).items()})
+    out[SDXL_TEXT_ENCODER_2_PREFIX + "logit_scale"] = torch.tensor(OPEN_CLIP_LOGIT_SCALE, dtype=torch.float32)
     if dtype is not None:
         out = {k: v.to(dtype) if v.is_floating_point() else v for k, v in out.items()}
     positions = int(text_encoder.config.max_position_embeddings)

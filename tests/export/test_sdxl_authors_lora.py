@@ -18,7 +18,7 @@ from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 
 from spotune.cli import main
-from spotune.export import apply_lora, export_checkpoint, load_lora_file
+from spotune.export import apply_lora, load_lora_file
 from spotune.generation.runner import apply_loras
 from spotune.models.loading import load_pipeline
 

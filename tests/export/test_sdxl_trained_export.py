@@ -8,9 +8,9 @@ single-file loader), must give the same UNet output within 1e-4 in fp32.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
-import torch
 from diffusers import StableDiffusionXLPipeline
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -22,13 +22,14 @@ from spotune.models.lora import add_lora, load_lora_state_dict
 from spotune.models.single_file_sdxl import load_sdxl_single_file
 
 TINY_SDXL = "builtin:tiny-sdxl"
+TINY_CPU = Path(__file__).resolve().parents[2] / "configs" / "tiny_cpu.yaml"
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, sdxl_probe):
     """(run folder, the trained adapter's probe output, the base's)."""
     run = tmp_path_factory.mktemp("train") / "sdxl-run"
-    argv = ["train", "--config", "configs/tiny_cpu.yaml", f"pretrained_model={TINY_SDXL}", "num_inference_steps=8",
+    argv = ["train", "--config", str(TINY_CPU), f"pretrained_model={TINY_SDXL}", "num_inference_steps=8",
             "sample_batch_size=2", "preference_threshold=0", "max_iterations=2", "progress=false",
             "validate_every_epochs=0", f"output_dir={run}"]
     assert main(argv) == 0

@@ -86,3 +86,16 @@ def test_base_config_and_resolution_of_each_kind_of_source(tmp_path):
     assert base_unet_config(str(single))["cross_attention_dim"] == 2048  # read with the shipped SDXL configs
     assert model_default_resolution(str(single)) == 1024
     assert base_unet_config("nobody/not-cached-anywhere") is None
+
+
+def test_a_bare_lora_with_a_block_sdxl_base_lacks_asks_for_the_base_model(tmp_path):
+    from spotune.export import ExportError, export_checkpoint
+
+    # An SDXL-refiner-like fourth level (down_blocks.3) that SDXL base's layout has no block for.
+    module = "down_blocks.3.attentions.0.transformer_blocks.1.attn1.to_q"
+    file = tmp_path / "refiner_lora.safetensors"
+    save_file({f"unet.{module}.lora_A.weight": torch.ones(4, 8), f"unet.{module}.lora_B.weight": torch.ones(8, 4)}, str(file))
+    with pytest.raises(ExportError, match="--base-model") as info:
+        export_checkpoint(file, "webui", tmp_path / "out.safetensors")
+    assert "refiner_lora.safetensors" in str(info.value) and "down_blocks.3.attentions.0" in str(info.value)
+    assert not (tmp_path / "out.safetensors").exists()

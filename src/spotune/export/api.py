@@ -33,7 +33,7 @@ import torch
 from spotune.export.lora_files import DIFFUSERS_LORA_FILE, diffusers_lora_file, webui_lora_file
 from spotune.export.apply import check_lora_family
 from spotune.export.base_config import base_unet_config
-from spotune.export.lora_files import LoraWeights
+from spotune.export.lora_files import LoraFormatError, LoraWeights
 from spotune.export.lora_layout import lora_family, sdxl_base_unet_config, to_diffusers_layout, to_original_layout
 from spotune.export.metadata import model_name, single_file_metadata
 from spotune.models.family import SD15, SDXL, ModelFamily, family_of, family_of_unet_config
@@ -192,11 +192,15 @@ def _single_file_metadata(source: ExportSource, base: str | None, family: ModelF
     )
 
 
-def lora_target(lora: LoraWeights, base: str | None) -> tuple[ModelFamily, dict | None]:
-    """The family a LoRA is exported for and the UNet config its names are read against.
+def lora_target(lora: LoraWeights, base: str | None) -> tuple[ModelFamily, dict | None, bool]:
+    """The family a LoRA is exported for, the UNet config its names are read against, and whether that
+    config stands in for an unknown base model (SDXL base 1.0's, for a bare SDXL LoRA file).
 
     With a known base model: its family and UNet config (a LoRA of the other family is refused). Without
     one (a bare LoRA file): the family the LoRA's names and shapes show, SDXL's with SDXL base 1.0's config.
+    The original-layout block numbers depend only on the layers per block (input block = 1 + level * (L + 1)
+    + layer, output block = up block * (L + 1) + layer), and every SDXL-family model has L = 2, so SDXL base's
+    config names the modules of any of them; a module it has no block for is an error asking for --base-model.
 
     Raises:
         FamilyError: the LoRA and the base model are of different families, naming both.
@@ -207,9 +211,9 @@ def lora_target(lora: LoraWeights, base: str | None) -> tuple[ModelFamily, dict 
         family = family_of_unet_config(config)
         fix = f"pass --base-model with {found.title if found else 'a model of its family'} (base_model: in an export --config file)"
         check_lora_family(lora, family, f"base model {model_name(base)}", fix)
-        return family, config
+        return family, config, False
     family = found or SD15
-    return family, (sdxl_base_unet_config() if family is SDXL else None)
+    return family, (sdxl_base_unet_config() if family is SDXL else None), family is SDXL
 
 
 def export_checkpoint(
@@ -262,13 +266,25 @@ def export_checkpoint(
         check_output(output, overwrite, [Path(recorded_base).expanduser()])
 
     if src.kind == "lora" and src.lora is not None:
-        family, unet_config = lora_target(src.lora, recorded_base)  # refuses a base of the other family, for every format
+        # Refuses a base of the other family, for every format.
+        family, unet_config, assumed_config = lora_target(src.lora, recorded_base)
     if format in _LORA_ONLY:
         lora = _require_lora(src, format)
+        try:
+            if format == "diffusers":
+                named = to_diffusers_layout(lora, unet_config)
+            else:
+                named = to_original_layout(lora, unet_config) if family.kohya_unet_layout == "original" else lora
+        except LoraFormatError as exc:
+            if not assumed_config:
+                raise
+            raise ExportError(
+                f"{exc}; without a base model its names are read against SDXL base 1.0's UNet: pass --base-model "
+                "with the model it was trained on"
+            ) from exc
         if format == "diffusers":
-            tensors, metadata = diffusers_lora_file(to_diffusers_layout(lora, unet_config), torch_dtype)
+            tensors, metadata = diffusers_lora_file(named, torch_dtype)
         else:
-            named = to_original_layout(lora, unet_config) if family.kohya_unet_layout == "original" else lora
             tensors, metadata = webui_lora_file(
                 named, torch_dtype, src.title, src.description, src.resolution, recorded_base, family
             )

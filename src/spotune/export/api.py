@@ -30,15 +30,20 @@ from typing import Iterator, Literal
 
 import torch
 
-from spotune.export.lora_files import DIFFUSERS_LORA_FILE, diffusers_lora_file, webui_lora_file
 from spotune.export.apply import check_lora_family
 from spotune.export.base_config import base_unet_config
-from spotune.export.lora_files import LoraFormatError, LoraWeights
+from spotune.export.lora_files import (
+    DIFFUSERS_LORA_FILE,
+    LoraFormatError,
+    LoraWeights,
+    diffusers_lora_file,
+    webui_lora_file,
+)
 from spotune.export.lora_layout import lora_family, sdxl_base_unet_config, to_diffusers_layout, to_original_layout
 from spotune.export.metadata import model_name, single_file_metadata
-from spotune.models.family import SD15, SDXL, ModelFamily, family_of, family_of_unet_config
 from spotune.export.pipeline_folder import make_folder_loadable_everywhere
 from spotune.export.source import ExportError, ExportSource, read_export_source
+from spotune.models.family import SD15, SDXL, ModelFamily, family_of, family_of_unet_config
 from spotune.utils.io import apply_umask_modes, aside_name, make_temp_dir, make_temp_file, remove_stale_temporaries
 from spotune.utils.outputs import describe_entries, foreign_entries, is_safetensors_file, write_output_marker
 

@@ -14,8 +14,8 @@ from torch import nn
 
 from spotune.export.lora_files import LoraFormatError, LoraWeights
 from spotune.export.lora_layout import diffusers_module_names, lora_family
-from spotune.export.original_layout import OriginalLayoutError
 from spotune.export.naming import PEFT_A, PEFT_B, kohya_lookup
+from spotune.export.original_layout import OriginalLayoutError
 from spotune.models.family import FamilyError, ModelFamily, family_of_unet
 
 

@@ -9,6 +9,7 @@ import torch
 
 from spotune.errors import SpotuneError
 from spotune.export.lora_files import LoraWeights, load_lora_file
+from spotune.export.lora_layout import lora_family
 from spotune.export.metadata import SD15_DEFAULT_RESOLUTION, model_default_resolution, model_name
 
 
@@ -64,8 +65,6 @@ def read_export_source(source: str | Path, weights: str = "trained") -> ExportSo
         if weights != "trained":
             raise ExportError(f"{path}: --weights {weights} needs a spotune run or checkpoint folder, not a LoRA file")
         lora = load_lora_file(path)
-        from spotune.export.lora_layout import lora_family
-
         family = lora_family(lora)[0]
         return ExportSource(
             path=lora.source,

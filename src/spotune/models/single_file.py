@@ -144,7 +144,7 @@ def read_checkpoint_file(path: str | Path) -> dict[str, torch.Tensor]:
         return load_file(str(path))
     except Exception as exc:  # corrupt files raise many types; the user needs the path
         raise SingleFileError(
-            f"{path}: cannot read it as a checkpoint ({type(exc).__name__}: {exc}); expected an SD1.5 "
+            f"{path}: cannot read it as a checkpoint ({type(exc).__name__}: {exc}); expected an SD1.5 or SDXL "
             ".safetensors file (or a .ckpt readable with torch.load(weights_only=True))"
         ) from exc
 

@@ -1,4 +1,5 @@
-"""A real 2-iteration ``spotune train`` on ``builtin:tiny-sdxl``, exported to every format and loaded back.
+"""A real 2-iteration ``spotune train --config configs/tiny_sdxl.yaml`` (the SDXL sampler on ``builtin:tiny-sdxl``),
+exported to every format and loaded back.
 
 The in-memory adapter is rebuilt the way training holds it (``add_lora`` with the run's rank, alpha and
 targets, then the checkpoint's LoRA state); each export, read by diffusers' own loaders (or spotune's
@@ -22,16 +23,16 @@ from spotune.models.lora import add_lora, load_lora_state_dict
 from spotune.models.single_file_sdxl import load_sdxl_single_file
 
 TINY_SDXL = "builtin:tiny-sdxl"
-TINY_CPU = Path(__file__).resolve().parents[2] / "configs" / "tiny_cpu.yaml"
+TINY_SDXL_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny_sdxl.yaml"
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, sdxl_probe):
     """(run folder, the trained adapter's probe output, the base's)."""
     run = tmp_path_factory.mktemp("train") / "sdxl-run"
-    argv = ["train", "--config", str(TINY_CPU), f"pretrained_model={TINY_SDXL}", "num_inference_steps=8",
-            "sample_batch_size=2", "preference_threshold=0", "max_iterations=2", "progress=false",
-            "validate_every_epochs=0", f"output_dir={run}"]
+    # Threshold 0 keeps every segment of the random tiny judge, so both iterations step the optimizer.
+    argv = ["train", "--config", str(TINY_SDXL_CONFIG), "num_inference_steps=8", "preference_threshold=0",
+            "max_iterations=2", "progress=false", "validate_every_epochs=0", f"output_dir={run}"]
     assert main(argv) == 0
     checkpoint = sorted((run / "checkpoints").iterdir())[-1]
     state = json.loads((checkpoint / "state.json").read_text())

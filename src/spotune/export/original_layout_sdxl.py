@@ -117,39 +117,49 @@ def open_clip_to_original(state: Mapping[str, torch.Tensor]) -> dict[str, torch.
     return out
 
 
+def _open_clip_source(key: str) -> tuple[str, str | int | None] | None:
+    """Where a ``CLIPTextModelWithProjection`` key lives in OpenCLIP's layout: (original key, how to read it),
+    ``"t"`` for the transposed projection, 0/1/2 for the q/k/v third of ``in_proj``; ``None`` for position_ids.
+
+    Raises:
+        OriginalLayoutError: a key OpenCLIP's layout has no place for.
+    """
+    name = _strip(key)
+    if name.endswith(TEXT_POSITION_IDS):
+        return None
+    if name == "text_projection.weight":
+        return SDXL_TEXT_ENCODER_2_PREFIX + "text_projection", "t"
+    if name in _OPEN_CLIP_TOP:
+        return SDXL_TEXT_ENCODER_2_PREFIX + _OPEN_CLIP_TOP[name], None
+    match = _LAYER_KEY.fullmatch(name)
+    if match is not None:
+        layer, module, kind = int(match[1]), match[2], match[3]
+        block = f"{SDXL_TEXT_ENCODER_2_PREFIX}transformer.resblocks.{layer}."
+        projection = module.removeprefix("self_attn.")
+        if module.startswith("self_attn.") and projection in _QKV:
+            return f"{block}attn.in_proj_{kind}", _QKV.index(projection)
+        if module in _OPEN_CLIP_LAYER:
+            return f"{block}{_OPEN_CLIP_LAYER[module]}.{kind}", None
+    raise OriginalLayoutError(f"text_encoder_2 key {key} has no place in OpenCLIP's layout")
+
+
 def open_clip_from_original(
     tensors: Mapping[str, torch.Tensor], shapes: Mapping[str, torch.Size]
 ) -> tuple[dict[str, torch.Tensor], list[str]]:
     """The inverse of :func:`open_clip_to_original` for a model whose state dict has ``shapes``.
 
     Returns:
-        (the model's state dict, its keys whose original tensor is absent).
+        (the model's state dict, the original keys of its weights that ``tensors`` lacks).
     Raises:
         OriginalLayoutError: a tensor whose shape does not fit, naming the original key.
     """
     state: dict[str, torch.Tensor] = {}
     missing: list[str] = []
     for key, expected in shapes.items():
-        name = _strip(key)
-        if name.endswith(TEXT_POSITION_IDS):
+        source = _open_clip_source(key)
+        if source is None:
             continue
-        if name == "text_projection.weight":
-            original, transform = SDXL_TEXT_ENCODER_2_PREFIX + "text_projection", "t"
-        elif name in _OPEN_CLIP_TOP:
-            original, transform = SDXL_TEXT_ENCODER_2_PREFIX + _OPEN_CLIP_TOP[name], None
-        else:
-            match = _LAYER_KEY.fullmatch(name)
-            if match is None:
-                raise OriginalLayoutError(f"text_encoder_2 key {key} has no place in OpenCLIP's layout")
-            layer, module, kind = int(match[1]), match[2], match[3]
-            block = f"{SDXL_TEXT_ENCODER_2_PREFIX}transformer.resblocks.{layer}."
-            projection = module.removeprefix("self_attn.")
-            if module.startswith("self_attn.") and projection in _QKV:
-                original, transform = f"{block}attn.in_proj_{kind}", _QKV.index(projection)
-            elif module in _OPEN_CLIP_LAYER:
-                original, transform = f"{block}{_OPEN_CLIP_LAYER[module]}.{kind}", None
-            else:
-                raise OriginalLayoutError(f"text_encoder_2 key {key} has no place in OpenCLIP's layout")
+        original, transform = source
         tensor = tensors.get(original)
         if tensor is None:
             missing.append(original)
@@ -170,26 +180,7 @@ def open_clip_from_original(
 
 def open_clip_original_keys(shapes: Mapping[str, torch.Size]) -> set[str]:
     """The original keys a second text encoder of these ``shapes`` reads (for the unknown-key check)."""
-    keys = set()
-    for key in shapes:
-        name = _strip(key)
-        if name.endswith(TEXT_POSITION_IDS):
-            continue
-        if name == "text_projection.weight":
-            keys.add(SDXL_TEXT_ENCODER_2_PREFIX + "text_projection")
-        elif name in _OPEN_CLIP_TOP:
-            keys.add(SDXL_TEXT_ENCODER_2_PREFIX + _OPEN_CLIP_TOP[name])
-        else:
-            match = _LAYER_KEY.fullmatch(name)
-            if match is None:
-                continue
-            layer, module, kind = int(match[1]), match[2], match[3]
-            block = f"{SDXL_TEXT_ENCODER_2_PREFIX}transformer.resblocks.{layer}."
-            if module.removeprefix("self_attn.") in _QKV:
-                keys.add(f"{block}attn.in_proj_{kind}")
-            elif module in _OPEN_CLIP_LAYER:
-                keys.add(f"{block}{_OPEN_CLIP_LAYER[module]}.{kind}")
-    return keys
+    return {source[0] for source in map(_open_clip_source, shapes) if source is not None}
 
 
 def unet_vae_key_maps(

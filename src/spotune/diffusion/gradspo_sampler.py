@@ -1,22 +1,35 @@
 """GradSPO's step-wise sampler: SPO's branching, plus the noise offset of every kept pair.
 
-GradSPO (official code: JoshuaTTJ/GradSPO, built on SPO's) samples exactly as SPO does (see
-:mod:`spotune.diffusion.sampler`), with two changes:
+GradSPO (official code: JoshuaTTJ/GradSPO, built on SPO's) samples exactly as SPO's SD1.5 sampler does
+(see :mod:`spotune.diffusion.sampler`), with these changes:
 
 1. each candidate's standard-normal draw z_j (x_{t-1}^j = mean + s_t * z_j) is kept, and every kept
    pair stores ``noise_delta = (z_best - z_worst) / 2``, the winner's offset (the loser's is its
    negative); the loss turns it into targets for the noise prediction;
-2. at the last step the final candidates are judged at t = t_last (the schedule's last timestep, 1 for
-   SD1.5's 20 steps), not at 0, and every final pair is kept whatever the threshold.
+2. the end of the chain, which GradSPO's two samplers end differently (``ending``):
+
+   - ``sd15`` (``multi_sample_pipeline.py``): the t_{N-2} branch is judged at t_{N-1} as usual, then the
+     last step branches once more and its k final candidates are judged at t = t_{N-1} (the schedule's
+     last timestep, 1 for SD1.5's 20 steps), not at 0, and every final pair is kept whatever the threshold;
+   - ``sdxl`` (``multi_sample_pipeline_sdxl.py`` with ``num_inner_step = 0``, the setting of its SDXL
+     recipe): no judging at t_{N-1} and no branch at the last step; each of the k chains of the t_{N-2}
+     branch takes its own last step to x0, the k x0s are judged at t = 0, and the t_{N-2} pair is kept
+     when the threshold says so. No tuple is kept for the last step (the official code caches that
+     transition and deletes it). The t_{N-2} pair's offset is half the difference of *its own* draws,
+     the ones that made its two candidates; the official code takes it from the last step's draws
+     (lines 427-461 of that file: ``noise_temp`` is overwritten by the single last step at 427 and read
+     at 455-459, while every other segment reads its own branch's ``noise_added_cache[0]`` at 312-313),
+     an offset with nothing to do with the pair's two candidates, which we take to be a bug.
 
 The candidates are drawn from the same generator in the same order as :func:`spo_sample` draws them,
-so with the same seed both samplers visit the same states; only the last step's judging differs.
-The model passed in is the one that samples: for GradSPO, the EMA copy of the trained model.
+so with the same seed both samplers visit the same states up to the end; the two endings draw alike
+up to the t_{N-2} branch. The model passed in is the one that samples: for GradSPO, the EMA copy of the
+trained model.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
 from diffusers import DDIMScheduler, UNet2DConditionModel
@@ -27,6 +40,10 @@ from spotune.diffusion.sampler import SamplingResult, StepPairs, decode_latents,
 from spotune.models.conditioning import Conditioning
 from spotune.preference.protocol import PreferenceModel
 from spotune.preference.select import select_pair
+
+
+Ending = Literal["sd15", "sdxl"]
+ENDINGS: tuple[str, ...] = ("sd15", "sdxl")
 
 
 @torch.no_grad()
@@ -46,6 +63,7 @@ def gradspo_sample(
     divert_start_step: int = 4,
     num_candidates: int = 4,
     threshold: float = 0.3,
+    ending: Ending = "sd15",
     generator: torch.Generator | None = None,
     decode_chunk_size: int = 8,
     progress: Callable[[int], None] | None = None,
@@ -57,13 +75,26 @@ def gradspo_sample(
         judge: ``score(images [B,3,H,W], prompts, timesteps [B]) -> [B]``.
         prompts: b captions; cond their b rows of conditioning; negative the negative prompt's 1 row.
         latents: [b, C, h, w] initial noise x_T (already scaled by ``init_noise_sigma``).
-        num_candidates: k (GradSPO SD1.5: 4). threshold: ``select_pair``'s, except at the last step.
+        num_candidates: k (GradSPO: 4 for SD1.5 and SDXL). threshold: ``select_pair``'s (the ``sd15``
+            ending keeps its final pairs whatever it says).
+        ending: ``sd15`` or ``sdxl``, the official sampler whose end of the chain is reproduced (module
+            docstring, point 2). ``sdxl`` needs ``divert_start_step <= num_inference_steps - 2``.
         generator: drives all noise and the choice of the continued candidate.
     Returns:
-        A :class:`SamplingResult` whose pairs carry ``noise_delta`` [N, C, h, w] float32.
+        A :class:`SamplingResult` whose pairs carry ``noise_delta`` [N, C, h, w] float32. ``scores`` [S, k, b]
+        and ``valid`` [S, b] per judged step (S = N - divert_start_step, one fewer with the ``sdxl`` ending,
+        whose last row is the x0s' scores at t = 0); ``choices`` [S, b] (``sdxl``: [S-1, b], no chain is
+        chosen after the final judging); ``final_latents`` [b, C, h, w], the continued chain's x0 (``sdxl``:
+        [k*b, C, h, w], the k chains' x0s, row j*b + p).
     """
-    if not 0 <= divert_start_step < num_inference_steps:
-        raise ValueError(f"divert_start_step must be in [0, {num_inference_steps}), got {divert_start_step}")
+    if ending not in ENDINGS:
+        raise ValueError(f"ending must be one of {', '.join(ENDINGS)}, got {ending!r}")
+    # The sdxl ending's last branch is at N-2 at the latest: its candidates need the last step after them.
+    last_branch = num_inference_steps - 1 if ending == "sd15" else num_inference_steps - 2
+    if not 0 <= divert_start_step <= last_branch:
+        raise ValueError(
+            f"divert_start_step must be in [0, {last_branch + 1}) for the {ending} ending, got {divert_start_step}"
+        )
     if num_candidates < 2:
         raise ValueError(f"num_candidates must be >= 2 to form pairs, got {num_candidates}")
     b, k = latents.shape[0], num_candidates
@@ -97,9 +128,10 @@ def gradspo_sample(
         mean, std = ddim_posterior(scheduler, noise_pred.repeat(k, 1, 1, 1), t.expand(k * b), x.repeat(k, 1, 1, 1), eta)
         z = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)  # [k*b, C, h, w]
         cands = (mean + std * z).to(x.dtype)
-        last = i == len(timesteps) - 1
+        last = i == len(timesteps) - 1  # the sd15 ending only: the sdxl one stops after its last branch
+        final = ending == "sdxl" and i == last_branch
         if last:
-            # GradSPO judges the final images at the last step's own timestep and keeps every pair.
+            # GradSPO's SD1.5 sampler judges the final images at the last step's own timestep and keeps every pair.
             x0 = cands.float()
             judge_t = t.expand(k * b).long()
             cand_noise = None
@@ -107,7 +139,14 @@ def gradspo_sample(
             judge_t = previous_timestep(scheduler, t.expand(k * b))
             cand_noise = guided_noise_pred(unet, cands, judge_t, cand_cond, negative, guidance_scale)
             unet_calls += 1
-            x0, _ = predict_x0_and_eps(scheduler, cand_noise, judge_t, cands)
+            if final:
+                # GradSPO's SDXL sampler: no judging at t_{N-1}; each chain takes its own last step (one draw
+                # each, in the same [k*b] layout) and the x0s are judged at t = 0.
+                ends, _ = ddim_step_with_logprob(scheduler, cand_noise, judge_t, cands, eta, generator=generator)
+                x0 = ends.float()
+                judge_t = torch.zeros(k * b, dtype=torch.long, device=device)
+            else:
+                x0, _ = predict_x0_and_eps(scheduler, cand_noise, judge_t, cands)
         images = decode_latents(vae, x0, decode_chunk_size)
         scores = judge.score(images, cand_prompts, judge_t).float().view(k, b)  # [k, b]
         judge_calls += 1
@@ -130,15 +169,21 @@ def gradspo_sample(
                     cond=cond.select(keep),
                     prompt_index=keep,
                     step_index=torch.full_like(keep, i),
+                    # The pair's own draws, also for the sdxl ending's final pair (module docstring).
                     noise_delta=(z_kb[best, keep] - z_kb[worst, keep]) / 2,
                 )
             )
+        all_scores.append(scores)
+        all_valid.append(valid)
+        if final:
+            x = ends  # [k*b, C, h, w]: every chain's x0; no chain is continued
+            if progress:
+                progress(2)  # this branch and the last step
+            break
         # Continue from a uniformly random candidate, and reuse its already computed UNet output.
         choice = torch.randint(0, k, (b,), generator=generator, device=generator.device if generator else "cpu").to(device)
         x = cands_kb[choice, rows]
         noise_pred = None if cand_noise is None else cand_noise.view(k, b, *cand_noise.shape[1:])[choice, rows]
-        all_scores.append(scores)
-        all_valid.append(valid)
         all_choices.append(choice)
         if progress:
             progress(1)
@@ -146,14 +191,14 @@ def gradspo_sample(
     if kept:
         pairs = StepPairs.cat(kept)
     else:
-        empty = StepPairs.empty_like(x, cond)
-        pairs = StepPairs.from_tensors({**empty.tensors(), "noise_delta": x[:0].float()})
+        empty = StepPairs.empty_like(latents, cond)
+        pairs = StepPairs.from_tensors({**empty.tensors(), "noise_delta": latents[:0].float()})
     return SamplingResult(
         pairs=pairs,
         final_latents=x,
         scores=torch.stack(all_scores),
         valid=torch.stack(all_valid),
-        choices=torch.stack(all_choices),
+        choices=torch.stack(all_choices) if all_choices else torch.zeros(0, b, dtype=torch.long, device=device),
         judge_calls=judge_calls,
         unet_calls=unet_calls,
     )

@@ -129,6 +129,8 @@ class ModelFamily:
             keep it in fp32 unless given the fp16-fix VAE); SD1.5's pipeline ignores the flag, and so do we.
         spo_sampler: the authors' SPO sampler for this family (``sampler=auto``): ``sd15`` branches at every
             step (:mod:`spotune.diffusion.sampler`), ``sdxl`` in segments (:mod:`spotune.diffusion.segment_sampler`).
+            For ``algorithm=gradspo`` the same name picks GradSPO's sampler for the family, which ends the
+            chain its own way (:func:`spotune.diffusion.gradspo_sampler.gradspo_sample`, ``ending``).
         modelspec_lora_implementation: ``modelspec.implementation`` kohya writes for a LoRA of this family
             (``diffusers`` for SD1.5, whose LoRAs it names by diffusers modules; Stability's repository for SDXL).
         modelspec_checkpoint_architecture: ``modelspec.architecture`` of a whole single-file checkpoint.

@@ -1,15 +1,22 @@
 """GradSPO training (``spotune train algorithm=gradspo``): SPO's recipe with the three changes GradSPO makes.
 
 Read :mod:`spotune.recipes.train_spo` first; this module only says what differs, checked against the
-official code (JoshuaTTJ/GradSPO, ``train_scripts/train_gradspo.py``):
+official code (JoshuaTTJ/GradSPO, ``train_scripts/train_gradspo.py`` and ``train_gradspo_sdxl.py``, the
+same loop but for SDXL's conditioning and sampler):
 
 - **an EMA model samples.** A copy of the trained UNet (with its adapter) whose trained weights follow
-  ``ema = decay * ema + (1 - decay) * trained`` after every optimizer step (GradSPO: decay 0.9). It
-  draws the candidates, gives the noise-prediction anchor of the loss, and renders the validation images.
-  The official update runs over every parameter of the copy, the frozen fp16 base included, where
-  ``0.9 w + 0.1 w`` in fp16 is not always ``w``; here only the trained weights are averaged, in fp32.
-- **#### SAMPLING ####** keeps each pair's noise offset and GradSPO's last-step rule
-  (:func:`spotune.diffusion.gradspo_sampler.gradspo_sample`).
+  ``ema = decay * ema + (1 - decay) * trained`` (GradSPO: decay 0.9). It draws the candidates, gives the
+  noise-prediction anchor of the loss, and renders the validation images. The official update runs over
+  every parameter of the copy, the frozen fp16 base included, where ``0.9 w + 0.1 w`` in fp16 is not
+  always ``w``; here only the trained weights are averaged, in fp32. It runs when the official code runs
+  it: after every training batch whose index within its sampling round, counted from 1, is a multiple of
+  ``gradient_accumulation_steps`` (``(train_batch_idx + 1) % gradient_accumulation_steps == 0`` in both
+  scripts). With accumulation 1 (the SD1.5 recipe) that is after every optimizer step; with the SDXL
+  recipe's 4 and groups that run on across rounds, it is not always (a round of 6 batches updates the EMA
+  once, after its 4th, whatever the group count says).
+- **#### SAMPLING ####** keeps each pair's noise offset and the end of the chain of GradSPO's sampler of
+  the model's kind (``sampler``, from the family for ``auto``: SD1.5 or SDXL;
+  :func:`spotune.diffusion.gradspo_sampler.gradspo_sample`).
 - **#### TRAINING ####** uses :func:`spotune.losses.gradspo_loss`: one guided pass each of the policy,
   the reference and the EMA model per tuple (winner and loser share x_t, t and the prompt).
 
@@ -65,7 +72,10 @@ class GradSPOTrainer(SPOTrainer):
         self._ema_pairs = [(ema[name], p) for name, p in trained.items() if p.requires_grad]
 
     @torch.no_grad()
-    def _after_optimizer_step(self) -> None:
+    def _after_training_batch(self, index: int) -> None:
+        # The official rule counts the round's batches, not optimizer steps (module docstring).
+        if index % self.config.gradient_accumulation_steps:
+            return
         decay = self.config.ema_decay
         for ema, trained in self._ema_pairs:
             ema.mul_(decay).add_(trained.detach(), alpha=1 - decay)
@@ -118,7 +128,8 @@ class GradSPOTrainer(SPOTrainer):
                 self.ema_unet, self.vae, self.scheduler, self.judge, prompts, cond, self.negative, latents,
                 num_inference_steps=cfg.num_inference_steps, eta=cfg.eta, guidance_scale=cfg.guidance_scale,
                 divert_start_step=cfg.divert_start_step, num_candidates=cfg.num_samples_per_step,
-                threshold=cfg.preference_threshold, generator=generator, decode_chunk_size=cfg.decode_chunk_size,
+                threshold=cfg.preference_threshold, ending=self.sampler_kind, generator=generator,
+                decode_chunk_size=cfg.decode_chunk_size,
             )
 
     # ============================================================================================

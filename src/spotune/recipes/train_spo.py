@@ -309,8 +309,10 @@ class SPOTrainer:
         where the family is known)."""
         cfg = self.config
         kind = self.family.spo_sampler if cfg.sampler == "auto" else cfg.sampler
-        if cfg.algorithm != "spo" or cfg.pairing != "step":
-            return kind  # GradSPO and trajectory pairs sample with samplers of their own
+        if cfg.pairing != "step":
+            return kind  # trajectory pairs sample with a sampler of their own
+        # GradSPO samples with its own sampler of the same kind (gradspo_sampler's ending), whose sdxl
+        # one has the same need of a judged step after the first branch; its num_inner_steps is 0 (config).
         if kind == "sd15" and cfg.num_inner_steps:
             raise SpotuneError(
                 f"config: num_inner_steps={cfg.num_inner_steps} needs the SDXL sampler, but {cfg.pretrained_model} is "
@@ -463,6 +465,7 @@ class SPOTrainer:
                 self.open_group_size += 1
                 if closes:
                     norms.append(self._apply_group())
+                self._after_training_batch(micro)
         means = {k: float(v) / micro for k, v in sums.items()}
         if norms:  # the same on every process: gradients are synchronised before they are measured
             means["grad_norm"], means["grad_norm_max"] = sum(norms) / len(norms), max(norms)
@@ -485,7 +488,6 @@ class SPOTrainer:
         self.optimizer_step += 1
         self.open_group_size, self.open_group_losses = 0, []
         self._log_grad_norm(grad_norm)
-        self._after_optimizer_step()
         return grad_norm
 
     def _grad_norm_and_clip(self) -> float:
@@ -763,8 +765,9 @@ class SPOTrainer:
         """The model that samples (validation images too): SPO samples with the model being trained."""
         return self.accelerator.unwrap_model(self.unet)
 
-    def _after_optimizer_step(self) -> None:
-        """Called after every optimizer step."""
+    def _after_training_batch(self, index: int) -> None:
+        """Called after each training batch (and the optimizer step it closes, if any); ``index`` counts the
+        round's training batches from 1, over all inner epochs."""
 
     def _save_extra_weights(self, folder: Path) -> None:
         """Write further weights into a checkpoint's temporary folder (main process, before state.json)."""

@@ -58,7 +58,8 @@ class TrainSPOConfig:
         "Which of the authors' step-wise samplers: sd15 branches k candidates at every step from divert_start_step "
         "on and judges each branch at the next step; sdxl branches every num_inner_steps + 1 steps and labels "
         "every transition of a segment with the scores at its end (README: the SDXL sampler). auto: the model "
-        "family's own (SD1.5 models sd15, SDXL models sdxl).", "auto")
+        "family's own (SD1.5 models sd15, SDXL models sdxl). With algorithm=gradspo, GradSPO's sampler of that "
+        "name: the two end the chain differently (README: GradSPO on SDXL).", "auto")
     num_inner_steps: int = help_field(
         "sampler=sdxl: single steps of each chain between two branchings (SPO SDXL: 3); 0 for sampler=sd15.", 0)
     pairing: Literal["step", "trajectory"] = help_field(
@@ -119,7 +120,9 @@ class TrainSPOConfig:
         "spo: SPO's loss on step log-densities, sampling with the trained model. gradspo: GradSPO (its official "
         "code, JoshuaTTJ/GradSPO): sampling with an EMA copy of the trained model, and a loss on noise-prediction "
         "targets built from the pair's noise offset (see README).", "spo")
-    ema_decay: float = help_field("gradspo: decay of the EMA model, updated after every optimizer step (GradSPO: 0.9).", 0.9)
+    ema_decay: float = help_field(
+        "gradspo: decay of the EMA model (GradSPO: 0.9), updated after every gradient_accumulation_steps-th "
+        "training batch of a sampling round, as GradSPO's code does (accumulation 1: after every optimizer step).", 0.9)
     grad_scale: float = help_field("gradspo: step s of the noise-prediction targets along the pair's noise offset (GradSPO: 0.5).", 0.5)
 
     def validate(self) -> None:
@@ -166,11 +169,10 @@ class TrainSPOConfig:
              "set sampler=sdxl, or num_inner_steps=0"),
             (self.num_inner_steps == 0 or self.algorithm != "gradspo",
              f"algorithm=gradspo needs num_inner_steps=0, got num_inner_steps={self.num_inner_steps} (GradSPO's "
-             "loss needs win and lose to share x_t, which inner steps break; its SDXL recipe uses 0)"),
+             "loss needs win and lose to share x_t, which inner steps break; its SDXL recipe uses 0, and its SDXL "
+             "code keeps one noise offset per segment, so it cannot train with more)"),
             (self.num_inner_steps == 0 or self.pairing == "step",
              f"pairing=trajectory ignores num_inner_steps; set num_inner_steps=0 (got {self.num_inner_steps})"),
-            (self.sampler == "auto" or self.algorithm != "gradspo",
-             f"algorithm=gradspo samples with GradSPO's own sampler; leave sampler=auto (got sampler={self.sampler})"),
         ]
         if self.sampler == "sdxl":
             checks.append(sdxl_sampler_check(self))

@@ -51,14 +51,21 @@ def test_two_iterations_change_every_lora_parameter_and_keep_the_ema(tmp_path):
     assert all(not torch.equal(ema[k], trained[k]) for k in ema if "lora_B" in k)
 
 
-def test_ema_follows_its_rule_after_every_optimizer_step_and_samples(tmp_path, monkeypatch):
+def test_ema_follows_the_official_rule_and_samples(tmp_path, monkeypatch):
+    """The official loop updates the EMA after every training batch whose index in its round (from 1) is a
+    multiple of gradient_accumulation_steps, not after every optimizer step: with 8 one-tuple batches per
+    round and accumulation 3, round 2's optimizer steps follow its batches 1, 4, 7 (the group left open by
+    round 1 closes first) while its EMA updates follow batches 3 and 6, with the weights of those steps."""
     from spotune.config import load_config
     from spotune.models.lora import lora_state_dict
     from spotune.recipes import train_gradspo
     from spotune.recipes.train_gradspo import GradSPOTrainer
     from spotune.recipes.train_spo_config import TrainSPOConfig
 
-    cfg = load_config(TrainSPOConfig, CONFIG, [f"output_dir={tmp_path / 'unit'}", *FAST, "train_batch_size=2", "ema_decay=0.75"])
+    cfg = load_config(TrainSPOConfig, CONFIG, [
+        f"output_dir={tmp_path / 'unit'}", *FAST, "train_batch_size=1", "gradient_accumulation_steps=3",
+        "preference_threshold=0.0", "ema_decay=0.75",
+    ])
     trainer = GradSPOTrainer(cfg)
     trainer.setup()
     sampled_with = []
@@ -66,19 +73,31 @@ def test_ema_follows_its_rule_after_every_optimizer_step_and_samples(tmp_path, m
     monkeypatch.setattr(train_gradspo, "gradspo_sample", lambda unet, *a, **k: sampled_with.append(unet) or real_sample(unet, *a, **k))
     try:
         expected = {k: v.clone() for k, v in lora_state_dict(trainer.ema_unet).items()}
-        original = trainer._after_optimizer_step
+        events = []  # (round, batch index, optimizer steps so far, EMA moved)
+        original = trainer._after_training_batch
 
-        def step_and_track():
-            # ema_k = decay * ema_{k-1} + (1 - decay) * w_k, with w_k the weights after optimizer step k
-            for k, w in lora_state_dict(trainer.accelerator.unwrap_model(trainer.unet)).items():
-                expected[k] = 0.75 * expected[k] + 0.25 * w.detach()
-            original()
+        def track(index):
+            before = {k: v.clone() for k, v in lora_state_dict(trainer.ema_unet).items()}
+            weights = lora_state_dict(trainer.accelerator.unwrap_model(trainer.unet))
+            original(index)
+            after = lora_state_dict(trainer.ema_unet)
+            moved = any(not torch.equal(before[k], after[k]) for k in after)
+            if index % 3 == 0:  # ema = decay * ema + (1 - decay) * w, w the weights after this batch
+                for k, w in weights.items():
+                    expected[k] = 0.75 * expected[k] + 0.25 * w.detach()
+            events.append((trainer.iteration, index, trainer.optimizer_step, moved))
 
-        trainer._after_optimizer_step = step_and_track
-        pairs = trainer.sample(["a red circle on a white background", "a blue square on a black background"]).pairs
-        assert sampled_with == [trainer.ema_unet] and pairs.noise_delta is not None
-        trainer.train_on_pairs(pairs)
-        assert trainer.optimizer_step >= 2  # several steps, so the rule is checked more than once
+        trainer._after_training_batch = track
+        prompts = ["a red circle on a white background", "a blue square on a black background"]
+        for _ in range(2):
+            pairs = trainer.sample(prompts).pairs
+            assert len(pairs) == 8 and pairs.noise_delta is not None  # 4 branching steps x 2 prompts
+            trainer.train_on_pairs(pairs)
+            trainer.iteration += 1
+        assert sampled_with == [trainer.ema_unet] * 2
+        assert [i for r, i, _, moved in events if moved] == [3, 6, 3, 6]
+        steps_after = [n for _, _, n, _ in events]
+        assert steps_after == [0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3, 4, 4, 4, 5, 5]
         ema = lora_state_dict(trainer.ema_unet)
         for k in expected:
             torch.testing.assert_close(ema[k], expected[k], rtol=1e-6, atol=1e-8)

@@ -36,7 +36,7 @@ from diffusers import DDIMScheduler, UNet2DConditionModel
 from diffusers.utils.torch_utils import randn_tensor
 
 from spotune.diffusion.ddim import ddim_posterior, ddim_step_with_logprob, predict_x0_and_eps, previous_timestep
-from spotune.diffusion.sampler import SamplingResult, StepPairs, decode_latents, guided_noise_pred
+from spotune.diffusion.sampler import SamplingResult, StepPairs, check_branching_batch, decode_latents, guided_noise_pred
 from spotune.models.conditioning import Conditioning
 from spotune.preference.protocol import PreferenceModel
 from spotune.preference.select import select_pair
@@ -95,11 +95,7 @@ def gradspo_sample(
         raise ValueError(
             f"divert_start_step must be in [0, {last_branch + 1}) for the {ending} ending, got {divert_start_step}"
         )
-    if num_candidates < 2:
-        raise ValueError(f"num_candidates must be >= 2 to form pairs, got {num_candidates}")
-    b, k = latents.shape[0], num_candidates
-    if len(prompts) != b or len(cond) != b:
-        raise ValueError(f"{b} latents but {len(prompts)} prompts and {len(cond)} rows of conditioning")
+    b, k = check_branching_batch(latents, prompts, cond, num_candidates)
     device = latents.device
     scheduler.set_timesteps(num_inference_steps, device=device)
     timesteps = scheduler.timesteps

@@ -195,6 +195,17 @@ class SamplingResult:
     unet_calls: int
 
 
+def check_branching_batch(latents: torch.Tensor, prompts: list[str], cond: Conditioning, num_candidates: int) -> tuple[int, int]:
+    """The (b, k) of a step-wise sampler's batch, after checking k >= 2 and that prompts, conditioning and
+    latents [b, C, h, w] agree on b."""
+    if num_candidates < 2:
+        raise ValueError(f"num_candidates must be >= 2 to form pairs, got {num_candidates}")
+    b = latents.shape[0]
+    if len(prompts) != b or len(cond) != b:
+        raise ValueError(f"{b} latents but {len(prompts)} prompts and {len(cond)} rows of conditioning")
+    return b, num_candidates
+
+
 @torch.no_grad()
 def spo_sample(
     unet: UNet2DConditionModel,
@@ -235,11 +246,7 @@ def spo_sample(
     """
     if not 0 <= divert_start_step < num_inference_steps:
         raise ValueError(f"divert_start_step must be in [0, {num_inference_steps}), got {divert_start_step}")
-    if num_candidates < 2:
-        raise ValueError(f"num_candidates must be >= 2 to form pairs, got {num_candidates}")
-    b, k = latents.shape[0], num_candidates
-    if len(prompts) != b or len(cond) != b:
-        raise ValueError(f"{b} latents but {len(prompts)} prompts and {len(cond)} rows of conditioning")
+    b, k = check_branching_batch(latents, prompts, cond, num_candidates)
     device = latents.device
     scheduler.set_timesteps(num_inference_steps, device=device)
     timesteps = scheduler.timesteps

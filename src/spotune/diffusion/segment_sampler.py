@@ -38,7 +38,14 @@ import torch
 from diffusers import DDIMScheduler, UNet2DConditionModel
 
 from spotune.diffusion.ddim import ddim_step_with_logprob, predict_x0_and_eps
-from spotune.diffusion.sampler import SamplingResult, StepPairs, _score_in_batches, decode_latents, guided_noise_pred
+from spotune.diffusion.sampler import (
+    SamplingResult,
+    StepPairs,
+    _score_in_batches,
+    check_branching_batch,
+    decode_latents,
+    guided_noise_pred,
+)
 from spotune.models.conditioning import Conditioning
 from spotune.preference.protocol import PreferenceModel
 from spotune.preference.select import select_pair
@@ -109,11 +116,7 @@ def segment_spo_sample(
         )
     if num_inner_steps < 0:
         raise ValueError(f"num_inner_steps must be >= 0, got {num_inner_steps}")
-    if num_candidates < 2:
-        raise ValueError(f"num_candidates must be >= 2 to form pairs, got {num_candidates}")
-    b, k = latents.shape[0], num_candidates
-    if len(prompts) != b or len(cond) != b:
-        raise ValueError(f"{b} latents but {len(prompts)} prompts and {len(cond)} rows of conditioning")
+    b, k = check_branching_batch(latents, prompts, cond, num_candidates)
     device = latents.device
     scheduler.set_timesteps(num_inference_steps, device=device)
     timesteps = scheduler.timesteps

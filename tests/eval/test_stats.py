@@ -110,3 +110,48 @@ def test_tables_unpaired_models_and_baseline():
     assert model_pairs(["a", "b", "c"]) == [("b", "a"), ("c", "a"), ("c", "b")]
     with pytest.raises(StatsError, match="baseline"):
         model_pairs(["a", "b"], baseline="zzz")
+
+
+# -- the two-level (seeds x images) bootstrap -------------------------------------------------------
+
+
+def test_two_level_bootstrap_of_identical_seeds_is_the_one_level_image_bootstrap():
+    from spotune.eval.stats import bootstrap_mean, two_level_bootstrap
+
+    row = [1.0, 0.0, 0.5, 1.0, 1.0, 0.0, 1.0, 0.5, 1.0, 1.0]
+    one = bootstrap_mean(row, resamples=500, seed=3)
+    three = two_level_bootstrap([row, row, row], resamples=500, seed=3)
+    assert (three.mean, three.ci_low, three.ci_high) == (one.mean, one.ci_low, one.ci_high)
+    assert three.seeds == 3 and three.images == 10 and three.seed_means == [0.7, 0.7, 0.7]
+    single = two_level_bootstrap([row], resamples=500, seed=3)
+    assert (single.ci_low, single.ci_high) == (one.ci_low, one.ci_high)
+
+
+def test_two_level_bootstrap_known_cases():
+    from spotune.eval.stats import two_level_bootstrap
+
+    # Constant values: no spread at either level.
+    flat = two_level_bootstrap([[0.5] * 4] * 3, resamples=200)
+    assert (flat.mean, flat.ci_low, flat.ci_high) == (0.5, 0.5, 0.5)
+    # One seed always wins, one always loses: the resampled mean is 0, 1/2 or 1 with chances 1/4, 1/2, 1/4,
+    # so the 95% interval spans [0, 1] although every seed's images agree among themselves.
+    split = two_level_bootstrap([[1.0] * 8, [0.0] * 8], resamples=4000)
+    assert split.mean == 0.5 and (split.ci_low, split.ci_high) == (0.0, 1.0)
+    # Seed spread widens the interval beyond the images' alone.
+    rows = [[1, 1, 1, 0, 1, 1, 0, 1], [0, 1, 0, 0, 1, 0, 0, 1], [1, 1, 1, 1, 1, 0, 1, 1]]
+    pooled = two_level_bootstrap(rows, resamples=2000)
+    images_only = two_level_bootstrap([[sum(c) / 3 for c in zip(*rows)]] * 3, resamples=2000)
+    assert pooled.mean == pytest.approx(images_only.mean)
+    assert pooled.ci_high - pooled.ci_low > images_only.ci_high - images_only.ci_low
+    assert pooled.ci_low <= pooled.mean <= pooled.ci_high
+
+
+def test_two_level_bootstrap_refuses_ragged_or_empty_tables():
+    from spotune.eval.stats import StatsError, two_level_bootstrap
+
+    with pytest.raises(StatsError, match="same images"):
+        two_level_bootstrap([[1.0, 0.0], [1.0]])
+    with pytest.raises(StatsError, match="at least one"):
+        two_level_bootstrap([])
+    with pytest.raises(StatsError, match="NaN"):
+        two_level_bootstrap([[float("nan")]])

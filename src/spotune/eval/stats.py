@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 from spotune.errors import SpotuneError
 
@@ -207,3 +207,106 @@ def win_rate(
     # A rate lives in [0, 1]; the t interval of a few outcomes can reach past it, so it is clipped.
     low, high = max(0.0, summary.ci_low), min(1.0, summary.ci_high)
     return WinRate(len(outcomes), wins, ties, losses, summary.mean, low, high)
+
+
+# -- bootstrap over training seeds and images ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BootstrapInterval:
+    """A mean over a [seeds, images] table with a percentile bootstrap interval.
+
+    ``mean`` is the plain mean of the table; ``ci_low`` / ``ci_high`` are the (1 - confidence) / 2 and
+    (1 + confidence) / 2 quantiles of the resampled means; ``seed_means`` the per-seed means.
+    """
+
+    mean: float
+    ci_low: float
+    ci_high: float
+    seeds: int
+    images: int
+    resamples: int
+    seed_means: list[float]
+    confidence: float = 0.95
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def two_level_bootstrap(
+    table: Sequence[Sequence[float]],
+    confidence: float = 0.95,
+    resamples: int = 2000,
+    seed: int = 0,
+) -> BootstrapInterval:
+    """Interval of a mean across training seeds and evaluation images, both resampled.
+
+    ``table[s][i]`` is the value (e.g. a same-seed win outcome 1 / 0.5 / 0) of image i for the model
+    trained with seed s. Images are the same prompts and evaluation seeds for every training seed, so
+    the two factors are crossed: each resample draws the training seeds with replacement (level one)
+    and, independently, the images with replacement (level two), the same image draw for every drawn
+    seed, and takes the mean of the resampled table. The seeds and the images are drawn from two
+    generators of their own (seeded ``seed`` and ``seed + 1``), so a table whose rows are all equal
+    gives exactly :func:`bootstrap_mean` of one row, the one-level image bootstrap, and a table with
+    one image per seed gives the seed bootstrap.
+
+    Args:
+        table: [S, I] values, S >= 1 training seeds, I >= 1 images, every row the same length.
+        confidence: two-sided coverage of the percentile interval.
+        resamples: bootstrap resamples.
+        seed: seed of the resampling (the interval is reproducible).
+    """
+    import numpy as np
+
+    x = _table(table)
+    if not 0.0 < confidence < 1.0:
+        raise StatsError(f"confidence must lie in (0, 1), got {confidence}")
+    if resamples < 1:
+        raise StatsError(f"resamples must be >= 1, got {resamples}")
+    s, n = x.shape
+    seed_rng, image_rng = np.random.default_rng(seed), np.random.default_rng(seed + 1)
+    means = np.empty(resamples)
+    for start in range(0, resamples, 256):  # chunks keep the [r, S, I] index tensor small
+        r = min(256, resamples - start)
+        rows = seed_rng.integers(0, s, size=(r, s))  # [r, S]
+        cols = image_rng.integers(0, n, size=(r, n))  # [r, I]
+        means[start : start + r] = x[rows[:, :, None], cols[:, None, :]].mean(axis=(1, 2))
+    return _interval(x, means, confidence, resamples)
+
+
+def bootstrap_mean(values: Sequence[float], confidence: float = 0.95, resamples: int = 2000, seed: int = 0) -> BootstrapInterval:
+    """The one-level percentile bootstrap of a mean of ``values`` (images resampled with replacement),
+    drawn as :func:`two_level_bootstrap` draws its images."""
+    import numpy as np
+
+    x = _table([values])
+    image_rng = np.random.default_rng(seed + 1)
+    means = np.empty(resamples)
+    for start in range(0, resamples, 256):
+        r = min(256, resamples - start)
+        cols = image_rng.integers(0, x.shape[1], size=(r, x.shape[1]))
+        means[start : start + r] = x[0][cols].mean(axis=1)
+    return _interval(x, means, confidence, resamples)
+
+
+def _table(table: Sequence[Sequence[float]]):
+    import numpy as np
+
+    rows = [list(map(float, row)) for row in table]
+    if not rows or not rows[0]:
+        raise StatsError("a bootstrap needs at least one seed and one image")
+    if len({len(row) for row in rows}) != 1:
+        raise StatsError(f"every seed needs the same images; row lengths {[len(r) for r in rows]}")
+    x = np.array(rows, dtype=np.float64)
+    if np.isnan(x).any():
+        raise StatsError("values contain NaN; a scorer failed on some image")
+    return x
+
+
+def _interval(x, means, confidence: float, resamples: int) -> BootstrapInterval:
+    import numpy as np
+
+    tail = (1.0 - confidence) / 2.0
+    low, high = np.quantile(means, [tail, 1.0 - tail])
+    return BootstrapInterval(float(x.mean()), float(low), float(high), x.shape[0], x.shape[1], resamples,
+                             [float(v) for v in x.mean(axis=1)], confidence)

@@ -6,6 +6,11 @@ image i of two models differs only through the models. Each image is measured wi
 metrics of :mod:`spotune.toyworld.metrics` and scored by the preference model; a model's aesthetic
 win rate over the base counts the same-seed pairs in which its image is the cleaner one (a tie,
 e.g. both perfectly clean, counts as half).
+
+*Layout drift* (:func:`layout_drift`) is how far a model moves the subject away from where the base
+put it from the same noise: per image, the absolute change of the subject's size (its share of the
+image) and the distance between the two subjects' centroids, in pixels. The paper claims SPO keeps
+the layout while it improves aesthetics; drift near 0 is that claim, measured.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from spotune.eval.stats import WinRate, summarize, win_rate
+from spotune.eval.stats import Summary, WinRate, summarize, win_rate
 from spotune.toyworld.metrics import ImageScores, score_images
 from spotune.toyworld.render import to_uint8
 from spotune.toyworld.sampling import generate
@@ -48,6 +53,48 @@ class ModelResult:
         }
 
 
+@dataclass(frozen=True)
+class LayoutDrift:
+    """Same-seed layout change of a model against the base, per image.
+
+    Attributes:
+        size: [B] |object_fraction(model) - object_fraction(base)| (share of the image's pixels; an
+            image without an object has size 0).
+        position: [M] distance in pixels between the two images' subject centroids, over the M <= B
+            image pairs in which both images show an object (a centroid needs one).
+    """
+
+    size: np.ndarray
+    position: np.ndarray
+
+    def summary(self) -> dict[str, float | int | list[float]]:
+        """Mean absolute change with its Student-t 95% interval (NaN for fewer than two values)."""
+        out: dict[str, float | int | list[float]] = {}
+        for key, values in (("size", self.size), ("position_px", self.position)):
+            s = _mean_interval(values)
+            out[f"layout_drift_{key}"] = s.mean
+            out[f"layout_drift_{key}_ci"] = [s.ci_low, s.ci_high]
+        out["layout_drift_position_pairs"] = int(len(self.position))
+        return out
+
+
+def _mean_interval(values: np.ndarray) -> Summary:
+    if len(values) == 0:
+        nan = float("nan")
+        return Summary(0, nan, nan, nan, nan)
+    return summarize(values.tolist())
+
+
+def layout_drift(model: ImageScores, base: ImageScores) -> LayoutDrift:
+    """Per-image layout change of ``model`` against ``base`` (same prompts and seeds, same order)."""
+    if len(model.object_fraction) != len(base.object_fraction):
+        raise ValueError(f"{len(model.object_fraction)} images against {len(base.object_fraction)} base images")
+    size = np.abs(model.object_fraction - base.object_fraction)
+    dx, dy = model.centroid_x - base.centroid_x, model.centroid_y - base.centroid_y
+    both = ~(np.isnan(dx) | np.isnan(dy))  # NaN: one of the two images shows no object
+    return LayoutDrift(size=size, position=np.hypot(dx[both], dy[both]))
+
+
 @dataclass
 class Comparison:
     """A fine-tuned model against the base on the same prompts and seeds."""
@@ -56,15 +103,19 @@ class Comparison:
     aesthetic: WinRate
     preference: WinRate
     alignment_change: float  # points (percentage points), model minus base
+    drift: LayoutDrift | None = None
 
     def to_dict(self) -> dict:
-        return {
+        out = {
             "aesthetic_win_rate": self.aesthetic.rate,
             "aesthetic_win_rate_ci": [self.aesthetic.ci_low, self.aesthetic.ci_high],
             "aesthetic_wins_ties_losses": [self.aesthetic.wins, self.aesthetic.ties, self.aesthetic.losses],
             "preference_win_rate": self.preference.rate,
             "alignment_change_points": self.alignment_change,
         }
+        if self.drift is not None:
+            out.update(self.drift.summary())
+        return out
 
 
 def compare(model: ModelResult, base: ModelResult) -> Comparison:
@@ -73,7 +124,14 @@ def compare(model: ModelResult, base: ModelResult) -> Comparison:
         aesthetic=win_rate(model.scores.cleanliness.tolist(), base.scores.cleanliness.tolist()),
         preference=win_rate(model.judge_scores.tolist(), base.judge_scores.tolist()),
         alignment_change=100.0 * float(model.scores.aligned.mean() - base.scores.aligned.mean()),
+        drift=layout_drift(model.scores, base.scores),
     )
+
+
+def win_outcomes(model: np.ndarray, base: np.ndarray, tie_tolerance: float = 1e-5) -> np.ndarray:
+    """[B] per-image outcomes of ``model`` against ``base``: 1 a win, 0.5 a tie, 0 a loss (as :func:`win_rate`)."""
+    tol = tie_tolerance * np.maximum(1.0, np.maximum(np.abs(model), np.abs(base)))
+    return np.where(np.abs(model - base) <= tol, 0.5, np.where(model > base, 1.0, 0.0))
 
 
 def unet_with_lora(base_unet, checkpoint: str | Path):

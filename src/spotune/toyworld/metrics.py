@@ -30,6 +30,8 @@ background. The score does not look at the object, so it is independent of the a
 
 *Subject size* (:attr:`SceneReading.object_fraction`, the object's share of the image) is a layout
 property: the generic preference labels weigh it as raters weigh composition, the metrics above do not.
+*Subject position* (:attr:`SceneReading.centroid`, the object's centroid in pixels) is the other layout
+property; the evaluation's layout drift compares both between same-seed images of two models.
 """
 
 from __future__ import annotations
@@ -60,6 +62,8 @@ class SceneReading:
         colour: the named colour nearest the object's interior (``None`` when no object).
         background: the named colour nearest the border's median.
         object_fraction: the object's share of the image's pixels.
+        centroid: (x, y) of the object's centroid in pixels, measured from the image's top-left corner
+            to pixel centres ((0.5, 0.5) is the first pixel's centre); ``None`` when no object.
         cleanliness: the aesthetic score in [0, 1] (see the module docstring).
     """
 
@@ -69,6 +73,7 @@ class SceneReading:
     background: str
     object_fraction: float
     cleanliness: float
+    centroid: tuple[float, float] | None = None
 
 
 def nearest_colour(rgb: np.ndarray) -> str:
@@ -182,6 +187,10 @@ def read_scene(image: np.ndarray) -> SceneReading:
         cleanliness = float(1.0 - clutter.mean())
     else:
         cleanliness = 0.0  # nothing but object: no background to be clean
+    centroid = None
+    if obj.any():
+        ys, xs = np.nonzero(obj)
+        centroid = (float(xs.mean()) + 0.5, float(ys.mean()) + 0.5)
     return SceneReading(
         shape=shape,
         shape_iou=iou,
@@ -189,6 +198,7 @@ def read_scene(image: np.ndarray) -> SceneReading:
         background=nearest_colour(bg_rgb),
         object_fraction=float(obj.mean()),
         cleanliness=cleanliness,
+        centroid=centroid,
     )
 
 
@@ -231,6 +241,8 @@ class ImageScores:
     colour_ok: np.ndarray
     background_ok: np.ndarray
     object_fraction: np.ndarray
+    centroid_x: np.ndarray  # pixels; NaN where no object was found
+    centroid_y: np.ndarray
 
 
 def score_images(images: np.ndarray, captions: list[str]) -> ImageScores:
@@ -241,8 +253,10 @@ def score_images(images: np.ndarray, captions: list[str]) -> ImageScores:
     for image, caption in zip(images, captions):
         reading = read_scene(image)
         result = alignment(reading, caption)
-        rows.append((reading.cleanliness, result.aligned, result.shape, result.colour, result.background, reading.object_fraction))
-    cols = np.array(rows, dtype=np.float64).reshape(len(rows), 6).T
+        cx, cy = reading.centroid if reading.centroid is not None else (np.nan, np.nan)
+        rows.append((reading.cleanliness, result.aligned, result.shape, result.colour, result.background,
+                     reading.object_fraction, cx, cy))
+    cols = np.array(rows, dtype=np.float64).reshape(len(rows), 8).T
     return ImageScores(*cols)
 
 

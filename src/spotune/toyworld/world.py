@@ -7,7 +7,9 @@ clutter) is left to the image and is what the preference labels and the aestheti
 
 Every prompt of the world is in :func:`all_prompts`; :func:`prompt_split` divides them, with a fixed
 seed, into the prompts that preference data and SPO training may use and the held-out prompts the
-demo evaluates on. The base model is pre-trained on all of them, as Stable Diffusion saw its whole
+demo evaluates on. :func:`prompt_splits` divides the held-out prompts once more, with another fixed
+seed, into a validation split (where a study chooses its settings) and a test split (reported only),
+for the multi-seed study (``bench/study_world.py``); the train split is the same in both. The base model is pre-trained on all of them, as Stable Diffusion saw its whole
 caption distribution before anyone fine-tuned it.
 """
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import dataclass
+from typing import NamedTuple
 
 IMAGE_SIZE = 32
 
@@ -35,6 +38,8 @@ COLOURS: tuple[str, ...] = tuple(PALETTE)
 
 HELD_OUT_FRACTION = 0.2
 SPLIT_SEED = 1234
+VALIDATION_FRACTION = 0.5  # of the held-out prompts: 12 validation and 12 test of the 24
+VALIDATION_SEED = 4321
 
 _CAPTION = re.compile(r"^an? (\w+) (\w+) on an? (\w+) background$")
 
@@ -98,3 +103,36 @@ def prompt_split(held_out_fraction: float = HELD_OUT_FRACTION, seed: int = SPLIT
         train += group[n_held:]
     key = {p: i for i, p in enumerate(all_prompts())}
     return sorted(train, key=key.__getitem__), sorted(held, key=key.__getitem__)
+
+
+
+class PromptSplits(NamedTuple):
+    """The study's three disjoint caption splits (each in the order of :func:`all_prompts`)."""
+
+    train: list[Prompt]  # SPO's prompts and the preference data's: prompt_split()'s train part
+    validation: list[Prompt]  # where the learning rate and the number of iterations are chosen
+    test: list[Prompt]  # reported only
+
+
+def prompt_splits(validation_fraction: float = VALIDATION_FRACTION, seed: int = VALIDATION_SEED) -> PromptSplits:
+    """Train / validation / test: :func:`prompt_split`'s train part, and its held-out part divided per shape.
+
+    The train split is exactly :func:`prompt_split`'s, so the shipped preference models (trained on
+    preference data of those prompts) stay valid. The held-out prompts of each shape (6 of them) are
+    shuffled with ``seed`` and divided, ``round(6 * validation_fraction)`` to validation and the rest to
+    test (3 and 3 by default: 12 validation and 12 test prompts), so both splits hold every shape.
+    """
+    if not 0.0 < validation_fraction < 1.0:
+        raise ValueError(f"validation_fraction must lie in (0, 1), got {validation_fraction}")
+    train, held = prompt_split()
+    rng = random.Random(seed)
+    validation: list[Prompt] = []
+    test: list[Prompt] = []
+    for shape in SHAPES:
+        group = [p for p in held if p.shape == shape]
+        rng.shuffle(group)
+        n_val = round(len(group) * validation_fraction)
+        validation += group[:n_val]
+        test += group[n_val:]
+    key = {p: i for i, p in enumerate(all_prompts())}
+    return PromptSplits(train, sorted(validation, key=key.__getitem__), sorted(test, key=key.__getitem__))

@@ -153,3 +153,30 @@ def test_trajectory_pairs_propagate_the_final_label_to_every_step(tiny_pipeline)
     assert not torch.equal(pairs.latents, pairs.latents_lose)
     first, second = pairs.select(pairs.step_index == divert), pairs.select(pairs.step_index == divert + 1)
     assert torch.equal(first.win, second.latents) and torch.equal(first.lose, second.latents_lose)
+
+
+def test_sampling_unet_evaluations_counts_every_samplers_latent_rows(tiny_pipeline):
+    """The cost formula against the rows the three samplers really pass through the UNet (halved for CFG)."""
+    from spotune.diffusion.gradspo_sampler import gradspo_sample
+    from spotune.diffusion.sampler import sampling_unet_evaluations, trajectory_sample
+
+    b, k, steps, divert = 3, 4, 6, 2
+    prompts = [f"prompt {i}" for i in range(b)]
+    emb = Conditioning(encode_prompts(tiny_pipeline.tokenizer, tiny_pipeline.text_encoder, prompts))
+    neg = Conditioning(encode_prompts(tiny_pipeline.tokenizer, tiny_pipeline.text_encoder, [""]))
+    for sampler in (spo_sample, gradspo_sample):
+        counting = CountingUNet(tiny_pipeline.unet)
+        g = torch.Generator().manual_seed(0)
+        sampler(counting, tiny_pipeline.vae, tiny_pipeline.scheduler, RecordingJudge(), prompts, emb, neg,
+                torch.randn(b, 4, 8, 8, generator=g), num_inference_steps=steps, divert_start_step=divert,
+                num_candidates=k, threshold=0.0, guidance_scale=5.0, eta=1.0, generator=g)
+        assert sum(counting.batches) // 2 == sampling_unet_evaluations("step", b, steps, divert, k), sampler
+    counting = CountingUNet(tiny_pipeline.unet)
+    g = torch.Generator().manual_seed(0)
+    trajectory_sample(counting, tiny_pipeline.vae, tiny_pipeline.scheduler, RecordingJudge(), prompts, emb, neg,
+                      torch.randn(2 * b, 4, 8, 8, generator=g), num_inference_steps=steps, divert_start_step=divert,
+                      threshold=0.0, generator=g)
+    assert sum(counting.batches) // 2 == sampling_unet_evaluations("trajectory", b, steps, divert, k) == b * 2 * steps
+    assert sampling_unet_evaluations("step", 1, 20, 4, 4) == 65
+    with pytest.raises(ValueError, match="unknown sampler"):
+        sampling_unet_evaluations("segment", 1, 20, 4, 4)

@@ -155,3 +155,14 @@ def test_two_level_bootstrap_refuses_ragged_or_empty_tables():
         two_level_bootstrap([])
     with pytest.raises(StatsError, match="NaN"):
         two_level_bootstrap([[float("nan")]])
+
+
+def test_two_level_bootstrap_leaves_missing_values_out_when_asked():
+    from spotune.eval.stats import StatsError, two_level_bootstrap
+
+    nan = float("nan")
+    with pytest.raises(StatsError, match="NaN"):
+        two_level_bootstrap([[1.0, nan]])
+    result = two_level_bootstrap([[2.0, nan, 2.0], [4.0, 4.0, nan]], resamples=500, missing=True)
+    assert result.mean == pytest.approx(3.0) and result.seed_means == [2.0, 4.0]
+    assert 2.0 <= result.ci_low <= 3.0 <= result.ci_high <= 4.0

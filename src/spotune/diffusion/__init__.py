@@ -19,6 +19,7 @@ _LAZY = {
     "trajectory_sample": "spotune.diffusion.sampler",
     "segment_spo_sample": "spotune.diffusion.segment_sampler",
     "ddim_sample": "spotune.diffusion.sampler",
+    "sampling_unet_evaluations": "spotune.diffusion.sampler",
     "decode_latents": "spotune.diffusion.sampler",
     "guided_noise_pred": "spotune.diffusion.sampler",
     "StepPairs": "spotune.diffusion.sampler",

@@ -446,3 +446,30 @@ def trajectory_sample(
         judge_calls=1,
         unet_calls=num_inference_steps,
     )
+
+
+def sampling_unet_evaluations(
+    sampler: str, num_prompts: int, num_inference_steps: int, divert_start_step: int, num_candidates: int
+) -> int:
+    """Guided UNet evaluations (latent rows through :func:`guided_noise_pred`) of one sampling round.
+
+    Each guided evaluation is one latent through the UNet with classifier-free guidance (two UNet rows
+    when the guidance scale is not 1). With b prompts, N steps, divert step d and k candidates:
+
+    * ``step`` (:func:`spo_sample`, and GradSPO's sampler, which branches the same way): the d + 1
+      trunk passes up to and including the first branching step, then k candidates per branching step
+      but the last (the chosen candidate's output is reused as the next trunk output; the final
+      candidates need none): ``b * (d + 1 + k * (N - d - 1))``;
+    * ``trajectory`` (:func:`trajectory_sample`): two full chains per prompt, ``b * 2 * N``.
+
+    That is ``unet_calls`` of :class:`SamplingResult` weighted by each pass's batch size; the methods'
+    sampling costs differ by this much (SD1.5 defaults, b = 1: 65 against 40).
+    """
+    n, d, k = num_inference_steps, divert_start_step, num_candidates
+    if sampler == "step":
+        if not 0 <= d < n:
+            raise ValueError(f"divert_start_step must lie in [0, {n}), got {d}")
+        return num_prompts * (d + 1 + k * (n - d - 1))
+    if sampler == "trajectory":
+        return num_prompts * 2 * n
+    raise ValueError(f"unknown sampler {sampler!r} (step or trajectory)")

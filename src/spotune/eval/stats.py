@@ -238,6 +238,7 @@ def two_level_bootstrap(
     confidence: float = 0.95,
     resamples: int = 2000,
     seed: int = 0,
+    missing: bool = False,
 ) -> BootstrapInterval:
     """Interval of a mean across training seeds and evaluation images, both resampled.
 
@@ -255,10 +256,12 @@ def two_level_bootstrap(
         confidence: two-sided coverage of the percentile interval.
         resamples: bootstrap resamples.
         seed: seed of the resampling (the interval is reproducible).
+        missing: NaN marks a missing value (e.g. a subject's position when an image shows none), left
+            out of every mean; otherwise NaN is refused.
     """
     import numpy as np
 
-    x = _table(table)
+    x = _table(table, missing)
     if not 0.0 < confidence < 1.0:
         raise StatsError(f"confidence must lie in (0, 1), got {confidence}")
     if resamples < 1:
@@ -270,8 +273,18 @@ def two_level_bootstrap(
         r = min(256, resamples - start)
         rows = seed_rng.integers(0, s, size=(r, s))  # [r, S]
         cols = image_rng.integers(0, n, size=(r, n))  # [r, I]
-        means[start : start + r] = x[rows[:, :, None], cols[:, None, :]].mean(axis=(1, 2))
+        picked = x[rows[:, :, None], cols[:, None, :]]  # [r, S, I]
+        means[start : start + r] = _nanmean(picked, axis=(1, 2)) if missing else picked.mean(axis=(1, 2))
     return _interval(x, means, confidence, resamples)
+
+
+def _nanmean(x, axis):
+    """Mean over the non-NaN values (NaN where there are none), without numpy's empty-slice warning."""
+    import numpy as np
+
+    count = (~np.isnan(x)).sum(axis=axis)
+    total = np.nansum(x, axis=axis)
+    return np.where(count > 0, total / np.maximum(count, 1), np.nan)
 
 
 def bootstrap_mean(values: Sequence[float], confidence: float = 0.95, resamples: int = 2000, seed: int = 0) -> BootstrapInterval:
@@ -289,7 +302,7 @@ def bootstrap_mean(values: Sequence[float], confidence: float = 0.95, resamples:
     return _interval(x, means, confidence, resamples)
 
 
-def _table(table: Sequence[Sequence[float]]):
+def _table(table: Sequence[Sequence[float]], missing: bool = False):
     import numpy as np
 
     rows = [list(map(float, row)) for row in table]
@@ -298,7 +311,7 @@ def _table(table: Sequence[Sequence[float]]):
     if len({len(row) for row in rows}) != 1:
         raise StatsError(f"every seed needs the same images; row lengths {[len(r) for r in rows]}")
     x = np.array(rows, dtype=np.float64)
-    if np.isnan(x).any():
+    if np.isnan(x).all() or (np.isnan(x).any() and not missing):
         raise StatsError("values contain NaN; a scorer failed on some image")
     return x
 
@@ -307,6 +320,7 @@ def _interval(x, means, confidence: float, resamples: int) -> BootstrapInterval:
     import numpy as np
 
     tail = (1.0 - confidence) / 2.0
-    low, high = np.quantile(means, [tail, 1.0 - tail])
-    return BootstrapInterval(float(x.mean()), float(low), float(high), x.shape[0], x.shape[1], resamples,
-                             [float(v) for v in x.mean(axis=1)], confidence)
+    kept = means[~np.isnan(means)]  # a resample that drew only missing values has no mean
+    low, high = np.quantile(kept, [tail, 1.0 - tail])
+    return BootstrapInterval(float(_nanmean(x, (0, 1))), float(low), float(high), x.shape[0], x.shape[1], resamples,
+                             [float(v) for v in _nanmean(x, 1)], confidence)

@@ -340,8 +340,12 @@ class Demo:
         return self._stage("spm", payload, build)
 
     def spo_stage(self, name: str, base_key: str, judge_clip: Path, judge_key: str, spm_path: Path, spm_key: str,
-                  method: str) -> StageRecord:
-        """Fine-tune with ``spotune train``'s recipe: ``method`` is a key of :data:`METHODS`."""
+                  method: str, extra: dict[str, Any] | None = None) -> StageRecord:
+        """Fine-tune with ``spotune train``'s recipe: ``method`` is a key of :data:`METHODS`.
+
+        ``extra`` holds more train settings as values (the study's learning rate and checkpoints); they
+        enter the stage key through the config like every other setting, and the demo passes none.
+        """
         from spotune.recipes.train_spo import run_train_spo
         from spotune.recipes.train_spo_config import TrainSPOConfig
         from spotune.toyworld.world import prompt_split
@@ -355,6 +359,7 @@ class Demo:
         overrides.update(METHODS[method][1])
         if cfg.spo_iterations is not None:
             overrides["max_iterations"] = cfg.spo_iterations
+        overrides.update(extra or {})
         template = _recipe_config(TrainSPOConfig, self.spo_yaml, {**overrides, "output_dir": "-"})
         skipped = ("output_dir", "pretrained_model", "prompts", "judge_clip_path", "judge_checkpoint", "progress")
         skipped += () if method == "gradspo" else _GRADSPO_KEYS

@@ -85,14 +85,18 @@ def _mean_interval(values: np.ndarray) -> Summary:
     return summarize(values.tolist())
 
 
-def layout_drift(model: ImageScores, base: ImageScores) -> LayoutDrift:
-    """Per-image layout change of ``model`` against ``base`` (same prompts and seeds, same order)."""
+def position_change(model: ImageScores, base: ImageScores) -> np.ndarray:
+    """[B] distance in pixels between same-seed subjects' centroids; NaN where either image shows none."""
     if len(model.object_fraction) != len(base.object_fraction):
         raise ValueError(f"{len(model.object_fraction)} images against {len(base.object_fraction)} base images")
+    return np.hypot(model.centroid_x - base.centroid_x, model.centroid_y - base.centroid_y)
+
+
+def layout_drift(model: ImageScores, base: ImageScores) -> LayoutDrift:
+    """Per-image layout change of ``model`` against ``base`` (same prompts and seeds, same order)."""
+    position = position_change(model, base)
     size = np.abs(model.object_fraction - base.object_fraction)
-    dx, dy = model.centroid_x - base.centroid_x, model.centroid_y - base.centroid_y
-    both = ~(np.isnan(dx) | np.isnan(dy))  # NaN: one of the two images shows no object
-    return LayoutDrift(size=size, position=np.hypot(dx[both], dy[both]))
+    return LayoutDrift(size=size, position=position[~np.isnan(position)])
 
 
 @dataclass

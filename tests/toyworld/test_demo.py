@@ -60,6 +60,8 @@ def test_demo_writes_every_artifact_and_a_well_formed_report(demo_run):
     assert report["seconds_total"] > 0
     assert report["num_eval_images"] == 24  # every held-out prompt, one seed
     assert set(report["models"]) >= {"base", "SPO"}
+    drift = report["comparisons"]["SPO"]  # layout drift: an extra field beside the unchanged numbers
+    assert drift["layout_drift_size"] >= 0.0 and drift["layout_drift_position_pairs"] <= 24
     assert set(report["spm_accuracy"]["final"]) == {"0", "501"}
     assert {"pairs", "pickscore", "spm", "spo", "evaluation"} <= set(report["stages"])
     assert 0.0 <= report["pickscore"]["eval_accuracy_after"] <= 1.0

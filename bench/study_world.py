@@ -138,8 +138,9 @@ class Trainer:
 
         self.args = args
         self._demos: dict[int, Any] = {}
+        # The Demo only trains here (its output folder is never written), so its output check is moot.
         self._make = lambda seed: Demo(DemoConfig(
-            output=str(Path(args.output) / "unused"), cache_dir=args.cache_dir, spo_config=args.spo_config,
+            output=str(Path(args.output) / "unused"), overwrite=True, cache_dir=args.cache_dir, spo_config=args.spo_config,
             threads=args.threads, seed=seed, progress=args.progress, methods=list(args.methods)))
         probe = self.demo(args.selection_seed)
         probe.check()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -69,3 +71,14 @@ def test_an_image_without_a_subject_is_left_out_of_the_position_drift_only():
     drift = layout_drift(model, base)
     np.testing.assert_allclose(drift.size, [144 / 1024, 0.0], atol=1e-12)
     np.testing.assert_allclose(drift.position, [2.0], atol=1e-9)
+
+
+def test_drift_without_any_subject_pair_is_null_in_the_report_not_nan():
+    captions = ["a red square on a blue background"]
+    blank = render(Scene(Prompt("square", "red", "blue"), radius=0.0))
+    base = score_images(np.stack([_square(16.0, 16.0, 6.0)]), captions)
+    model = score_images(np.stack([blank]), captions)
+    summary = layout_drift(model, base).summary()
+    assert summary["layout_drift_position_pairs"] == 0
+    assert summary["layout_drift_position_px"] is None and summary["layout_drift_position_px_ci"] == [None, None]
+    json.dumps(summary, allow_nan=False)  # strict JSON

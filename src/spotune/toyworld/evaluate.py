@@ -67,15 +67,20 @@ class LayoutDrift:
     size: np.ndarray
     position: np.ndarray
 
-    def summary(self) -> dict[str, float | int | list[float]]:
-        """Mean absolute change with its Student-t 95% interval (NaN for fewer than two values)."""
-        out: dict[str, float | int | list[float]] = {}
+    def summary(self) -> dict[str, float | int | list[float | None] | None]:
+        """Mean absolute change with its Student-t 95% interval; ``None`` (JSON null, which strict JSON
+        readers accept where they refuse NaN) when there are too few values for it."""
+        out: dict[str, float | int | list[float | None] | None] = {}
         for key, values in (("size", self.size), ("position_px", self.position)):
             s = _mean_interval(values)
-            out[f"layout_drift_{key}"] = s.mean
-            out[f"layout_drift_{key}_ci"] = [s.ci_low, s.ci_high]
+            out[f"layout_drift_{key}"] = _finite_or_none(s.mean)
+            out[f"layout_drift_{key}_ci"] = [_finite_or_none(s.ci_low), _finite_or_none(s.ci_high)]
         out["layout_drift_position_pairs"] = int(len(self.position))
         return out
+
+
+def _finite_or_none(value: float) -> float | None:
+    return float(value) if np.isfinite(value) else None
 
 
 def _mean_interval(values: np.ndarray) -> Summary:

@@ -4,6 +4,7 @@
     python bench/bench_spo.py --family sdxl                  # tiny SDXL (configs/tiny_sdxl.yaml: the SDXL sampler)
     python bench/bench_spo.py --iterations 10 key=value ...  # any train config override
     python bench/bench_spo.py --size full --json out.json    # SD1.5 + ViT-H/14 judge, random weights
+    python bench/bench_spo.py --size full --family sdxl      # SDXL base 1.0's architecture, the SDXL recipe
     python bench/bench_spo.py --size full --emulate-reference      # and the authors' cost structure, side by side
     python bench/bench_spo.py --size full --config configs/sd15_spo_24gb.yaml --memory-cap-gb 24
     python bench/bench_spo.py --flop-table                   # per-image TFLOP at 512 px (meta device, seconds)
@@ -12,7 +13,10 @@
 from the configs spotune ships and the step-aware judge over PickScore's ViT-H/14, all with random
 weights, and the paper's settings (configs/sd15_spo.yaml: 10 prompts, k = 4, 20 steps, divert 4, CFG 5,
 512 px, LoRA rank 4, fp16). Only the preference threshold is 0, since a random judge rarely clears 0.3:
-every pair is trained on, the most training an iteration can hold (160 tuples).
+every pair is trained on, the most training an iteration can hold (160 tuples). ``--family sdxl`` does
+the same with SDXL base 1.0's architecture (the shipped configs: UNet, VAE, both text encoders) and the
+SDXL recipe (configs/sdxl_spo.yaml: 2 prompts, k = 2, 3 inner steps, 1024 px, LoRA rank 64, fp16, the VAE
+in fp16 as the fp16-fix VAE runs).
 
 Without CUDA it runs a proving mode sized for a small CPU (256 px, 1 prompt, k = 2, 4 steps, divert 2,
 bf16; flags below change each), so the full-size code paths run and their FLOPs are counted anywhere.
@@ -109,15 +113,22 @@ def _peak_memory_mb(device: torch.device) -> tuple[float, str]:
 # ================================================================================================
 # full size
 # ================================================================================================
+# The paper's settings per family (GPU) and the CPU proving mode's: resolution, prompts per round, k.
+FULL_SETTINGS = {"sd15": {"paper": (512, 10, 4), "proving": (256, 1, 2)},
+                 "sdxl": {"paper": (1024, 2, 2), "proving": (256, 1, 2)}}
+FULL_CONFIGS = {"sd15": "configs/sd15_spo.yaml", "sdxl": "configs/sdxl_spo.yaml"}
+
+
 def _full_overrides(args, cuda: bool) -> list[str]:
     """The paper's settings on CUDA, the proving mode's otherwise; each flag overrides either."""
     proving = not cuda and not args.paper_settings
     pick = lambda flag, gpu, cpu: flag if flag is not None else (gpu if not proving else cpu)  # noqa: E731
+    paper, cpu = FULL_SETTINGS[args.family]["paper"], FULL_SETTINGS[args.family]["proving"]
     prompts = ROOT.parent / "shared" / "data" / "spo_4k_training_prompts.json"
     settings = {
-        "resolution": pick(args.resolution, 512, 256),
-        "sample_batch_size": pick(args.prompts, 10, 1),
-        "num_samples_per_step": pick(args.k, 4, 2),
+        "resolution": pick(args.resolution, paper[0], cpu[0]),
+        "sample_batch_size": pick(args.prompts, paper[1], cpu[1]),
+        "num_samples_per_step": pick(args.k, paper[2], cpu[2]),
         "num_inference_steps": pick(args.steps, 20, 4),
         "divert_start_step": pick(args.divert, 4, 2),
         "mixed_precision": pick(args.dtype, "fp16", "bf16"),
@@ -128,15 +139,18 @@ def _full_overrides(args, cuda: bool) -> list[str]:
 
 
 @contextmanager
-def _random_full_size_models(device: torch.device):
-    """Make the recipe's setup load random SD1.5 and the ViT-H/14 judge instead of files.
+def _random_full_size_models(device: torch.device, family: str = "sd15"):
+    """Make the recipe's setup load random SD1.5 or SDXL and the ViT-H/14 judge instead of files.
 
-    Dtypes are the recipe's own: the training dtype for SD1.5, ``judge_dtype`` for the judge.
+    Dtypes are the recipe's own: the training dtype for the diffusion model (for SDXL, the fp16-fix VAE's
+    case), ``judge_dtype`` for the judge.
     """
     import full_size
 
+    build = full_size.build_sdxl_random if family == "sdxl" else full_size.build_sd15_random
+
     def load_pipeline(source, dtype=torch.float32, device_=None, **kwargs):
-        return full_size.build_sd15_random(dtype, device)
+        return build(dtype, device)
 
     def build_judge(*args, dtype=None, **kwargs):
         return full_size.build_vit_h_judge(dtype or torch.float32, device)
@@ -179,12 +193,13 @@ def run_full(args, mode: str) -> dict:
     clock = full_size.PhaseClock(device)
     with tempfile.TemporaryDirectory() as tmp:
         config = load_config(
-            TrainSPOConfig, args.config or str(ROOT / "configs" / "sd15_spo.yaml"),
+            TrainSPOConfig, args.config or str(ROOT / FULL_CONFIGS[args.family]),
             [f"output_dir={tmp}/run", "log_with=none", "progress=false", "validate_every_epochs=0",
              "num_epochs=1000", "checkpoint_every=0", "compile=false", f"allow_tf32={str(args.tf32).lower()}",
              f"judge_dtype={'fp32' if emulated else args.judge_dtype}", *overrides, *args.overrides],
         )
-        report["config"] = args.config or "configs/sd15_spo.yaml"
+        report["config"] = args.config or FULL_CONFIGS[args.family]
+        report["family"] = args.family
         report["settings"] = {k: getattr(config, k) for k in (
             "resolution", "sample_batch_size", "num_samples_per_step", "num_inference_steps", "divert_start_step",
             "guidance_scale", "train_batch_size", "train_micro_batch_size", "gradient_checkpointing", "mixed_precision",
@@ -195,7 +210,7 @@ def run_full(args, mode: str) -> dict:
         flops: dict[str, int] = {}
         t0 = time.perf_counter()
         try:
-            with _random_full_size_models(device):
+            with _random_full_size_models(device, args.family):
                 trainer.setup()
             report["seconds_setup"] = time.perf_counter() - t0
             acc = trainer.accelerator
@@ -346,8 +361,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=("tiny", "full"), default="tiny")
     parser.add_argument("--family", choices=("sd15", "sdxl"), default="sd15",
-                        help="model family of the tiny run (sdxl: configs/tiny_sdxl.yaml); --size full is SD1.5 only")
-    parser.add_argument("--config", default=None, help="train config (tiny: configs/tiny_cpu.yaml or tiny_sdxl.yaml, full: configs/sd15_spo.yaml)")
+                        help="model family (tiny: configs/tiny_cpu.yaml or tiny_sdxl.yaml; full: SD1.5 or SDXL base 1.0's architecture, random weights)")
+    parser.add_argument("--config", default=None, help="train config (tiny: configs/tiny_cpu.yaml or tiny_sdxl.yaml, full: configs/sd15_spo.yaml or sdxl_spo.yaml)")
     parser.add_argument("--iterations", type=int, default=None, help="measured iterations (tiny: 5, full: 3 on CUDA, 1 on CPU)")
     parser.add_argument("--warmup", type=int, default=None, help="warm-up iterations (tiny: 1; full: 1 after the FLOP-count iteration on CUDA, 0 on CPU)")
     parser.add_argument("--json", help="also write the results to this JSON file")
@@ -378,8 +393,6 @@ def main(argv: list[str] | None = None) -> dict:
         args.iterations = 5 if args.iterations is None else args.iterations
         args.warmup = 1 if args.warmup is None else args.warmup
         report = run_tiny(args)
-    elif args.family != "sd15":
-        parser.error("--size full builds SD1.5's architecture only; the full-size SDXL benchmark is not written yet")
     else:
         cuda = torch.cuda.is_available()
         args.iterations = (3 if cuda else 1) if args.iterations is None else args.iterations

@@ -1,4 +1,4 @@
-"""Full-size SPO benchmark pieces: SD1.5 and the ViT-H/14 judge with random weights, a per-phase clock
+"""Full-size SPO benchmark pieces: SD1.5, SDXL and the ViT-H/14 judge with random weights, a per-phase clock
 with FLOP counting, the authors' cost structure as an emulation, and the per-image FLOP table.
 
 Used by ``bench/bench_spo.py --size full``; nothing here is imported by the package.
@@ -90,6 +90,35 @@ def build_sd15_random(dtype: torch.dtype, device: torch.device | str) -> SimpleN
         scheduler=DDIMScheduler.from_config(configs["scheduler"]),
         unet=unet, vae=vae, text_encoder=text_encoder,
     )
+
+
+def build_sdxl_random(dtype: torch.dtype, device: torch.device | str):
+    """SDXL base 1.0's UNet, VAE and both text encoders from the configs spotune ships, random weights, DDIM.
+
+    A real :class:`StableDiffusionXLPipeline` (the recipe reads its config's ``force_zeros_for_empty_prompt``).
+    The VAE is kept in ``dtype`` as the fp16-fix VAE is (the authors' setup); SDXL's own VAE would stay fp32.
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from spotune.models.single_file_sdxl import sdxl_resources
+
+    folder = sdxl_resources()
+    read = lambda name, file="config.json": json.loads((folder / name / file).read_text())  # noqa: E731
+    torch.manual_seed(0)
+    with torch.device(device):  # initialise where the weights will live (fast on a GPU)
+        unet = UNet2DConditionModel.from_config(read("unet")).to(dtype)
+        vae = AutoencoderKL.from_config(read("vae")).to(dtype)
+        text_encoder = CLIPTextModel(CLIPTextConfig.from_dict(read("text_encoder"))).to(dtype)
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig.from_dict(read("text_encoder_2"))).to(dtype)
+    tokenizers = [CLIPTokenizer.from_pretrained(str(folder / name), local_files_only=True) for name in ("tokenizer", "tokenizer_2")]
+    pipe = StableDiffusionXLPipeline(
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizers[0],
+        tokenizer_2=tokenizers[1], unet=unet, scheduler=DDIMScheduler.from_config(read("scheduler", "scheduler_config.json")),
+        force_zeros_for_empty_prompt=True, add_watermarker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def build_vit_h_judge(dtype: torch.dtype, device: torch.device | str):
@@ -204,17 +233,20 @@ def emulate_reference_training(trainer, clock: PhaseClock) -> None:
     trainer.emulated_reference_unet = reference
 
     def pair_loss(batch):
-        x_t, t, cond = batch.latents, batch.timesteps, batch.cond  # [n,4,h,w], [n], n rows
+        t, cond = batch.timesteps, batch.cond  # [n], n rows
+        # The loser's step starts from its own x_t where it has one (the SDXL sampler's inner transitions).
+        starts = {"win": batch.latents, "lose": batch.latents if batch.latents_lose is None else batch.latents_lose}
         outs = {}
         with acc.autocast():
-            for side in ("win", "lose"):
+            for side, x_t in starts.items():
                 outs[side] = guided_noise_pred(trainer.unet, x_t, t, cond, trainer.negative, cfg.guidance_scale)
                 with torch.no_grad(), adapter_disabled(reference):
                     outs[side + "_ref"] = guided_noise_pred(reference, x_t, t, cond, trainer.negative, cfg.guidance_scale)
         logps = {}
         for key, out in outs.items():
-            target = batch.win if key.startswith("win") else batch.lose
-            _, logps[key] = ddim_step_with_logprob(trainer.scheduler, out, t, x_t, cfg.eta, prev_sample=target)
+            side = "win" if key.startswith("win") else "lose"
+            target = batch.win if side == "win" else batch.lose
+            _, logps[key] = ddim_step_with_logprob(trainer.scheduler, out, t, starts[side], cfg.eta, prev_sample=target)
         return spo_loss(logps["win"], logps["win_ref"], logps["lose"], logps["lose_ref"], cfg.beta, cfg.eps)
 
     trainer._pair_loss = pair_loss

@@ -20,6 +20,8 @@ run fp16_judge_fp32_no_tf32 --dtype fp16 --no-tf32
 run fp16_judge_bf16 --dtype fp16 --judge-dtype bf16
 run fp16_24gb --dtype fp16 --config configs/sd15_spo_24gb.yaml --memory-cap-gb 24
 run fp16_24gb_plain_config --dtype fp16 --memory-cap-gb 24
+run sdxl_fp16 --family sdxl --dtype fp16
+run sdxl_fp16_vs_reference --family sdxl --emulate-reference --dtype fp16
 "$PY" - "$OUT" <<'PY'
 import json, sys
 from pathlib import Path

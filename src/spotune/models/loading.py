@@ -218,16 +218,8 @@ def _load_single_file(path: Path, wanted: ModelFamily | None, dtype: torch.dtype
     if family is not None:
         _check_forced(wanted, family, f"checkpoint {path}")
     if family is SDXL or (family is None and wanted is SDXL):
-        try:
-            from spotune.models.single_file_sdxl import load_sdxl_single_file
-        except ModuleNotFoundError as exc:
-            if exc.name != "spotune.models.single_file_sdxl":
-                raise  # the converter exists but something it needs does not: not this message
-            raise ModelLoadError(
-                f"{path} is a single-file SDXL checkpoint, which this spotune cannot convert offline; convert it to "
-                "a diffusers folder (diffusers' StableDiffusionXLPipeline.from_single_file(FILE).save_pretrained(FOLDER)) "
-                "and pass that folder as the model"
-            ) from None
+        from spotune.models.single_file_sdxl import load_sdxl_single_file
+
         return load_sdxl_single_file(path, dtype)
     from spotune.models.single_file import load_single_file_pipeline
 

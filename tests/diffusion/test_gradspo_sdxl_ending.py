@@ -17,6 +17,8 @@ from spotune.diffusion.gradspo_sampler import gradspo_sample
 from spotune.diffusion.sampler import decode_latents, guided_noise_pred
 from spotune.preference.select import select_pair
 
+from sdxl_sampling_helpers import CountingUNet, sdxl_inputs
+
 
 class RecordingJudge:
     """Scores by mean brightness (optionally a tie for the final images) and records the timesteps."""
@@ -32,36 +34,8 @@ class RecordingJudge:
         return images.float().mean(dim=(1, 2, 3)) * 100
 
 
-class CountingUNet(torch.nn.Module):
-    def __init__(self, unet):
-        super().__init__()
-        self.unet, self.batches = unet, []
-        self.config = unet.config
-
-    def forward(self, x, t, **kwargs):
-        self.batches.append(x.shape[0])
-        return self.unet(x, t, **kwargs)
-
-
-@pytest.fixture(scope="module")
-def sdxl():
-    from spotune.models.tiny import build_tiny_sdxl_pipeline
-
-    return build_tiny_sdxl_pipeline()
-
-
-def _inputs(pipe, b: int, seed: int):
-    from spotune.models.family import SDXL
-
-    conditioner = SDXL.conditioner(pipe)
-    prompts = [f"prompt {i}" for i in range(b)]
-    g = torch.Generator().manual_seed(seed)
-    latents = torch.randn(b, 4, 8, 8, generator=g)
-    return prompts, conditioner.encode(prompts), conditioner.negative(""), latents, g
-
-
 def _run(pipe, judge, *, ending="sdxl", b=2, k=3, steps=8, divert=2, threshold=0.0, seed=0, unet=None):
-    prompts, cond, neg, latents, g = _inputs(pipe, b, seed)
+    prompts, cond, neg, latents, g = sdxl_inputs(pipe, b, seed)
     return gradspo_sample(
         unet or pipe.unet, pipe.vae, pipe.scheduler, judge, prompts, cond, neg, latents,
         num_inference_steps=steps, divert_start_step=divert, num_candidates=k, threshold=threshold,
@@ -238,7 +212,7 @@ def _official_sdxl_loop(pipe, judge, prompts, cond, neg, latents, g, *, steps, d
 ])
 def test_matches_a_restatement_of_the_official_sdxl_loop(sdxl, steps, divert, k, b, threshold, finals):
     result = _run(sdxl, RecordingJudge(), b=b, k=k, steps=steps, divert=divert, threshold=threshold, seed=5)
-    prompts, cond, neg, latents, g = _inputs(sdxl, b, 5)
+    prompts, cond, neg, latents, g = sdxl_inputs(sdxl, b, 5)
     ref = _official_sdxl_loop(sdxl, RecordingJudge(), prompts, cond, neg, latents, g,
                               steps=steps, divert=divert, k=k, threshold=threshold)
     pairs = result.pairs

@@ -15,6 +15,8 @@ from spotune.diffusion.sampler import decode_latents, guided_noise_pred
 from spotune.diffusion.segment_sampler import evaluation_steps, judged_steps, segment_spo_sample
 from spotune.preference.select import select_pair
 
+from sdxl_sampling_helpers import CountingUNet, sdxl_inputs
+
 
 class RecordingJudge:
     """Scores by mean brightness and records every call (batch size, prompts, timesteps)."""
@@ -27,36 +29,8 @@ class RecordingJudge:
         return images.float().mean(dim=(1, 2, 3)) * 100
 
 
-class CountingUNet(torch.nn.Module):
-    def __init__(self, unet):
-        super().__init__()
-        self.unet, self.batches = unet, []
-        self.config = unet.config
-
-    def forward(self, x, t, **kwargs):
-        self.batches.append(x.shape[0])
-        return self.unet(x, t, **kwargs)
-
-
-@pytest.fixture(scope="module")
-def sdxl():
-    from spotune.models.tiny import build_tiny_sdxl_pipeline
-
-    return build_tiny_sdxl_pipeline()
-
-
-def _inputs(pipe, b: int, seed: int):
-    from spotune.models.family import SDXL
-
-    conditioner = SDXL.conditioner(pipe)
-    prompts = [f"prompt {i}" for i in range(b)]
-    g = torch.Generator().manual_seed(seed)
-    latents = torch.randn(b, 4, 8, 8, generator=g)
-    return prompts, conditioner.encode(prompts), conditioner.negative(""), latents, g
-
-
 def _run(pipe, judge, *, b=2, k=2, steps=20, divert=4, inner=3, threshold=0.0, seed=0, unet=None):
-    prompts, cond, neg, latents, g = _inputs(pipe, b, seed)
+    prompts, cond, neg, latents, g = sdxl_inputs(pipe, b, seed)
     return segment_spo_sample(
         unet or pipe.unet, pipe.vae, pipe.scheduler, judge, prompts, cond, neg, latents,
         num_inference_steps=steps, divert_start_step=divert, num_candidates=k, num_inner_steps=inner,
@@ -225,7 +199,7 @@ def _authors_loop(pipe, judge, prompts, cond, neg, latents, g, *, steps, divert,
 def test_matches_a_restatement_of_the_authors_loop(sdxl, steps, divert, inner, k, threshold):
     b = 3
     result = _run(sdxl, RecordingJudge(), b=b, k=k, steps=steps, divert=divert, inner=inner, threshold=threshold, seed=5)
-    prompts, cond, neg, latents, g = _inputs(sdxl, b, 5)
+    prompts, cond, neg, latents, g = sdxl_inputs(sdxl, b, 5)
     ref = _authors_loop(sdxl, RecordingJudge(), prompts, cond, neg, latents, g,
                         steps=steps, divert=divert, inner=inner, k=k, threshold=threshold)
     pairs = result.pairs

@@ -23,6 +23,7 @@ from diffusers import DDIMScheduler, UNet2DConditionModel
 
 from spotune.diffusion.ddim import ddim_step_with_logprob, predict_x0_and_eps, previous_timestep
 from spotune.models.conditioning import Conditioning
+from spotune.models.family import vae_scale_factor
 from spotune.preference.protocol import PreferenceModel
 from spotune.preference.select import select_pair
 
@@ -74,7 +75,7 @@ def auto_decode_chunk_size(vae, latents: torch.Tensor, fraction: float = 0.5) ->
     if latents.device.type != "cuda" or batch == 0:
         return max(batch, 1)
     free, _ = torch.cuda.mem_get_info(latents.device)
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    factor = vae_scale_factor(vae)
     height, width = latents.shape[-2] * factor, latents.shape[-1] * factor
     width_channels = vae.config.block_out_channels[0]
     per_image = 6 * width_channels * height * width * torch.finfo(vae.dtype).bits // 8

@@ -14,8 +14,10 @@ chosen learning rate and is evaluated on the *test* captions, with the same eval
 model. The trainings are the demo's own stages (:class:`spotune.toyworld.demo.Demo`, its stage cache,
 base model, shipped SPM and ``toyworld_spo.yaml``), so a rerun reuses every finished training.
 
-It writes ``study.json`` (everything), ``study.md`` (the tables), and ``plots/`` (win rate against
-iterations and against the guided UNet evaluations of sampling) into ``--output``.
+It writes ``study.json`` (everything), ``study.md`` (the tables), ``plots/`` (win rate against
+iterations and against the guided UNet evaluations of sampling) and ``study_choice.json`` (each
+method's chosen learning rate and iterations: copy it to ``src/spotune/resources/toyworld/configs/``,
+where ``spotune demo`` reads it) into ``--output``.
 """
 
 from __future__ import annotations
@@ -29,12 +31,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from spotune.toyworld.metrics import AESTHETIC_COMPONENTS
+
 # The demo's stage times measured on 2 CPU cores (README, "The demo"): 30 iterations of the shipped
 # toyworld_spo.yaml per method, and the evaluation of 3 models x 192 images in 55 s. The run-time
 # estimate scales these; it is an estimate, not a measurement of the study.
 MEASURED_SECONDS_PER_ITERATION = {"spo": 186.0 / 30, "trajectory": 223.0 / 30, "gradspo": 262.0 / 30}
 MEASURED_SECONDS_PER_EVAL_IMAGE = 55.0 / (3 * 192)
-STUDY_FORMAT = 1
+STUDY_FORMAT = 2  # 2: the three-scale aesthetic (lighting, vividness, cleanliness)
 
 
 class StudyError(Exception):
@@ -228,9 +232,11 @@ class Evaluator:
         base = self.base(split)
         model = self._run(folder.name, unet_with_lora(self.pipe.unet, folder), split)
         return {
-            "win": win_outcomes(model.scores.cleanliness, base.scores.cleanliness).tolist(),
+            "win": win_outcomes(model.scores.aesthetic, base.scores.aesthetic).tolist(),
             "preference_win": win_outcomes(model.judge_scores.astype(float), base.judge_scores.astype(float)).tolist(),
-            "aesthetic_delta": (model.scores.cleanliness - base.scores.cleanliness).tolist(),
+            "aesthetic_delta": (model.scores.aesthetic - base.scores.aesthetic).tolist(),
+            **{f"{name}_delta": (getattr(model.scores, name) - getattr(base.scores, name)).tolist()
+               for name in AESTHETIC_COMPONENTS},
             "aligned": model.scores.aligned.tolist(),
             "size_drift": abs(model.scores.object_fraction - base.scores.object_fraction).tolist(),
             "position_drift": position_change(model.scores, base.scores).tolist(),  # NaN: no subject in one image
@@ -317,6 +323,7 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
             "win_rate": interval(rows("win"), args),
             "preference_win_rate": interval(rows("preference_win"), args),
             "aesthetic_delta": interval(rows("aesthetic_delta"), args),
+            **{f"{name}_delta": interval(rows(f"{name}_delta"), args) for name in AESTHETIC_COMPONENTS},
             "alignment": interval(rows("aligned"), args),
             "alignment_base": float(base_test.scores.aligned.mean()),
             "layout_drift_size": interval(rows("size_drift"), args),
@@ -349,7 +356,8 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
         "selection": selection,
         "methods": methods,
         "curves": curves,
-        "base": {split: {"aesthetic": float(r.scores.cleanliness.mean()), "alignment": float(r.scores.aligned.mean()),
+        "base": {split: {"aesthetic": float(r.scores.aesthetic.mean()),
+                         **{name: float(getattr(r.scores, name).mean()) for name in AESTHETIC_COMPONENTS}, "alignment": float(r.scores.aligned.mean()),
                          "subject_size": float(r.scores.object_fraction.mean())} for split, r in evaluator._base.items()},
         "trainings": [{"method": t.method, "learning_rate": t.learning_rate, "seed": t.seed, "stage": str(t.run.parent),
                        "build_seconds": t.seconds, "cached": t.cached} for t in trainer.trainings],
@@ -367,6 +375,7 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
     write_plots(out / "plots", report)
     atomic_write_json(out / "study.json", report)
     atomic_write_text(out / "study.md", markdown(report))
+    atomic_write_json(out / "study_choice.json", study_choice(report))
     print(f"\nstudy: {out / 'study.md'} ({seconds['total']:.0f} s)", flush=True)
     return report
 
@@ -374,6 +383,17 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
 # ================================================================================================
 # the report
 # ================================================================================================
+def study_choice(report: dict[str, Any]) -> dict[str, Any]:
+    """What ``spotune demo`` reads (``resources/toyworld/configs/study_choice.json``): each method's chosen
+    learning rate and iterations, with where they came from."""
+    return {
+        "source": "bench/study_world.py, selection on the validation split (training seed "
+                  f"{report['settings']['selection_seed']}); the full report is bench/results/toyworld-study/study.md",
+        "chosen": {method: {"learning_rate": sel["chosen"]["learning_rate"], "iterations": sel["chosen"]["iterations"]}
+                   for method, sel in report["selection"].items()},
+    }
+
+
 def _pct(d: dict[str, Any]) -> str:
     return f"{100 * d['mean']:.1f}% [{100 * d['ci_low']:.1f}%, {100 * d['ci_high']:.1f}%]"
 
@@ -401,6 +421,10 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {m['name']} | {m['learning_rate']:g} | {m['iterations']} | {_pct(m['win_rate'])} | "
                      f"{_num(m['aesthetic_delta'])} | {_pct(m['alignment'])} | {_num(m['layout_drift_size'])} | "
                      f"{_num(m['layout_drift_position_px'], 2)} | {m['unet_evaluations_per_iteration']} |")
+    lines += ["", "## Aesthetic delta by component (test, chosen settings)", "",
+              "| method | " + " | ".join(AESTHETIC_COMPONENTS) + " |", "| --- |" + " ---: |" * len(AESTHETIC_COMPONENTS)]
+    for m in report["methods"].values():
+        lines.append(f"| {m['name']} | " + " | ".join(_num(m[f"{name}_delta"]) for name in AESTHETIC_COMPONENTS) + " |")
     lines += ["", "## Selection on the validation split (training seed "
               f"{s['selection_seed']}): aesthetic win rate vs base", "",
               "| method | lr | " + " | ".join(f"{it} it." for it in report["checkpoint_iterations"]) + " |",

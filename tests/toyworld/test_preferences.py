@@ -30,6 +30,7 @@ def test_noise_free_labels_follow_the_utility_and_here_the_cleaner_image():
     data = label_pairs(captions, images, RaterWeights(aesthetic=1.0, layout=0.0, alignment=0.0), rng=None)
     assert (data.labels[:, 0] == 1).all()  # the clean image always wins when only aesthetics count
     assert data.label_agrees_with_aesthetics == 1.0
+    assert (data.aesthetic[:, 0] > data.aesthetic[:, 1]).all()
     assert (data.cleanliness[:, 0] > data.cleanliness[:, 1]).all()
     assert (data.aligned == 1).all()
 
@@ -54,10 +55,25 @@ def test_layout_weight_can_outvote_aesthetics():
     for i, caption in enumerate(captions):
         prompt = all_prompts()[i % len(all_prompts())]
         images[i, 1] = render(Scene(prompt, 16, 16, 10.0, sample_scene(prompt, rng, num_specks=1).specks))
-        images[i, 0] = render(Scene(prompt, 16, 16, 6.5))
+        images[i, 0] = render(Scene(prompt, 12.5, 12.5, 6.5))  # smaller and off-centre: worse layout on both counts
     layout_only = label_pairs(captions, images, RaterWeights(aesthetic=0.0, layout=1.0, alignment=0.0), rng=None)
     assert (layout_only.labels[:, 1] == 1).all()
     assert layout_only.label_agrees_with_aesthetics == 0.0
+
+
+def test_the_layout_term_weighs_centring_as_well_as_size():
+    """Same subject size, one centred and one near a corner: the layout-only rater prefers the centred one."""
+    captions, images = [], []
+    for i, prompt in enumerate(all_prompts()[::4]):
+        off = Scene(prompt, 10.0, 21.0, 7.5)
+        centred = Scene(prompt, 16.0, 16.0, 7.5)
+        captions.append(prompt.caption)
+        images.append(np.stack([render(off), render(centred)] if i % 2 else [render(centred), render(off)]))
+    data = label_pairs(captions, np.stack(images), RaterWeights(aesthetic=0.0, layout=1.0, alignment=0.0), rng=None)
+    winner = np.array([1 if i % 2 else 0 for i in range(len(captions))])
+    assert (data.labels.argmax(1) == winner).all()
+    assert np.allclose(data.subject[:, 0], data.subject[:, 1], atol=2 / 1024)
+    assert (data.centring.max(1) > data.centring.min(1) + 5).all()
 
 
 def test_parquet_round_trip_through_the_train_spm_reader(tmp_path):

@@ -360,16 +360,21 @@ def ddim_sample(
     eta: float = 0.0,
     guidance_scale: float = 5.0,
     generator: torch.Generator | None = None,
+    on_x0_prediction: Callable[[int, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """Plain guided DDIM sampling: [b, C, h, w] x_T -> [b, C, h, w] x_0 latents (validation images).
 
-    ``cond`` holds b rows of conditioning, ``negative`` one row.
+    ``cond`` holds b rows of conditioning, ``negative`` one row. ``on_x0_prediction(t, x0)``, when
+    given, sees every step's timestep and [b, C, h, w] x0-prediction latents (what SPO's judge sees).
     """
     scheduler.set_timesteps(num_inference_steps, device=latents.device)
     x = latents
     for t in scheduler.timesteps:
         noise_pred = guided_noise_pred(unet, x, t.expand(x.shape[0]), cond, negative, guidance_scale)
-        x = scheduler.step(noise_pred, t, x, eta=eta, generator=generator).prev_sample
+        out = scheduler.step(noise_pred, t, x, eta=eta, generator=generator)
+        if on_x0_prediction is not None:
+            on_x0_prediction(int(t), out.pred_original_sample)
+        x = out.prev_sample
     return x
 
 

@@ -55,7 +55,8 @@ from spotune.utils.io import atomic_directory, atomic_write_json, atomic_write_t
 logger = logging.getLogger(__name__)
 
 CACHE_ENV = "SPOTUNE_CACHE"
-DEMO_FORMAT = 1  # bump when a stage's outputs change meaning, so old caches are not reused
+DEMO_FORMAT = 2  # bump when a stage's outputs change meaning, so old caches are not reused (2: three-scale aesthetic)
+STUDY_REPORT = "bench/results/toyworld-study/study.md"  # the multi-seed answer, in the repository
 # The fine-tuning methods the demo can compare: name -> (model name in the report, train overrides).
 METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "spo": ("SPO", {}),
@@ -81,6 +82,23 @@ def resource_dir() -> Path:
     return Path(str(resources.files("spotune") / "resources" / "toyworld"))
 
 
+STUDY_CHOICE = "study_choice.json"  # under resources/toyworld/configs, written by bench/study_world.py --write-choice
+
+
+def study_choice(path: Path | None = None) -> dict[str, dict[str, Any]]:
+    """``{method: {"learning_rate": lr, "iterations": n}}`` chosen by the multi-seed study on its validation
+    split; ``{}`` when the file does not exist (the spo YAML's settings then apply to every method)."""
+    path = path or resource_dir() / "configs" / STUDY_CHOICE
+    if not path.is_file():
+        return {}
+    data = json.loads(path.read_text())
+    choice = data.get("chosen", {})
+    for method, values in choice.items():
+        if method not in METHODS or not {"learning_rate", "iterations"} <= set(values):
+            raise DemoError(f"{path}: chosen.{method} must be a method of {', '.join(METHODS)} with learning_rate and iterations")
+    return choice
+
+
 @dataclass
 class DemoConfig:
     output: str = _help("Folder for the report (report.json, report.html, grid.png, plots/, LoRA).", "spotune-demo")
@@ -103,23 +121,27 @@ class DemoConfig:
     train_pairs: int = _help("spm=train: generic preference pairs on the training prompts.", 1024)
     eval_pairs: int = _help("spm=train: pairs on the held-out prompts for the SPM's accuracy.", 128)
     data_inference_steps: int = _help("DDIM steps of the base-model samples in the preference data.", 20)
-    rater_aesthetic: float = _help("Rater weight of aesthetics (background cleanliness, standardised).", 1.5)
-    rater_layout: float = _help("Rater weight of layout (subject size, standardised).", 1.0)
+    rater_aesthetic: float = _help("Rater weight of aesthetics (the exact aesthetic score: lighting, vividness, cleanliness; standardised).", 1.5)
+    rater_layout: float = _help("Rater weight of layout (subject size and centring, standardised, averaged).", 1.0)
     rater_alignment: float = _help("Rater weight of alignment (1 when the image shows the caption).", 1.0)
     rater_decisiveness: float = _help("Scale of utility gaps in the rater's Bradley-Terry draw (higher: less label noise).", 3.0)
     # -- stage budgets (the YAML files hold everything else) --
     pickscore_steps: int = _help("spm=train: optimizer steps of the pickscore stage (batch 32).", 600)
     spm_steps: int | None = _help("SPM optimizer steps; the spm YAML's max_steps when unset.", None)
     spo_iterations: int | None = _help("SPO iterations; the spo YAML's max_iterations when unset.", None)
+    study_settings: bool = _help(
+        "Train each method at the learning rate and for the number of iterations the multi-seed study chose on its "
+        "validation split (resources/toyworld/configs/study_choice.json); false: the spo YAML's. spo_iterations "
+        "still overrides the iterations.", True)
     methods: list[str] = _help(
         "Fine-tuning methods to run and compare, any of spo, trajectory (the Diffusion-DPO-style baseline) and "
         "gradspo (GradSPO), e.g. methods=[spo,gradspo]; each adds one training stage of the same budget.",
         ["spo", "trajectory"])
     trajectory_baseline: bool = _help("false drops trajectory from methods (the older way to skip the baseline).", True)
     # -- evaluation --
-    eval_seeds_per_prompt: int = _help("Same-seed images per held-out prompt and model.", 8)
+    eval_seeds_per_prompt: int = _help("Same-seed images per test prompt and model (the study's 8: seeds 0-7 for seed=0).", 8)
     eval_inference_steps: int = _help("DDIM steps of the evaluation images (eta 0, CFG 5).", 20)
-    grid_columns: int = _help("Held-out prompts shown in grid.png (one seed each).", 12)
+    grid_columns: int = _help("Test prompts shown in grid.png (one seed each).", 12)
     progress: bool = _help("Show progress bars.", True)
 
     def validate(self) -> None:
@@ -332,10 +354,16 @@ class Demo:
                    "config": {k: v for k, v in config_to_dict(template).items() if k not in ("output_dir", "pretrained_model", "clip_path", "train_data", "eval_data", "progress")}}
 
         def build(folder: Path) -> dict[str, Any]:
+            from spotune.toyworld.properties import spm_accuracy
+
             config = dataclasses.replace(template, output_dir=str(folder / "run"))
             config.validate()
             metrics = run_train_spm(config)
-            return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+            summary: dict[str, Any] = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+            summary["accuracy_by_labels"] = spm_accuracy(
+                self.base_dir, pickscore.folder / "model", folder / "run", pairs.folder / "eval.parquet", folder,
+                seed=cfg.seed, guidance_scale=template.guidance_scale, batch_size=template.eval_batch_size)
+            return summary
 
         return self._stage("spm", payload, build)
 
@@ -398,6 +426,7 @@ class Demo:
             spm_path, spm_key = spm.folder / "run", spm.key
             spm_record = spm_run_record(spm_path)
             spm_record["source"] = "trained in this run (spm=train)"
+            spm_record["accuracy_by_labels"] = StageCache.summary(spm).get("accuracy_by_labels")
             pairs_summary = StageCache.summary(pairs)
             pickscore_record = StageCache.summary(pickscore)
         else:
@@ -415,7 +444,8 @@ class Demo:
             if method == "trajectory" and not trajectory_pairing_available():
                 print("\n== trajectory: skipped (this version of the SPO recipe has no pairing=trajectory) ==")
                 continue
-            runs[METHODS[method][0]] = self.spo_stage(method, base_key, judge_clip, judge_key, spm_path, spm_key, method)
+            runs[METHODS[method][0]] = self.spo_stage(method, base_key, judge_clip, judge_key, spm_path, spm_key, method,
+                                                      extra=self.study_extra(method))
 
         print("\n== evaluation ==", flush=True)
         t0 = time.perf_counter()
@@ -433,6 +463,9 @@ class Demo:
             pickscore_record={k: v for k, v in pickscore_record.items() if k != "loss"},
             settings=config_to_dict(self.cfg),
             seconds_total=time.perf_counter() - t_start,
+            world={"x0_prediction": self.x0_properties, "spm_accuracy_by_labels": spm_record.get("accuracy_by_labels"),
+                   "study_settings": {name: self.study_extra(m) for m, (name, _) in METHODS.items() if m in self.methods()},
+                   "multi_seed_study": STUDY_REPORT},
         )
         self.out.mkdir(parents=True, exist_ok=True)
         report_mod.write_figures(self.out, report, results,
@@ -445,24 +478,36 @@ class Demo:
         print(f"\nreport: {self.out / 'report.html'}  ({report['seconds_total']:.0f} s in all)", flush=True)
         return report
 
+    def study_extra(self, method: str) -> dict[str, Any]:
+        """The study's chosen learning rate and iterations for ``method`` (``{}`` when not asked or not chosen)."""
+        chosen = study_choice().get(method) if self.cfg.study_settings else None
+        if not chosen:
+            return {}
+        extra: dict[str, Any] = {"learning_rate": float(chosen["learning_rate"])}
+        if self.cfg.spo_iterations is None:
+            extra["max_iterations"] = int(chosen["iterations"])
+        return extra
+
     def methods(self) -> list[str]:
         """The methods to run, in the order of :data:`METHODS` (so the report's columns do not depend on typing order)."""
         chosen = set(self.cfg.methods) - (set() if self.cfg.trajectory_baseline else {"trajectory"})
         return [m for m in METHODS if m in chosen]
 
     def evaluate(self, judge_clip: Path, spm_path: Path, runs: dict[str, StageRecord]):
-        """Base and every fine-tuned model (its trained LoRA) on the held-out prompts, same seeds."""
+        """Base and every fine-tuned model (its trained LoRA) on the study's test prompts, same seeds; and the
+        world's properties (x0-prediction aesthetics of the base) on the same captions and seeds."""
         from spotune.models import load_pipeline
         from spotune.preference.factory import build_judge
         from spotune.toyworld.evaluate import EvaluationSet, evaluate_model, unet_with_lora
-        from spotune.toyworld.world import prompt_split
+        from spotune.toyworld.properties import x0_prediction_aesthetics
 
         cfg = self.cfg
-        _, held_out = prompt_split()
-        captions = [p.caption for p in held_out for _ in range(cfg.eval_seeds_per_prompt)]
-        seeds = [cfg.seed * 1000 + s for _ in held_out for s in range(cfg.eval_seeds_per_prompt)]
+        captions, seeds = self.evaluation_captions()
         evalset = EvaluationSet(captions, seeds, num_inference_steps=cfg.eval_inference_steps)
         pipe = load_pipeline(str(self.base_dir))
+        t0 = time.perf_counter()
+        self.x0_properties = x0_prediction_aesthetics(pipe, captions, seeds, num_inference_steps=cfg.eval_inference_steps)
+        self.x0_properties["seconds"] = time.perf_counter() - t0
         judge = build_judge("spm", clip_path=str(judge_clip), checkpoint=str(spm_path))
         models = [("base", pipe.unet)] + [(name, unet_with_lora(pipe.unet, record.folder / "run")) for name, record in runs.items()]
         results = []
@@ -471,6 +516,17 @@ class Demo:
             print(f"   {name}: {len(captions)} images in {result.seconds:.0f} s", flush=True)
             results.append(result)
         return results
+
+
+    def evaluation_captions(self) -> tuple[list[str], list[int]]:
+        """The test split's captions, each with seeds ``seed * 1000 + 0 .. eval_seeds_per_prompt - 1``."""
+        from spotune.toyworld.world import prompt_splits
+
+        cfg = self.cfg
+        test = prompt_splits().test
+        captions = [p.caption for p in test for _ in range(cfg.eval_seeds_per_prompt)]
+        seeds = [cfg.seed * 1000 + s for _ in test for s in range(cfg.eval_seeds_per_prompt)]
+        return captions, seeds
 
 
 def _quiet_libraries() -> None:

@@ -4,8 +4,8 @@ Every model (the base, and the base with each trained LoRA) renders the same hel
 the same starting noise (:mod:`spotune.toyworld.sampling`), with deterministic DDIM (eta 0), so
 image i of two models differs only through the models. Each image is measured with the exact
 metrics of :mod:`spotune.toyworld.metrics` and scored by the preference model; a model's aesthetic
-win rate over the base counts the same-seed pairs in which its image is the cleaner one (a tie,
-e.g. both perfectly clean, counts as half).
+win rate over the base counts the same-seed pairs in which its image has the higher aesthetic score
+(a tie, e.g. both perfect, counts as half).
 
 *Layout drift* (:func:`layout_drift`) is how far a model moves the subject away from where the base
 put it from the same noise: per image, the absolute change of the subject's size (its share of the
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from spotune.eval.stats import Summary, WinRate, summarize, win_rate
-from spotune.toyworld.metrics import ImageScores, score_images
+from spotune.toyworld.metrics import AESTHETIC_COMPONENTS, ImageScores, score_images
 from spotune.toyworld.render import to_uint8
 from spotune.toyworld.sampling import generate
 
@@ -39,10 +39,11 @@ class ModelResult:
     seconds: float = 0.0
 
     def summary(self) -> dict[str, float]:
-        aesthetic = summarize(self.scores.cleanliness.tolist())
+        aesthetic = summarize(self.scores.aesthetic.tolist())
         return {
             "aesthetic": aesthetic.mean,
             "aesthetic_ci": [aesthetic.ci_low, aesthetic.ci_high],
+            **{f"aesthetic_{name}": float(getattr(self.scores, name).mean()) for name in AESTHETIC_COMPONENTS},
             "alignment": float(self.scores.aligned.mean()),
             "alignment_shape": float(self.scores.shape_ok.mean()),
             "alignment_colour": float(self.scores.colour_ok.mean()),
@@ -130,7 +131,7 @@ class Comparison:
 def compare(model: ModelResult, base: ModelResult) -> Comparison:
     return Comparison(
         name=model.name,
-        aesthetic=win_rate(model.scores.cleanliness.tolist(), base.scores.cleanliness.tolist()),
+        aesthetic=win_rate(model.scores.aesthetic.tolist(), base.scores.aesthetic.tolist()),
         preference=win_rate(model.judge_scores.tolist(), base.judge_scores.tolist()),
         alignment_change=100.0 * float(model.scores.aligned.mean() - base.scores.aligned.mean()),
         drift=layout_drift(model.scores, base.scores),

@@ -4,14 +4,15 @@ Each pair is two base-model samples of one caption (different seeds). The label 
 rater whose taste, like that of real raters, blends several things (the premise of SPO: generic
 preference labels mix layout opinions with aesthetics):
 
-* **aesthetics**: a clean background (:func:`spotune.toyworld.metrics.cleanliness`);
-* **layout**: a big subject (the object's share of the image), an opinion about composition that has
-  nothing to do with the aesthetic attribute;
+* **aesthetics**: the world's exact aesthetic score (:attr:`spotune.toyworld.metrics.SceneReading.aesthetic`:
+  even lighting, a vivid subject and a clean background);
+* **layout**: a big, centred subject (the object's share of the image, and minus the distance of its
+  centroid from the image centre), opinions about composition that have nothing to do with aesthetics;
 * **alignment**: whether the image shows what the caption names.
 
-The rater's utility of an image is ``u = w_aes * z(cleanliness) + w_layout * z(subject size) +
-w_align * aligned``, where ``z`` standardises by the mean and standard deviation over the training
-images, and a pair is labelled by a Bradley-Terry draw: image 0 wins with probability
+The rater's utility of an image is ``u = w_aes * z(aesthetic) + w_layout * (z(subject size) +
+z(centring)) / 2 + w_align * aligned``, where ``z`` standardises by the mean and standard deviation
+over the training images, and a pair is labelled by a Bradley-Terry draw: image 0 wins with probability
 ``sigmoid(decisiveness * (u_0 - u_1))``, so close calls are often labelled against the rater's own
 utility, as with human raters (with the default decisiveness about one label in six is). Evaluation
 pairs are labelled with the rater's underlying preference, ``u_0 > u_1``, without the draw, so accuracy
@@ -19,7 +20,8 @@ on them measures how much of that preference a model recovered.
 
 Written columns: ``caption``, ``jpg_0``, ``jpg_1`` (PNG bytes: lossless, so the exact metrics still
 hold for the stored images), ``label_0``, ``label_1``, plus, for inspection, the measured
-``cleanliness_*``, ``subject_*``, ``aligned_*`` and ``utility_*`` of both images.
+``aesthetic_*`` (and its components ``lighting_*``, ``vividness_*``, ``cleanliness_*``), ``subject_*``,
+``centring_*``, ``aligned_*`` and ``utility_*`` of both images.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from PIL import Image
 from spotune.toyworld.metrics import ImageScores, score_images
 from spotune.toyworld.render import to_uint8
 from spotune.toyworld.sampling import generate_with_pipeline
-from spotune.toyworld.world import Prompt
+from spotune.toyworld.world import IMAGE_SIZE, Prompt
 from spotune.utils.io import atomic_path
 
 
@@ -53,26 +55,41 @@ class RaterWeights:
     decisiveness: float = 3.0  # scales utility gaps in the Bradley-Terry draw; higher = less label noise
 
 
+def centring(scores: ImageScores) -> np.ndarray:
+    """[N] minus the distance in pixels of the subject's centroid from the image centre (the farthest
+    possible distance, the corner's, for an image without a subject): higher is more centred."""
+    half = IMAGE_SIZE / 2
+    distance = np.hypot(scores.centroid_x - half, scores.centroid_y - half)
+    return -np.where(np.isnan(distance), half * math.sqrt(2), distance)
+
+
+def _mean_std(values: np.ndarray) -> tuple[float, float]:
+    return float(values.mean()), max(float(values.std()), 1e-6)
+
+
 @dataclass(frozen=True)
 class Standardisation:
-    """Means and standard deviations that put cleanliness and subject size on a common scale."""
+    """Means and standard deviations that put aesthetics, subject size and centring on a common scale."""
 
-    cleanliness_mean: float
-    cleanliness_std: float
+    aesthetic_mean: float
+    aesthetic_std: float
     subject_mean: float
     subject_std: float
+    centring_mean: float
+    centring_std: float
 
     @classmethod
     def of(cls, scores: ImageScores) -> "Standardisation":
-        return cls(float(scores.cleanliness.mean()), max(float(scores.cleanliness.std()), 1e-6),
-                   float(scores.object_fraction.mean()), max(float(scores.object_fraction.std()), 1e-6))
+        return cls(*_mean_std(scores.aesthetic), *_mean_std(scores.object_fraction), *_mean_std(centring(scores)))
 
 
 def utilities(scores: ImageScores, weights: RaterWeights, scale: Standardisation) -> np.ndarray:
     """[N] rater utilities of N measured images."""
-    z_clean = (scores.cleanliness - scale.cleanliness_mean) / scale.cleanliness_std
+    z_aesthetic = (scores.aesthetic - scale.aesthetic_mean) / scale.aesthetic_std
     z_subject = (scores.object_fraction - scale.subject_mean) / scale.subject_std
-    return weights.aesthetic * z_clean + weights.layout * z_subject + weights.alignment * scores.aligned
+    z_centring = (centring(scores) - scale.centring_mean) / scale.centring_std
+    return (weights.aesthetic * z_aesthetic + weights.layout * (z_subject + z_centring) / 2
+            + weights.alignment * scores.aligned)
 
 
 def png_bytes(image: np.ndarray) -> bytes:
@@ -89,8 +106,12 @@ class PreferenceData:
     captions: list[str]
     images: np.ndarray  # [N, 2, H, W, 3] uint8
     labels: np.ndarray  # [N, 2] float32, rows (1, 0) or (0, 1)
+    aesthetic: np.ndarray  # [N, 2]
+    lighting: np.ndarray  # [N, 2]
+    vividness: np.ndarray  # [N, 2]
     cleanliness: np.ndarray  # [N, 2]
     subject: np.ndarray  # [N, 2]
+    centring: np.ndarray  # [N, 2]
     aligned: np.ndarray  # [N, 2]
     utility: np.ndarray  # [N, 2]
     scale: Standardisation
@@ -100,9 +121,9 @@ class PreferenceData:
 
     @property
     def label_agrees_with_aesthetics(self) -> float:
-        """Share of pairs (with a cleanliness difference) whose label prefers the cleaner image."""
-        differ = self.cleanliness[:, 0] != self.cleanliness[:, 1]
-        cleaner_0 = self.cleanliness[:, 0] > self.cleanliness[:, 1]
+        """Share of pairs (with an aesthetic difference) whose label prefers the more aesthetic image."""
+        differ = self.aesthetic[:, 0] != self.aesthetic[:, 1]
+        cleaner_0 = self.aesthetic[:, 0] > self.aesthetic[:, 1]
         return float(((self.labels[:, 0] == 1) == cleaner_0)[differ].mean()) if differ.any() else float("nan")
 
     @property
@@ -118,7 +139,7 @@ class PreferenceData:
             "label_0": self.labels[:, 0].astype(np.float64),
             "label_1": self.labels[:, 1].astype(np.float64),
         }
-        for name in ("cleanliness", "subject", "aligned", "utility"):
+        for name in ("aesthetic", "lighting", "vividness", "cleanliness", "subject", "centring", "aligned", "utility"):
             values = getattr(self, name)
             columns[f"{name}_0"], columns[f"{name}_1"] = values[:, 0].astype(np.float64), values[:, 1].astype(np.float64)
         return pa.table(columns)
@@ -167,8 +188,12 @@ def label_pairs(
         captions=list(captions),
         images=images,
         labels=labels,
+        aesthetic=scores.aesthetic.reshape(n, 2),
+        lighting=scores.lighting.reshape(n, 2),
+        vividness=scores.vividness.reshape(n, 2),
         cleanliness=scores.cleanliness.reshape(n, 2),
         subject=scores.object_fraction.reshape(n, 2),
+        centring=centring(scores).reshape(n, 2),
         aligned=scores.aligned.reshape(n, 2),
         utility=util,
         scale=scale,
@@ -269,7 +294,8 @@ def write_dataset(
         "train_label_follows_utility": train.label_follows_utility,
         "eval_label_agrees_with_aesthetics": evals.label_agrees_with_aesthetics,
         "base_sample_alignment": float(train.aligned.mean()),
-        "base_sample_aesthetic": float(train.cleanliness.mean()),
+        "base_sample_aesthetic": float(train.aesthetic.mean()),
+        **{f"base_sample_{name}": float(getattr(train, name).mean()) for name in ("lighting", "vividness", "cleanliness")},
         "scale": asdict(train.scale),
         "rater": asdict(weights),
         "seed": seed,

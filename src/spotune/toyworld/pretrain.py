@@ -4,7 +4,7 @@ Run it as ``python -m spotune.toyworld.pretrain [configs/toyworld_pretrain.yaml]
 The stages, each checkpointed in ``work_dir`` and skipped once finished:
 
 1. **data**: render ``num_images`` scenes of every prompt of the world (scene distribution of
-   :func:`spotune.toyworld.render.sample_scene`: clutter on half of them or more);
+   :func:`spotune.toyworld.render.sample_scene`: each aesthetic attribute degraded in half of them);
 2. **vae**: ``AutoencoderKL`` on the renders (L1 + MSE + a small KL); its ``scaling_factor`` is set to
    1 / the standard deviation of the latents, as Stable Diffusion's 0.18215 was;
 3. **latents**: the posterior (mean, log-variance) of every render, cached, so the UNet stage never runs
@@ -249,7 +249,8 @@ class Pretrainer:
         info = {
             "scaling_factor": scaling,
             "recon_alignment": float(rec.aligned.mean()),
-            "recon_cleanliness_corr": float(np.corrcoef(truth.cleanliness, rec.cleanliness)[0, 1]),
+            **{f"recon_{name}_corr": float(np.corrcoef(getattr(truth, name), getattr(rec, name))[0, 1])
+               for name in ("aesthetic", "lighting", "vividness", "cleanliness")},
             "recon_mse": float(F.mse_loss(recon, sample[:512])),
         }
         stage.finish({"vae": self.vae}, info)
@@ -337,7 +338,7 @@ class Pretrainer:
 
     @torch.no_grad()
     def sample_check(self, step: int) -> dict[str, float]:
-        """Generate ``sample_count`` images with the EMA weights; log alignment and cleanliness; save a grid."""
+        """Generate ``sample_count`` images with the EMA weights; log alignment and aesthetics; save a grid."""
         from spotune.utils.images import save_image_grid
 
         t0 = time.perf_counter()
@@ -355,7 +356,7 @@ class Pretrainer:
             "shape": float(scores.shape_ok.mean()),
             "colour": float(scores.colour_ok.mean()),
             "background": float(scores.background_ok.mean()),
-            "cleanliness": float(scores.cleanliness.mean()),
+            **{name: float(getattr(scores, name).mean()) for name in ("aesthetic", "lighting", "vividness", "cleanliness")},
         }
         logger.info("samples at step %d (%.0f s): %s", step, time.perf_counter() - t0, report)
         return report

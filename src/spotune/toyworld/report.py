@@ -29,6 +29,7 @@ def build_report(
     pickscore_record: dict[str, Any],
     settings: dict[str, Any],
     seconds_total: float,
+    world: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Everything ``report.json`` holds. ``results[0]`` is the base model; ``results[1]`` (SPO when it ran)
     gives the headline ``*_spo`` numbers and ``headline_model`` names it; every model is in ``models``."""
@@ -47,9 +48,10 @@ def build_report(
         "preference_score_spo": models[spo.name]["preference_score"],
         "headline_model": spo.name,
         "seconds_total": seconds_total,
-        "num_eval_images": len(base.scores.cleanliness),
-        "aesthetic_metric": "background cleanliness: 1 - mean over background pixels of min(1, distance to the "
-                            "background colour / 0.3) (spotune.toyworld.metrics)",
+        "num_eval_images": len(base.scores.aesthetic),
+        "aesthetic_metric": "mean of three exact components: lighting (coarse: evenness of the backdrop's shading), "
+                            "vividness (medium: the subject's colour against a muted one) and cleanliness (fine: "
+                            "no clutter on the backdrop) (spotune.toyworld.metrics)",
         "alignment_metric": "shape, shape colour and background colour all as the caption names them",
         "models": models,
         "comparisons": comparisons,
@@ -60,6 +62,7 @@ def build_report(
         "preference_data": pairs_summary,
         "stages": stages,
         "settings": settings,
+        "world": world or {},
     }
     set_total_time(report, seconds_total)
     return report
@@ -102,14 +105,65 @@ def table_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+def _num(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def world_tables(report: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]]]:
+    """(title, header, rows) of the world's measured properties: layout drift and aesthetic components per
+    model, the base's x0-prediction aesthetics by timestep, and the SPM's accuracy against both labels."""
+    tables = []
+    comps = report.get("comparisons", {})
+    if comps:
+        rows = []
+        for name, m in report["models"].items():
+            cmp = comps.get(name, {})
+            rows.append([name] + [_num(m.get(f"aesthetic_{c}")) for c in ("lighting", "vividness", "cleanliness")]
+                        + [_num(cmp.get("layout_drift_size"), 4), _num(cmp.get("layout_drift_position_px"), 2)])
+        tables.append(("Aesthetic components (mean) and layout drift against the base (same seeds)",
+                       ["model", "lighting (coarse)", "vividness (medium)", "cleanliness (fine)", "size drift", "position drift (px)"], rows))
+    world = report.get("world") or {}
+    x0 = world.get("x0_prediction")
+    if x0:
+        rows = []
+        for t, row in sorted(x0["by_timestep"].items(), key=lambda kv: -int(kv[0])):
+            rows.append([t] + [_num(row["mean"][m]) for m in ("aesthetic", "lighting", "vividness", "cleanliness")]
+                        + [_num(row["corr_with_final"][m], 2) for m in ("aesthetic", "lighting", "vividness", "cleanliness")])
+        rows.append(["final"] + [_num(x0["final"][m]) for m in ("aesthetic", "lighting", "vividness", "cleanliness")] + ["1.00"] * 4)
+        tables.append(("Base model: exact aesthetic of the x0-prediction by timestep, and its correlation with the final image's",
+                       ["t", "aesthetic", "lighting", "vividness", "cleanliness", "r aesthetic", "r lighting", "r vividness", "r cleanliness"], rows))
+    acc = world.get("spm_accuracy_by_labels")
+    if acc:
+        ts = [str(t) for t in acc["timesteps"]]
+        rows = [["rater's preference"] + [_pct(acc["vs_rater"].get(t)) for t in ts],
+                ["aesthetic alone"] + [_pct(acc["vs_aesthetic"].get(t)) for t in ts]]
+        tables.append((f"SPM pair accuracy on {acc.get('pairs')} held-out pairs by timestep (target {_pct(acc['target'])} "
+                       f"at every t <= 701: {'met' if acc.get('meets_target') else 'NOT met'})", ["labels"] + [f"t={t}" for t in ts], rows))
+    return tables
+
+
+def world_lines(report: dict[str, Any]) -> list[str]:
+    """:func:`world_tables` as aligned text, and where the multi-seed answer is."""
+    out: list[str] = []
+    for title, header, rows in world_tables(report):
+        widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+        line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+        out += [title + ":", line(header)] + [line(r) for r in rows] + [""]
+    study = (report.get("world") or {}).get("multi_seed_study")
+    if study:
+        out.append(f"One training seed. The multi-seed answer (3 seeds, settings chosen on validation): {study}")
+    return out
+
+
 def format_table(report: dict[str, Any]) -> str:
     """The terminal summary: the results table, the SPM's accuracy per timestep, and stage times."""
     header, rows = table_rows(report)
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
     line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
-    out = [f"Held-out prompts, same seeds ({report['num_eval_images']} images per model):", line(header),
+    out = [f"Test prompts, same seeds ({report['num_eval_images']} images per model):", line(header),
            line(["-" * w for w in widths])]
     out += [line(r) for r in rows]
+    out += [""] + world_lines(report)
     acc = report["spm_accuracy"].get("final") or {}
     if acc:
         out.append("")
@@ -255,6 +309,13 @@ def write_html(out: Path, report: dict[str, Any]) -> None:
     targets = "".join(f"<li>{esc(k)}: {'met' if v else '<b>not met</b>'}</li>" for k, v in report["targets"].items())
     data = report["preference_data"]
     plots_html = "".join(f'<p><img src="{esc(p)}" alt="{esc(p)}"></p>' for p in plots)
+    world_html = "".join(
+        f"<h3>{esc(title)}</h3><table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>"
+        + "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in rows) + "</table>"
+        for title, header, rows in world_tables(report))
+    study = (report.get("world") or {}).get("multi_seed_study")
+    if study:
+        world_html += f"<p>One training seed. The multi-seed answer (3 seeds, settings chosen on validation): <code>{esc(study)}</code></p>"
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>spotune demo</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}}
@@ -262,15 +323,16 @@ table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;paddi
 img{{max-width:100%;image-rendering:pixelated}}code{{background:#f4f4f4}}</style></head><body>
 <h1>spotune demo: SPO in the miniature world</h1>
 <p>Base model vs {esc(' vs '.join(_described(n) for n in list(report['models'])[1:]))} on
-{len(set(report.get('eval_prompts', []))) or 'the'} held-out prompts, {report['num_eval_images']} images per model, the same seeds
+{len(set(report.get('eval_prompts', []))) or 'the'} test prompts, {report['num_eval_images']} images per model, the same seeds
 for every model. Aesthetic: {esc(report['aesthetic_metric'])}. Alignment: {esc(report['alignment_metric'])}.</p>
 <h2>Results</h2>{table}
 <ul>{targets}</ul>
 <h2>Same seeds, base and fine-tuned</h2><p><img src="grid.png" alt="grid"></p>
+<h2>The world's measured properties</h2>{world_html}
 <h2>Step-aware preference model</h2>
 <p>{esc(str(report['spm_accuracy'].get('source') or ''))}. Trained with <code>spotune train-spm</code> for
 {report['spm_accuracy'].get('steps')} steps on {data.get('train_pairs', '?')} generic preference pairs of base-model samples
-(labels prefer the cleaner image in {_pct(data.get('train_label_agrees_with_aesthetics'))} of pairs; the rest follow
+(labels prefer the more aesthetic image in {_pct(data.get('train_label_agrees_with_aesthetics'))} of pairs; the rest follow
 layout, alignment and rater noise). Pair accuracy on held-out pairs, labelled by the rater's noise-free preference,
 by the timestep of the noisy view:</p>{acc_html}
 <h2>Training curves</h2>{plots_html}

@@ -59,7 +59,8 @@ def spm_run_record(run: str | Path) -> dict[str, Any]:
     }
 
 
-def ship_spm(run: str | Path, data: str | Path | None, out: str | Path, overwrite: bool = False) -> Path:
+def ship_spm(run: str | Path, data: str | Path | None, out: str | Path, overwrite: bool = False,
+             base_model: str | Path | None = None, pickscore: str | Path | None = None) -> Path:
     """Copy the latest checkpoint of train-spm run ``run`` to ``out`` (fp16 weights + provenance JSON).
 
     Args:
@@ -67,6 +68,9 @@ def ship_spm(run: str | Path, data: str | Path | None, out: str | Path, overwrit
         data: the folder written by ``python -m spotune.toyworld.preferences`` (its ``summary.json`` is
             recorded when present), or ``None``.
         out: destination folder; refuses to replace files unless ``overwrite``.
+        base_model, pickscore: the base model and the PickScore the SPM extends; with both and the data's
+            ``eval.parquet``, the SPM's accuracy against the rater and against the aesthetic alone
+            (:func:`spotune.toyworld.properties.spm_accuracy`) is measured into the record.
     """
     out = Path(out)
     weights_file, info_file = out / SHIPPED_SPM_WEIGHTS, out / SHIPPED_SPM_INFO
@@ -80,6 +84,16 @@ def ship_spm(run: str | Path, data: str | Path | None, out: str | Path, overwrit
     record["trained_with"] = "spotune train-spm (spotune.recipes.train_spm), all weights, from the world's CLIP"
     if data is not None and (Path(data) / "summary.json").is_file():
         record["data"] = json.loads((Path(data) / "summary.json").read_text())
+    if data is not None and base_model is not None and pickscore is not None and (Path(data) / "eval.parquet").is_file():
+        import tempfile
+
+        from spotune.toyworld.properties import spm_accuracy
+
+        config = record.get("config", {})
+        with tempfile.TemporaryDirectory() as work:
+            record["accuracy_by_labels"] = spm_accuracy(
+                base_model, pickscore, run, Path(data) / "eval.parquet", work, seed=int(config.get("seed", 0)),
+                guidance_scale=float(config.get("guidance_scale", 5.0)), batch_size=int(config.get("eval_batch_size", 64)))
     atomic_write_json(info_file, record)
     return out
 
@@ -92,8 +106,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("data", help="the preference-data folder it was trained on (for the record)")
     parser.add_argument("out")
     parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--base-model", default=None, help="base model folder (default: the shipped resources/toyworld/base)")
+    parser.add_argument("--pickscore", default=None, help="PickScore folder (default: the shipped resources/toyworld/pickscore)")
     args = parser.parse_args(argv)
-    print(ship_spm(args.run, args.data, args.out, args.overwrite))
+    from spotune.toyworld.demo import resource_dir
+
+    base = args.base_model or resource_dir() / "base"
+    pickscore = args.pickscore or resource_dir() / "pickscore"
+    print(ship_spm(args.run, args.data, args.out, args.overwrite, base_model=base, pickscore=pickscore))
     return 0
 
 

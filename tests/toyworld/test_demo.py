@@ -58,10 +58,26 @@ def test_demo_writes_every_artifact_and_a_well_formed_report(demo_run):
     for key in ("aesthetic_win_rate", "alignment_base", "alignment_spo", "aesthetic_base", "aesthetic_spo"):
         assert 0.0 <= report[key] <= 1.0, key
     assert report["seconds_total"] > 0
-    assert report["num_eval_images"] == 24  # every held-out prompt, one seed
+    assert report["num_eval_images"] == 12  # every test prompt, one seed
     assert set(report["models"]) >= {"base", "SPO"}
     drift = report["comparisons"]["SPO"]  # layout drift: an extra field beside the unchanged numbers
-    assert drift["layout_drift_size"] >= 0.0 and drift["layout_drift_position_pairs"] <= 24
+    assert drift["layout_drift_size"] >= 0.0 and drift["layout_drift_position_pairs"] <= 12
+    for model in report["models"].values():
+        assert all(0.0 <= model[f"aesthetic_{c}"] <= 1.0 for c in ("lighting", "vividness", "cleanliness"))
+        parts = [model[f"aesthetic_{c}"] for c in ("lighting", "vividness", "cleanliness")]
+        assert model["aesthetic"] == pytest.approx(sum(parts) / 3)
+    world = report["world"]
+    x0 = world["x0_prediction"]  # 2-step DDIM: the nearest steps stand in for 951/701/501/251
+    assert x0["images"] == 12 and x0["by_timestep"] and set(x0["final"]) == {"aesthetic", "lighting", "vividness", "cleanliness"}
+    for row in x0["by_timestep"].values():
+        assert all(r is None or -1.0 <= r <= 1.0 for r in row["corr_with_final"].values())
+    acc = world["spm_accuracy_by_labels"]
+    assert set(acc["vs_rater"]) == set(acc["vs_aesthetic"]) == {"0", "501"} and acc["pairs"] == 4
+    # The rater's labels measured again by eval-spm are the training run's own final evaluation.
+    for t, a in report["spm_accuracy"]["final"].items():
+        assert acc["vs_rater"][t] == pytest.approx(a) or (a != a and acc["vs_rater"][t] is None)
+    assert world["multi_seed_study"].endswith("study.md")
+    assert "multi-seed answer" in (out / "report.html").read_text()
     assert set(report["spm_accuracy"]["final"]) == {"0", "501"}
     assert {"pairs", "pickscore", "spm", "spo", "evaluation"} <= set(report["stages"])
     assert 0.0 <= report["pickscore"]["eval_accuracy_after"] <= 1.0
@@ -187,6 +203,40 @@ def test_shipping_an_spm_run_writes_fp16_weights_a_judge_loads_and_its_record(de
     assert scores.shape == (2,) and torch.isfinite(scores).all()
     with pytest.raises(SpotuneError, match="already holds"):
         ship_spm(run, pairs, out)
+    # With the base model and PickScore, the record holds the accuracy against both kinds of labels.
+    measured = ship_spm(run, pairs, tmp_path / "spm-measured", base_model=RESOURCES / "base", pickscore=pickscore)
+    by_labels = json.loads((measured / "spm.json").read_text())["accuracy_by_labels"]
+    assert set(by_labels["vs_rater"]) == set(by_labels["vs_aesthetic"]) == {"0", "501"}
+    assert by_labels["pairs"] == 4 and isinstance(by_labels["meets_target"], bool)
+
+
+def test_the_demo_trains_at_the_settings_the_study_chose(tmp_path, monkeypatch):
+    """study_settings (default on): each method's learning rate and iterations from study_choice.json;
+    spo_iterations still wins over the iterations; study_settings=false keeps the YAML's."""
+    from spotune.config import load_config
+    from spotune.toyworld import demo as demo_mod
+
+    choice = tmp_path / "study_choice.json"
+    choice.write_text(json.dumps({"chosen": {"spo": {"learning_rate": 3e-4, "iterations": 20},
+                                             "trajectory": {"learning_rate": 1e-4, "iterations": 10}}}))
+    assert demo_mod.study_choice(choice)["trajectory"] == {"learning_rate": 1e-4, "iterations": 10}
+    assert demo_mod.study_choice(tmp_path / "absent.json") == {}
+    monkeypatch.setattr(demo_mod, "study_choice", lambda path=None: json.loads(choice.read_text())["chosen"])
+    make = lambda *extra: demo_mod.Demo(load_config(demo_mod.DemoConfig, None, [f"cache_dir={tmp_path}", *extra]))  # noqa: E731
+    assert make().study_extra("spo") == {"learning_rate": 3e-4, "max_iterations": 20}
+    assert make().study_extra("gradspo") == {}  # not chosen: the YAML's settings
+    assert make("spo_iterations=5").study_extra("trajectory") == {"learning_rate": 1e-4}
+    assert make("study_settings=false").study_extra("spo") == {}
+    seen = {}
+    monkeypatch.setattr(demo_mod.Demo, "_stage", lambda self, name, payload, build: seen.setdefault(name, payload))
+    d = make()
+    d.spo_stage("spo", "base", tmp_path, "clip", tmp_path / "spm", "spm", "spo", extra=d.study_extra("spo"))
+    assert seen["spo"]["config"]["learning_rate"] == 3e-4 and seen["spo"]["config"]["max_iterations"] == 20
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"chosen": {"spo": {"learning_rate": 1e-4}}}))
+    monkeypatch.undo()
+    with pytest.raises(DemoError, match="iterations"):
+        demo_mod.study_choice(bad)
 
 
 def test_methods_chooses_the_fine_tunings_and_gradspo_joins_the_report(tmp_path):

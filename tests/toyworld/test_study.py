@@ -58,6 +58,17 @@ def test_the_study_writes_its_report_with_every_method_in_every_table(study):
         assert report["methods"][method]["name"] in markdown
     assert report["splits"]["validation"] and not set(report["splits"]["validation"]) & set(report["splits"]["test"])
     assert report["splits"]["train_prompts"] == 96 and len(report["splits"]["test"]) == 2
+    # Every method's aesthetic delta splits into its three components, which average to it.
+    for m in report["methods"].values():
+        parts = [m[f"{c}_delta"]["mean"] for c in ("lighting", "vividness", "cleanliness")]
+        assert sum(parts) / 3 == pytest.approx(m["aesthetic_delta"]["mean"], abs=1e-9)
+    assert "Aesthetic delta by component" in markdown
+    # What the demo reads: each method's chosen settings, exactly the selection's.
+    from spotune.toyworld.demo import study_choice
+
+    chosen = study_choice(out / "study_choice.json")
+    assert chosen == {m: {"learning_rate": sel["chosen"]["learning_rate"], "iterations": sel["chosen"]["iterations"]}
+                      for m, sel in report["selection"].items()}
 
 
 def test_intervals_contain_their_estimates_and_span_every_seed(study):

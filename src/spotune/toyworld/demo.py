@@ -362,7 +362,8 @@ class Demo:
             summary: dict[str, Any] = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
             summary["accuracy_by_labels"] = spm_accuracy(
                 self.base_dir, pickscore.folder / "model", folder / "run", pairs.folder / "eval.parquet", folder,
-                seed=cfg.seed, guidance_scale=template.guidance_scale, batch_size=template.eval_batch_size)
+                timesteps=tuple(template.eval_timesteps), seed=cfg.seed, guidance_scale=template.guidance_scale,
+                batch_size=template.eval_batch_size)
             return summary
 
         return self._stage("spm", payload, build)

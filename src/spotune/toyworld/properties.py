@@ -61,7 +61,7 @@ def x0_prediction_aesthetics(
     Args:
         pipe: the world's pipeline (SD1.5 family).
         captions, seeds: B captions and their starting-noise seeds (as :mod:`spotune.toyworld.sampling`).
-        timesteps: the timesteps to measure at; each must be one of the sampler's steps.
+        timesteps: the timesteps to measure at (the sampler's nearest step stands in for one it lacks).
     Returns:
         ``{"final": {measure: mean}, "by_timestep": {t: {"mean": {measure: mean}, "corr_with_final":
         {measure: r}}}, "images": B}`` with measures ``aesthetic`` and its three components; the
@@ -70,11 +70,9 @@ def x0_prediction_aesthetics(
     if len(captions) != len(seeds):
         raise ValueError(f"{len(captions)} captions but {len(seeds)} seeds")
     pipe.scheduler.set_timesteps(num_inference_steps)
-    available = {int(t) for t in pipe.scheduler.timesteps}
-    missing = [t for t in timesteps if t not in available]
-    if missing:
-        raise ValueError(f"timesteps {missing} are not steps of {num_inference_steps}-step DDIM "
-                         f"(its steps: {sorted(available, reverse=True)})")
+    available = [int(t) for t in pipe.scheduler.timesteps]
+    # 20-step DDIM on SD1.5's schedule has every wanted step (951, 901, ..., 1); fewer steps measure the nearest.
+    timesteps = tuple(dict.fromkeys(min(available, key=lambda s: abs(s - t)) for t in timesteps))
     unet, vae = pipe.unet, pipe.vae
     size = unet.config.sample_size
     shape = (unet.config.in_channels, size, size)

@@ -23,6 +23,7 @@ import torch
 
 from spotune.checkpoint import read_state, resolve_checkpoint
 from spotune.errors import SpotuneError
+from spotune.preference.spm_eval import SPM_EVAL_TIMESTEPS
 from spotune.preference.step_aware import SPM_WEIGHTS_NAME, read_spm_state_dict
 from spotune.utils.io import atomic_save_safetensors, atomic_write_json
 
@@ -92,7 +93,8 @@ def ship_spm(run: str | Path, data: str | Path | None, out: str | Path, overwrit
         config = record.get("config", {})
         with tempfile.TemporaryDirectory() as work:
             record["accuracy_by_labels"] = spm_accuracy(
-                base_model, pickscore, run, Path(data) / "eval.parquet", work, seed=int(config.get("seed", 0)),
+                base_model, pickscore, run, Path(data) / "eval.parquet", work,
+                timesteps=tuple(config.get("eval_timesteps", SPM_EVAL_TIMESTEPS)), seed=int(config.get("seed", 0)),
                 guidance_scale=float(config.get("guidance_scale", 5.0)), batch_size=int(config.get("eval_batch_size", 64)))
     atomic_write_json(info_file, record)
     return out

@@ -2,7 +2,7 @@
 
 Runs SPO's sampler with the base model of the miniature world and a judge, records every candidate's
 decoded x0-prediction, and reports, per denoising step, how often the candidate the judge ranks best
-has a cleaner background (exact metric) than the one it ranks worst, among decisive pairs.
+has the higher exact aesthetic score than the one it ranks worst, among decisive pairs.
 
     python bench/diag_step_labels.py [--pickscore DIR] [--spm CHECKPOINT] [--prompts N]
 
@@ -22,7 +22,7 @@ from spotune.models.family import family_of
 from spotune.preference import select_pair
 from spotune.preference.factory import build_judge
 from spotune.toyworld.demo import resource_dir
-from spotune.toyworld.metrics import cleanliness
+from spotune.toyworld.metrics import aesthetic
 from spotune.toyworld.render import to_uint8
 from spotune.toyworld.world import prompt_split
 
@@ -62,14 +62,14 @@ def main(pickscore: str, spm: str, num_prompts: int = 40) -> None:
                        decode_chunk_size=64, threshold=THRESHOLD)
         for images, t, scores in judge.calls:
             k = len(scores) // b
-            clean = np.array([cleanliness(im) for im in to_uint8(images)]).reshape(k, b)  # candidate-major, as scored
+            clean = np.array([aesthetic(im) for im in to_uint8(images)]).reshape(k, b)  # candidate-major, as scored
             indices, valid = select_pair(scores.view(k, b), THRESHOLD)  # the sampler's own pair selection
             for j in valid.nonzero().squeeze(1).tolist():
                 best, worst = clean[indices[0, j], j], clean[indices[1, j], j]
                 if best != worst:
                     total[t] += 1
                     agree[t] += int(best > worst)
-    print("| judged at t | decisive pairs with a cleanliness difference | judge agrees with cleanliness |")
+    print("| judged at t | decisive pairs with an aesthetic difference | judge agrees with the aesthetic |")
     print("| ---: | ---: | ---: |")
     for t in sorted(total, reverse=True):
         print(f"| {t} | {total[t]} | {agree[t] / total[t]:.2f} |")

@@ -154,6 +154,9 @@ def test_default_demo_judges_with_the_shipped_spm(tmp_path):
     assert set(report["models"]) == {"base", "SPO"}
     shipped = json.loads((RESOURCES / "spm" / "spm.json").read_text())
     assert report["spm_accuracy"]["final"] == shipped["final"] and "shipped" in report["spm_accuracy"]["source"]
+    # The shipped SPM's accuracy against the rater and against the aesthetic alone, measured when it was shipped.
+    assert report["world"]["spm_accuracy_by_labels"] == shipped["accuracy_by_labels"]
+    assert set(shipped["accuracy_by_labels"]["vs_aesthetic"]) == {"0", "251", "501", "701", "951"}
     assert (tmp_path / "out" / "plots" / "spm.png").is_file()
 
 

@@ -22,7 +22,8 @@ rebuilds exactly what depends on it:
    Diffusion-DPO-style baseline SPO argues against), when the recipe offers it;
 6. **gradspo**: the same again with ``algorithm=gradspo`` (GradSPO: EMA sampling model, loss on
    noise-prediction targets), evaluated with its trained LoRA, the one GradSPO's official code releases;
-7. **evaluation**: base vs each fine-tuned model on the held-out prompts with the same seeds.
+7. **evaluation**: base vs each fine-tuned model on the study's test prompts with the same seeds, and the world's measured properties
+   (:mod:`spotune.toyworld.properties`).
 
 ``methods`` chooses which of stages 4-6 run (default ``[spo, trajectory]``, which keeps the demo's time);
 the report shows every one that ran side by side.
@@ -119,7 +120,7 @@ class DemoConfig:
     seed: int = _help("Seed of the data, the trainings and the evaluation noise.", 0)
     # -- preference data --
     train_pairs: int = _help("spm=train: generic preference pairs on the training prompts.", 1024)
-    eval_pairs: int = _help("spm=train: pairs on the held-out prompts for the SPM's accuracy.", 128)
+    eval_pairs: int = _help("spm=train: pairs on the held-out prompts for the SPM's accuracy.", 256)
     data_inference_steps: int = _help("DDIM steps of the base-model samples in the preference data.", 20)
     rater_aesthetic: float = _help("Rater weight of aesthetics (the exact aesthetic score: lighting, vividness, cleanliness; standardised).", 1.5)
     rater_layout: float = _help("Rater weight of layout (subject size and centring, standardised, averaged).", 1.0)

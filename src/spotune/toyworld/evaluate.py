@@ -1,6 +1,6 @@
 """Before/after measurement in the miniature world: same prompts, same seeds, exact metrics.
 
-Every model (the base, and the base with each trained LoRA) renders the same held-out captions from
+Every model (the base, and the base with each trained LoRA) renders the same evaluation captions from
 the same starting noise (:mod:`spotune.toyworld.sampling`), with deterministic DDIM (eta 0), so
 image i of two models differs only through the models. Each image is measured with the exact
 metrics of :mod:`spotune.toyworld.metrics` and scored by the preference model; a model's aesthetic

@@ -187,7 +187,7 @@ def format_table(report: dict[str, Any]) -> str:
 # images and plots
 # ================================================================================================
 def image_grid(results: list[ModelResult], columns: int, stride: int) -> Image.Image:
-    """One row per model, one column per held-out prompt (its first seed), images enlarged, rows labelled."""
+    """One row per model, one column per test prompt (its first seed), images enlarged, rows labelled."""
     picks = list(range(0, len(results[0].images), stride))[:columns]
     h, w = results[0].images.shape[1:3]
     cell_h, cell_w = h * GRID_SCALE, w * GRID_SCALE

@@ -119,7 +119,7 @@ class DemoConfig:
     threads: int = _help("torch CPU threads.", 2)
     seed: int = _help("Seed of the data, the trainings and the evaluation noise.", 0)
     # -- preference data --
-    train_pairs: int = _help("spm=train: generic preference pairs on the training prompts.", 1024)
+    train_pairs: int = _help("spm=train: generic preference pairs on the training prompts (the shipped judge's 4,096).", 4096)
     eval_pairs: int = _help("spm=train: pairs on the held-out prompts for the SPM's accuracy.", 256)
     data_inference_steps: int = _help("DDIM steps of the base-model samples in the preference data.", 20)
     rater_aesthetic: float = _help("Rater weight of aesthetics (the exact aesthetic score: lighting, vividness, cleanliness; standardised).", 1.5)

@@ -240,6 +240,12 @@ def test_the_demo_trains_at_the_settings_the_study_chose(tmp_path, monkeypatch):
     monkeypatch.undo()
     with pytest.raises(DemoError, match="iterations"):
         demo_mod.study_choice(bad)
+    bad.write_text("{not json")
+    with pytest.raises(DemoError, match="not valid JSON"):
+        demo_mod.study_choice(bad)
+    bad.write_text("[1, 2]")
+    with pytest.raises(DemoError, match="'chosen'"):
+        demo_mod.study_choice(bad)
 
 
 def test_methods_chooses_the_fine_tunings_and_gradspo_joins_the_report(tmp_path):

@@ -92,10 +92,16 @@ def study_choice(path: Path | None = None) -> dict[str, dict[str, Any]]:
     path = path or resource_dir() / "configs" / STUDY_CHOICE
     if not path.is_file():
         return {}
-    data = json.loads(path.read_text())
-    choice = data.get("chosen", {})
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DemoError(f"{path}: not valid JSON ({exc}); expected {{\"chosen\": {{method: {{learning_rate, iterations}}}}}} "
+                        "as bench/study_world.py writes it, or pass study_settings=false") from None
+    choice = data.get("chosen", {}) if isinstance(data, dict) else None
+    if not isinstance(choice, dict):
+        raise DemoError(f"{path}: expected an object with a 'chosen' object of methods; pass study_settings=false to ignore it")
     for method, values in choice.items():
-        if method not in METHODS or not {"learning_rate", "iterations"} <= set(values):
+        if method not in METHODS or not isinstance(values, dict) or not {"learning_rate", "iterations"} <= set(values):
             raise DemoError(f"{path}: chosen.{method} must be a method of {', '.join(METHODS)} with learning_rate and iterations")
     return choice
 

@@ -265,7 +265,7 @@ def read_scene(image: np.ndarray) -> SceneReading:
         interior = _erode(core, 1)
         fill = pixels[interior if interior.any() else core].mean(0)  # [3]
         colour = nearest_colour(fill)
-        # The edge at half coverage against the local background, so contrast and lighting move it little.
+        # The edge at a fixed coverage (EDGE_COVERAGE) against the local background: contrast and lighting barely move it.
         around = ~_shift_or(core, 1) & (off_line <= CLUTTER_ONSET)
         weight = _box_sum(around.astype(np.float32), LOCAL_BACKGROUND)
         local = np.where(weight[..., None] > 0,

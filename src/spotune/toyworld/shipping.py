@@ -115,7 +115,15 @@ def main(argv: list[str] | None = None) -> int:
 
     base = args.base_model or resource_dir() / "base"
     pickscore = args.pickscore or resource_dir() / "pickscore"
-    print(ship_spm(args.run, args.data, args.out, args.overwrite, base_model=base, pickscore=pickscore))
+    for what, folder, marker in (("--base-model", Path(base), "model_index.json"), ("--pickscore", Path(pickscore), "config.json")):
+        if not (folder / marker).is_file():
+            print(f"shipping: {what} {folder} has no {marker} (expected a diffusers pipeline / CLIPModel folder)", file=sys.stderr)
+            return 1
+    try:
+        print(ship_spm(args.run, args.data, args.out, args.overwrite, base_model=base, pickscore=pickscore))
+    except (SpotuneError, ValueError) as exc:
+        print(f"shipping: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

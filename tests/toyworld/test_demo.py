@@ -73,6 +73,8 @@ def test_demo_writes_every_artifact_and_a_well_formed_report(demo_run):
         assert all(r is None or -1.0 <= r <= 1.0 for r in row["corr_with_final"].values())
     acc = world["spm_accuracy_by_labels"]
     assert set(acc["vs_rater"]) == set(acc["vs_aesthetic"]) == {"0", "501"} and acc["pairs"] == 4
+    views = acc["view_readings"]  # what the SPM's views still show, on the same pairs and timesteps
+    assert views["pairs"] == 4 and set(views["by_timestep"]) == {"0", "501"} and views["scale_from"].endswith("summary.json")
     # The rater's labels measured again by eval-spm are the training run's own final evaluation.
     for t, a in report["spm_accuracy"]["final"].items():
         assert acc["vs_rater"][t] == pytest.approx(a) or (a != a and acc["vs_rater"][t] is None)
@@ -85,6 +87,7 @@ def test_demo_writes_every_artifact_and_a_well_formed_report(demo_run):
     assert report["preference_data"]["train_pairs"] == 8 and "trained in this run" in report["spm_accuracy"]["source"]
     html = (out / "report.html").read_text()
     assert 'src="grid.png"' in html and 'src="plots/spm.png"' in html and "aesthetic win rate" in html
+    assert "What the SPM&#x27;s views still show" in html or "What the SPM's views still show" in html
     # The LoRA beside the report is the webui/kohya file, with the run's weights exactly.
     from spotune.export.lora_files import load_lora_file
     from spotune.export.source import read_export_source

@@ -58,3 +58,77 @@ def test_aesthetic_labels_prefer_the_more_aesthetic_image_and_tie_equal_ones(tmp
     pq.write_table(pq.read_table(str(out)).drop(["aesthetic_0", "aesthetic_1"]), bad)
     with pytest.raises(ValueError, match="aesthetic_0"):
         write_aesthetic_labels(bad, tmp_path / "x.parquet")
+
+
+def test_ordering_agreement_leaves_out_tied_images_and_counts_tied_views_half():
+    from spotune.toyworld.properties import _ordering_agreement
+
+    truth = np.array([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5], [0.2, 0.9]])
+    views = np.array([[0.9, 0.1], [0.3, 0.3], [0.0, 1.0], [0.8, 0.1]])
+    share, counted = _ordering_agreement(views, truth)
+    assert counted == 3  # the tied pair (row 2) is left out
+    assert share == pytest.approx((1.0 + 0.5 + 0.0) / 3)
+    assert _ordering_agreement(views[2:3], truth[2:3]) == (None, 0)
+
+
+def test_view_readings_see_clear_differences_at_t0_and_use_the_labels_scale(tmp_path):
+    """Pairs that differ clearly in size, centring and each aesthetic attribute: the views of t = 0 keep every
+    ordering; the report has every measure at every timestep; the scale is the pairs' own when they
+    carry no summary.json, and summary.json's when they do."""
+    import json
+    from dataclasses import asdict
+
+    from spotune.toyworld.properties import VIEW_MEASURES, spm_view_readings
+    from spotune.toyworld.render import Blotch, Speck
+
+    prompts = [p for p in all_prompts() if p.background in ("blue", "green") and p.colour in ("red", "yellow")][:8]
+    images = []
+    for i, p in enumerate(prompts):
+        good = render(Scene(p, 16, 16, 9.5))
+        bad = render(Scene(p, 13, 18, 6.5, mute=0.35, blotches=(Blotch(4, 4, 4.0, 0.22),),
+                           specks=(Speck(26, 26, 4, "white"),)))
+        images.append(np.stack([good, bad] if i % 2 == 0 else [bad, good]))
+    data = label_pairs([p.caption for p in prompts], np.stack(images), RaterWeights(), rng=None)
+    data.write(tmp_path / "eval.parquet")
+    base = resource_dir() / "base"
+    out = spm_view_readings(base, tmp_path / "eval.parquet", timesteps=(0, 951), batch_size=8)
+    assert out["pairs"] == 8 and out["scale_from"] == "these pairs' images"
+    assert sorted(out["by_timestep"]) == ["0", "951"]
+    for row in out["by_timestep"].values():
+        assert set(row["agreement"]) == set(VIEW_MEASURES)
+        assert all(v is None or 0.0 <= v <= 1.0 for v in row["agreement"].values())
+        assert 0.0 <= row["utility_vs_rater"] <= 1.0 and 0.0 <= row["views_aligned"] <= 1.0
+    clear = out["by_timestep"]["0"]
+    assert all(clear["agreement"][m] >= 0.875 for m in VIEW_MEASURES), clear
+    assert clear["utility_vs_rater"] >= 0.875 and clear["views_aligned"] >= 0.875
+    (tmp_path / "summary.json").write_text(json.dumps({"scale": asdict(data.scale), "rater": asdict(RaterWeights())}))
+    again = spm_view_readings(base, tmp_path / "eval.parquet", timesteps=(0,), batch_size=8)
+    assert again["scale_from"].endswith("summary.json")
+    assert again["by_timestep"]["0"] == clear  # the same seed draws the same views; the scale is the same numbers
+
+
+def test_remeasure_cli_names_a_missing_folder_and_bad_timesteps_in_one_line(tmp_path, capsys):
+    from spotune.toyworld.properties import main
+
+    assert main([str(tmp_path / "nowhere")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "nowhere" in err and "eval.parquet" in err
+    assert main([str(tmp_path), "--timesteps", "0,x"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "--timesteps" in err and "0,251,501" in err
+    assert main([str(tmp_path), "--timesteps", "1200"]) == 1
+    assert "[0, 999]" in capsys.readouterr().err
+
+
+def test_remeasure_write_refuses_timesteps_other_than_the_records_own(tmp_path, capsys):
+    """--write stores into the shipped spm.json only what was measured at its own timesteps; nothing is touched."""
+    from spotune.toyworld.properties import main
+
+    shipped = resource_dir() / "spm" / "spm.json"
+    before = shipped.read_bytes()
+    prompts = all_prompts()[:2]
+    images = np.stack([np.stack([render(Scene(p, 16, 16, 8.0)), render(Scene(p, 16, 16, 9.0))]) for p in prompts])
+    label_pairs([p.caption for p in prompts], images, RaterWeights(), rng=None).write(tmp_path / "eval.parquet")
+    assert main([str(tmp_path), "--timesteps", "0", "--write"]) == 1
+    assert "--write keeps the record's own timesteps" in capsys.readouterr().err
+    assert shipped.read_bytes() == before

@@ -10,9 +10,15 @@ x0-predictions, and a judge that reads it there. Two measurements say whether th
 * :func:`spm_accuracy`: the step-aware preference model's pair accuracy at t in {0, 251, 501, 701, 951}
   on held-out pairs, twice: against the rater's underlying preference (the labels of ``eval.parquet``)
   and against the exact aesthetic alone (the more aesthetic image preferred; equal scores are ties,
-  left out), both with ``spotune eval-spm``'s measurement.
+  left out), both with ``spotune eval-spm``'s measurement;
+* :func:`spm_view_readings`: what the SPM's views still show at those timesteps, read with the world's
+  exact metrics: for each attribute (subject size, centring, each aesthetic component), how often the
+  two views of a pair are ordered as the pair's images are, and how often the rater's utility computed
+  from the views picks the rater's choice. A judge can read cues the exact metrics miss on a blurred
+  view, so this is not a strict bound, but where the views order an attribute at chance, the
+  information for it is gone from what the SPM is given.
 
-The demo records both in its report; the shipped SPM's ``spm.json`` records the second when it is made.
+The demo records all three in its report; the shipped SPM's ``spm.json`` records the last two.
 """
 
 from __future__ import annotations
@@ -29,7 +35,8 @@ from spotune.models.conditioning import Conditioning
 from spotune.models.text import encode_prompts
 from spotune.preference.spm_eval import SPM_EVAL_TIMESTEPS
 from spotune.toyworld.metrics import AESTHETIC_COMPONENTS, ImageScores, score_images
-from spotune.toyworld.render import to_uint8
+from spotune.toyworld.preferences import RaterWeights, Standardisation, centring, utilities
+from spotune.toyworld.render import to_tensor, to_uint8
 from spotune.toyworld.sampling import initial_noise
 from spotune.utils.io import atomic_path
 
@@ -37,6 +44,15 @@ X0_TIMESTEPS = (951, 701, 501, 251)
 SPM_ACCURACY_TARGET = 0.65  # at every t <= 701
 AESTHETIC_TIE = 1e-6  # aesthetic scores this close are a tie in the aesthetic-only labels
 _MEASURES = ("aesthetic", *AESTHETIC_COMPONENTS)
+# What the view readings compare, and how each is read from ImageScores (higher = more of it).
+VIEW_MEASURES = {
+    "subject_size": lambda s: s.object_fraction,
+    "centring": centring,
+    "lighting": lambda s: s.lighting,
+    "vividness": lambda s: s.vividness,
+    "cleanliness": lambda s: s.cleanliness,
+    "aesthetic": lambda s: s.aesthetic,
+}
 
 
 def _pearson(a: np.ndarray, b: np.ndarray) -> float | None:
@@ -151,8 +167,9 @@ def spm_accuracy(
         work_dir: where the aesthetic-labelled copy of the pairs is written.
     Returns:
         ``{"vs_rater": {t: accuracy}, "vs_aesthetic": {t: accuracy}, "pairs": N, "aesthetic_ties": K,
-        "target": 0.65, "meets_target": bool}``; the target is at every t <= 701, and accuracies
-        leave ties out (``None`` where no pair was decisive).
+        "target": 0.65, "meets_target": bool, "view_readings": {...}}``; the target is at every t <= 701,
+        accuracies leave ties out (``None`` where no pair was decisive), and ``view_readings`` is
+        :func:`spm_view_readings` on the same pairs.
     """
     from spotune.recipes.eval_spm import EvalSPMConfig, run_eval_spm
 
@@ -172,6 +189,196 @@ def spm_accuracy(
             result["pairs"] = rows[0].total + rows[0].ties
         else:
             result["aesthetic_ties"] = rows[0].ties
+    result["view_readings"] = spm_view_readings(base_model, eval_pairs, timesteps, seed=seed,
+                                                guidance_scale=guidance_scale, batch_size=batch_size)
     early = [result["vs_rater"][str(t)] for t in timesteps if t <= 701]
     result["meets_target"] = bool(early) and all(a is not None and a >= SPM_ACCURACY_TARGET for a in early)
     return result
+
+
+def _ordering_agreement(views: np.ndarray, truth: np.ndarray) -> tuple[float | None, int]:
+    """Share of pairs whose two views are ordered as their images are, and how many pairs counted.
+
+    Args:
+        views, truth: [N, 2] one measure of both views and of both images.
+    Pairs whose images tie (within ``AESTHETIC_TIE``) are left out; pairs whose views tie count one
+    half (a coin would get them right half the time).
+    """
+    decisive = np.abs(truth[:, 0] - truth[:, 1]) > AESTHETIC_TIE
+    if not decisive.any():
+        return None, 0
+    v, t = views[decisive], truth[decisive]
+    tied = np.abs(v[:, 0] - v[:, 1]) <= AESTHETIC_TIE
+    right = np.where(tied, 0.5, ((v[:, 0] > v[:, 1]) == (t[:, 0] > t[:, 1])).astype(np.float64))
+    return float(right.mean()), int(decisive.sum())
+
+
+def _read_pairs(eval_pairs: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Captions [N], images [N, 2, H, W, 3] uint8 and rater labels [N] (1.0 where image 0 is preferred)."""
+    import io
+
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    table = pq.read_table(str(eval_pairs), columns=["caption", "jpg_0", "jpg_1", "label_0"])
+    decode = lambda b: np.asarray(Image.open(io.BytesIO(b)).convert("RGB"))  # noqa: E731
+    images = np.stack([np.stack([decode(a), decode(b)]) for a, b in zip(table.column("jpg_0").to_pylist(),
+                                                                         table.column("jpg_1").to_pylist())])
+    return table.column("caption").to_pylist(), images, np.asarray(table.column("label_0").to_pylist(), dtype=np.float64)
+
+
+def _labelling(eval_pairs: Path, truth: ImageScores) -> tuple[Standardisation, RaterWeights, str]:
+    """The standardisation and rater weights the labels were made with (``summary.json`` beside the pairs,
+    written by :func:`spotune.toyworld.preferences.write_dataset`), else those of these images and the
+    default rater; and where they came from."""
+    import json
+
+    summary = eval_pairs.parent / "summary.json"
+    if summary.is_file():
+        record = json.loads(summary.read_text())
+        scale, rater = record.get("scale"), record.get("rater")
+        if isinstance(scale, dict) and isinstance(rater, dict):
+            return (Standardisation(**{k: float(scale[k]) for k in Standardisation.__dataclass_fields__}),
+                    RaterWeights(**{k: float(rater[k]) for k in RaterWeights.__dataclass_fields__}), str(summary))
+    return Standardisation.of(truth), RaterWeights(), "these pairs' images"
+
+
+@torch.no_grad()
+def spm_view_readings(
+    base_model: str | Path,
+    eval_pairs: str | Path,
+    timesteps: tuple[int, ...] = SPM_EVAL_TIMESTEPS,
+    seed: int = 0,
+    guidance_scale: float = 5.0,
+    batch_size: int = 64,
+) -> dict[str, Any]:
+    """The world's exact metrics read on the SPM's views, pair by pair, against the same metrics on the images.
+
+    The views are those ``spotune eval-spm`` gives the SPM (:class:`~spotune.preference.noisy_views.
+    NoisyViewMaker`: both images of a pair noised with one draw, x0-predicted by the guided base model,
+    decoded), with noise drawn from ``seed``; the draws are not eval-spm's own, so the two measurements
+    agree in distribution, not view by view.
+
+    Args:
+        base_model: the pipeline that makes the views.
+        eval_pairs: held-out pairs written by :mod:`spotune.toyworld.preferences` (labels by utility).
+    Returns:
+        ``{"pairs": N, "scale_from": str, "by_timestep": {t: {"agreement": {measure: share}, "agreement_pairs":
+        {measure: n}, "utility_vs_rater": share, "views_aligned": share, "snr": a_t / (1 - a_t)}}}``: ``agreement`` is the share of
+        pairs whose views order the measure as their images do (pairs whose images tie on it left out);
+        ``utility_vs_rater`` the share whose rater utility, computed from the views, prefers the labelled
+        image; ``views_aligned`` the share of views in which the captioned shape, colour and backdrop are found.
+    """
+    from spotune.models import load_pipeline
+    from spotune.preference.noisy_views import NoisyViewMaker
+
+    eval_pairs = Path(eval_pairs)
+    captions, images, label_0 = _read_pairs(eval_pairs)
+    n = len(captions)
+    flat_captions = [c for c in captions for _ in range(2)]
+    truth = score_images(images.reshape(-1, *images.shape[2:]), flat_captions)
+    scale, weights, scale_from = _labelling(eval_pairs, truth)
+    truth_by_measure = {m: np.asarray(f(truth)).reshape(n, 2) for m, f in VIEW_MEASURES.items()}
+    pipe = load_pipeline(str(base_model))
+    maker = NoisyViewMaker(pipe, guidance_scale=guidance_scale, decode_chunk_size=batch_size)
+    pixels = to_tensor(images.reshape(-1, *images.shape[2:])).reshape(n, 2, *images.shape[-1:], *images.shape[2:4])
+    out: dict[str, Any] = {"pairs": n, "scale_from": scale_from, "timesteps": list(timesteps), "by_timestep": {}}
+    alphas = maker.scheduler.alphas_cumprod
+    for t in timesteps:
+        generator = torch.Generator(maker.device).manual_seed(seed * 1000 + int(t))
+        views: list[np.ndarray] = []
+        for start in range(0, n, batch_size):
+            chunk = slice(start, start + batch_size)
+            v0, v1 = maker(pixels[chunk, 0], pixels[chunk, 1], captions[chunk],
+                           torch.full((len(captions[chunk]),), int(t), dtype=torch.long), generator=generator)
+            views.append(np.stack([to_uint8(v0), to_uint8(v1)], axis=1))  # [b, 2, H, W, 3]
+        view_images = np.concatenate(views)
+        read = score_images(view_images.reshape(-1, *view_images.shape[2:]), flat_captions)
+        snr = float(alphas[int(t)] / (1.0 - alphas[int(t)]))  # signal-to-noise ratio of x_t, a_t / (1 - a_t)
+        row: dict[str, Any] = {"snr": snr, "agreement": {}, "agreement_pairs": {}}
+        for m, f in VIEW_MEASURES.items():
+            row["agreement"][m], row["agreement_pairs"][m] = _ordering_agreement(np.asarray(f(read)).reshape(n, 2),
+                                                                               truth_by_measure[m])
+        u = utilities(read, weights, scale).reshape(n, 2)
+        row["utility_vs_rater"] = float(((u[:, 0] > u[:, 1]) == (label_0 == 1.0)).mean())
+        row["views_aligned"] = float(read.aligned.mean())
+        out["by_timestep"][str(int(t))] = row
+    return out
+
+
+def remeasure_shipped_spm(data: str | Path, spm_folder: str | Path, base_model: str | Path, pickscore: str | Path,
+                          write: bool = False, timesteps: tuple[int, ...] | None = None) -> dict[str, Any]:
+    """:func:`spm_accuracy` (with its view readings) of a shipped SPM on ``data``'s ``eval.parquet``.
+
+    Settings (seed, guidance, batch and, unless ``timesteps`` is given, the timesteps) are the record's
+    own. With ``write``, the result replaces ``accuracy_by_labels`` in the folder's ``spm.json``
+    (atomically; the rest of the record is kept); it needs the record's own timesteps.
+    """
+    import json
+    import tempfile
+
+    from spotune.toyworld.shipping import SHIPPED_SPM_INFO, SHIPPED_SPM_WEIGHTS
+    from spotune.utils.io import atomic_write_json
+
+    spm_folder, data = Path(spm_folder), Path(data)
+    info_file = spm_folder / SHIPPED_SPM_INFO
+    for path in (spm_folder / SHIPPED_SPM_WEIGHTS, info_file, data / "eval.parquet"):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: not found (expected a shipped SPM folder and a preference-data folder)")
+    record = json.loads(info_file.read_text())
+    config = record.get("config", {})
+    own = tuple(int(t) for t in config.get("eval_timesteps", SPM_EVAL_TIMESTEPS))
+    if write and timesteps is not None and tuple(timesteps) != own:
+        raise ValueError(f"{info_file}: --write keeps the record's own timesteps {list(own)}; drop --timesteps to write")
+    with tempfile.TemporaryDirectory() as work:
+        result = spm_accuracy(base_model, pickscore, spm_folder / SHIPPED_SPM_WEIGHTS, data / "eval.parquet", work,
+                              timesteps=tuple(timesteps) if timesteps is not None else own,
+                              seed=int(config.get("seed", 0)), guidance_scale=float(config.get("guidance_scale", 5.0)),
+                              batch_size=int(config.get("eval_batch_size", 64)))
+    if write:
+        record["accuracy_by_labels"] = result
+        atomic_write_json(info_file, record)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m spotune.toyworld.properties DATA [--spm DIR] [--write]``: re-measure a shipped SPM."""
+    import argparse
+    import json
+    import sys
+
+    from spotune.toyworld.demo import resource_dir
+
+    parser = argparse.ArgumentParser(description="Measure a shipped SPM's accuracy by labels and what its views show, "
+                                                 "on a preference-data folder's eval.parquet.")
+    parser.add_argument("data", help="a folder written by python -m spotune.toyworld.preferences")
+    parser.add_argument("--spm", default=None, help="shipped SPM folder (default: the shipped resources/toyworld/spm)")
+    parser.add_argument("--base-model", default=None, help="base model folder (default: the shipped one)")
+    parser.add_argument("--pickscore", default=None, help="PickScore folder (default: the shipped one)")
+    parser.add_argument("--write", action="store_true", help="store the result in the SPM folder's spm.json")
+    parser.add_argument("--timesteps", default=None,
+                        help="comma-separated timesteps to measure at (default: the record's eval_timesteps)")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    res = resource_dir()
+    try:
+        timesteps = None
+        if args.timesteps is not None:
+            try:
+                timesteps = tuple(int(t) for t in args.timesteps.split(","))
+            except ValueError:
+                raise ValueError(f"--timesteps {args.timesteps!r}: expected comma-separated integers in [0, 999], e.g. 0,251,501")
+            if not timesteps or any(not 0 <= t <= 999 for t in timesteps):
+                raise ValueError(f"--timesteps {args.timesteps!r}: expected comma-separated integers in [0, 999], e.g. 0,251,501")
+        result = remeasure_shipped_spm(args.data, args.spm or res / "spm", args.base_model or res / "base",
+                                       args.pickscore or res / "pickscore", write=args.write, timesteps=timesteps)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"properties: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

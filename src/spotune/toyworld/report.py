@@ -111,7 +111,8 @@ def _num(value: float | None, digits: int = 3) -> str:
 
 def world_tables(report: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]]]:
     """(title, header, rows) of the world's measured properties: layout drift and aesthetic components per
-    model, the base's x0-prediction aesthetics by timestep, and the SPM's accuracy against both labels."""
+    model, the base's x0-prediction aesthetics by timestep, the SPM's accuracy against both labels, and what
+    the SPM's views still show."""
     tables = []
     comps = report.get("comparisons", {})
     if comps:
@@ -139,6 +140,17 @@ def world_tables(report: dict[str, Any]) -> list[tuple[str, list[str], list[list
                 ["aesthetic alone"] + [_pct(acc["vs_aesthetic"].get(t)) for t in ts]]
         tables.append((f"SPM pair accuracy on {acc.get('pairs')} held-out pairs by timestep (target {_pct(acc['target'])} "
                        f"at every t <= 701: {'met' if acc.get('meets_target') else 'NOT met'})", ["labels"] + [f"t={t}" for t in ts], rows))
+        views = acc.get("view_readings")
+        if views:
+            vts = [t for t in (str(t) for t in views["timesteps"]) if t in views["by_timestep"]]
+            by_t = views["by_timestep"]
+            measures = list(by_t[vts[0]]["agreement"]) if vts else []
+            rows = [["signal-to-noise ratio of x_t"] + ["-" if by_t[t].get("snr") is None else f"{by_t[t]['snr']:.3g}" for t in vts]]
+            rows += [[m.replace("_", " ")] + [_pct(by_t[t]["agreement"].get(m)) for t in vts] for m in measures]
+            rows.append(["rater's utility read from the views"] + [_pct(by_t[t]["utility_vs_rater"]) for t in vts])
+            rows.append(["views where the caption is found"] + [_pct(by_t[t]["views_aligned"]) for t in vts])
+            tables.append(("What the SPM's views still show: pairs whose two views the exact metrics order as the images "
+                           "(50% = the attribute is gone)", ["measure"] + [f"t={t}" for t in vts], rows))
     return tables
 
 

@@ -160,6 +160,8 @@ def test_default_demo_judges_with_the_shipped_spm(tmp_path):
     # The shipped SPM's accuracy against the rater and against the aesthetic alone, measured when it was shipped.
     assert report["world"]["spm_accuracy_by_labels"] == shipped["accuracy_by_labels"]
     assert set(shipped["accuracy_by_labels"]["vs_aesthetic"]) == {"0", "251", "501", "701", "951"}
+    views = shipped["accuracy_by_labels"]["view_readings"]  # what its views still show, on the same pairs
+    assert set(views["by_timestep"]) == {"0", "251", "501", "701", "951"} and views["pairs"] == 256
     assert (tmp_path / "out" / "plots" / "spm.png").is_file()
 
 

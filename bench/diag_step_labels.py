@@ -2,7 +2,8 @@
 
 Runs SPO's sampler with the base model of the miniature world and a judge, records every candidate's
 decoded x0-prediction, and reports, per denoising step, how often the candidate the judge ranks best
-has the higher exact aesthetic score than the one it ranks worst, among decisive pairs.
+has the higher exact aesthetic score than the one it ranks worst, among decisive pairs, and how many
+of the chains the judge's pair selection (softmax gap over the threshold) keeps as a training pair.
 
     python bench/diag_step_labels.py [--pickscore DIR] [--spm CHECKPOINT] [--prompts N]
 
@@ -47,6 +48,7 @@ def main(pickscore: str, spm: str, num_prompts: int = 40) -> None:
     train, _ = prompt_split()
     prompts = [p.caption for p in train[:num_prompts]]
     agree, total = defaultdict(int), defaultdict(int)
+    kept, chains = defaultdict(int), defaultdict(int)
     conditioner = family_of(pipe).conditioner(pipe)
     negative = conditioner.negative("")
     channels, size = pipe.unet.config.in_channels, pipe.unet.config.sample_size
@@ -64,15 +66,18 @@ def main(pickscore: str, spm: str, num_prompts: int = 40) -> None:
             k = len(scores) // b
             clean = np.array([aesthetic(im) for im in to_uint8(images)]).reshape(k, b)  # candidate-major, as scored
             indices, valid = select_pair(scores.view(k, b), THRESHOLD)  # the sampler's own pair selection
+            kept[t] += int(valid.sum())
+            chains[t] += b
             for j in valid.nonzero().squeeze(1).tolist():
                 best, worst = clean[indices[0, j], j], clean[indices[1, j], j]
                 if best != worst:
                     total[t] += 1
                     agree[t] += int(best > worst)
-    print("| judged at t | decisive pairs with an aesthetic difference | judge agrees with the aesthetic |")
-    print("| ---: | ---: | ---: |")
-    for t in sorted(total, reverse=True):
-        print(f"| {t} | {total[t]} | {agree[t] / total[t]:.2f} |")
+    print("| judged at t | chains kept as pairs | kept pairs with an aesthetic difference | judge agrees with the aesthetic |")
+    print("| ---: | ---: | ---: | ---: |")
+    for t in sorted(chains, reverse=True):
+        share = f"{agree[t] / total[t]:.2f}" if total[t] else "-"
+        print(f"| {t} | {kept[t]} / {chains[t]} | {total[t]} | {share} |")
 
 
 if __name__ == "__main__":

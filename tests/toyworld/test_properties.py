@@ -132,3 +132,22 @@ def test_remeasure_write_refuses_timesteps_other_than_the_records_own(tmp_path, 
     assert main([str(tmp_path), "--timesteps", "0", "--write"]) == 1
     assert "--write keeps the record's own timesteps" in capsys.readouterr().err
     assert shipped.read_bytes() == before
+
+
+def test_view_readings_name_a_broken_summary_or_pairs_file(tmp_path):
+    from spotune.toyworld.properties import spm_view_readings
+
+    prompts = all_prompts()[:2]
+    images = np.stack([np.stack([render(Scene(p, 16, 16, 8.0)), render(Scene(p, 16, 16, 9.0))]) for p in prompts])
+    data = label_pairs([p.caption for p in prompts], images, RaterWeights(), rng=None)
+    data.write(tmp_path / "eval.parquet")
+    (tmp_path / "summary.json").write_text("{not json")
+    with pytest.raises(ValueError, match="summary.json: expected JSON with 'scale' and 'rater'"):
+        spm_view_readings(resource_dir() / "base", tmp_path / "eval.parquet", timesteps=(0,))
+    (tmp_path / "summary.json").write_text('{"scale": {}}')
+    with pytest.raises(ValueError, match="summary.json"):
+        spm_view_readings(resource_dir() / "base", tmp_path / "eval.parquet", timesteps=(0,))
+    (tmp_path / "summary.json").unlink()
+    pq.write_table(pq.read_table(str(tmp_path / "eval.parquet")).drop(["label_0"]), tmp_path / "bad.parquet")
+    with pytest.raises(ValueError, match="bad.parquet: no label_0"):
+        spm_view_readings(resource_dir() / "base", tmp_path / "bad.parquet", timesteps=(0,))

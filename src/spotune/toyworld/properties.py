@@ -220,7 +220,12 @@ def _read_pairs(eval_pairs: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
     import pyarrow.parquet as pq
     from PIL import Image
 
-    table = pq.read_table(str(eval_pairs), columns=["caption", "jpg_0", "jpg_1", "label_0"])
+    wanted = ["caption", "jpg_0", "jpg_1", "label_0"]
+    missing = [c for c in wanted if c not in pq.read_schema(str(eval_pairs)).names]
+    if missing:
+        raise ValueError(f"{eval_pairs}: no {', '.join(missing)} column(s) (expected pairs written by "
+                         "python -m spotune.toyworld.preferences)")
+    table = pq.read_table(str(eval_pairs), columns=wanted)
     decode = lambda b: np.asarray(Image.open(io.BytesIO(b)).convert("RGB"))  # noqa: E731
     images = np.stack([np.stack([decode(a), decode(b)]) for a, b in zip(table.column("jpg_0").to_pylist(),
                                                                          table.column("jpg_1").to_pylist())])
@@ -234,13 +239,16 @@ def _labelling(eval_pairs: Path, truth: ImageScores) -> tuple[Standardisation, R
     import json
 
     summary = eval_pairs.parent / "summary.json"
-    if summary.is_file():
+    if not summary.is_file():
+        return Standardisation.of(truth), RaterWeights(), "these pairs' images"
+    try:
         record = json.loads(summary.read_text())
-        scale, rater = record.get("scale"), record.get("rater")
-        if isinstance(scale, dict) and isinstance(rater, dict):
-            return (Standardisation(**{k: float(scale[k]) for k in Standardisation.__dataclass_fields__}),
-                    RaterWeights(**{k: float(rater[k]) for k in RaterWeights.__dataclass_fields__}), str(summary))
-    return Standardisation.of(truth), RaterWeights(), "these pairs' images"
+        scale, rater = record["scale"], record["rater"]
+        return (Standardisation(**{k: float(scale[k]) for k in Standardisation.__dataclass_fields__}),
+                RaterWeights(**{k: float(rater[k]) for k in RaterWeights.__dataclass_fields__}), str(summary))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{summary}: expected JSON with 'scale' and 'rater' objects as write_dataset writes them "
+                         f"({type(exc).__name__}: {exc}); remove it to standardise by the pairs' own images") from None
 
 
 @torch.no_grad()
@@ -341,6 +349,18 @@ def remeasure_shipped_spm(data: str | Path, spm_folder: str | Path, base_model: 
     return result
 
 
+def _parse_timesteps(text: str) -> tuple[int, ...]:
+    """``--timesteps`` "0,251,501" -> (0, 251, 501); one ValueError naming the flag otherwise."""
+    problem = ValueError(f"--timesteps {text!r}: expected comma-separated integers in [0, 999], e.g. 0,251,501")
+    try:
+        timesteps = tuple(int(t) for t in text.split(","))
+    except ValueError:
+        raise problem from None
+    if not timesteps or any(not 0 <= t <= 999 for t in timesteps):
+        raise problem
+    return timesteps
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m spotune.toyworld.properties DATA [--spm DIR] [--write]``: re-measure a shipped SPM."""
     import argparse
@@ -363,14 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     res = resource_dir()
     try:
-        timesteps = None
-        if args.timesteps is not None:
-            try:
-                timesteps = tuple(int(t) for t in args.timesteps.split(","))
-            except ValueError:
-                raise ValueError(f"--timesteps {args.timesteps!r}: expected comma-separated integers in [0, 999], e.g. 0,251,501")
-            if not timesteps or any(not 0 <= t <= 999 for t in timesteps):
-                raise ValueError(f"--timesteps {args.timesteps!r}: expected comma-separated integers in [0, 999], e.g. 0,251,501")
+        timesteps = None if args.timesteps is None else _parse_timesteps(args.timesteps)
         result = remeasure_shipped_spm(args.data, args.spm or res / "spm", args.base_model or res / "base",
                                        args.pickscore or res / "pickscore", write=args.write, timesteps=timesteps)
     except (FileNotFoundError, ValueError) as exc:

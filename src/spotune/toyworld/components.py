@@ -5,7 +5,8 @@
 * ``CLIPTextModel``: 2 layers, hidden size 64;
 * ``AutoencoderKL``: 32x32 RGB <-> 8x8x4 latents (three blocks of 16, 32, 64 channels);
 * ``UNet2DConditionModel``: (64, 128) channels, cross-attention at the 8x8 level and in the middle block;
-* DDIM with Stable Diffusion 1.5's noise schedule;
+* DDIM with Stable Diffusion 1.5's noise schedule, optionally with its SNR multiplied by a constant and
+  rescaled to zero terminal SNR (:func:`ddim_scheduler`: the schedule of the version-3 candidate);
 * a ``CLIPModel`` for judging: ViT with 4x4 patches on 32x32 images, sharing the tokenizer.
 
 Their configurations are fixed here; their weights come from :mod:`spotune.toyworld.pretrain`.
@@ -17,7 +18,7 @@ import json
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from spotune.models.tiny import _byte_level_alphabet, sd15_ddim_scheduler
@@ -152,9 +153,78 @@ def build_clip(tokenizer: CLIPTokenizer) -> CLIPModel:
     return CLIPModel(config)
 
 
-def ddim_scheduler():
-    """DDIM with Stable Diffusion 1.5's noise schedule."""
-    return sd15_ddim_scheduler()
+# SD1.5's 64x64 latent has 4,096 positions, the world's 8x8 latent 64: the shift that gives an attribute
+# spread over the whole (or any fixed share of the) world's image the SNR it has in SD1.5's at the same t.
+RESOLUTION_SNR_SHIFT = (64 * 64) / (8 * 8)
+
+
+def shifted_alphas_cumprod(alphas_cumprod: torch.Tensor, snr_shift: float) -> torch.Tensor:
+    """A schedule whose SNR is ``snr_shift`` times the given one at every timestep.
+
+    SNR(t) = a_t / (1 - a_t), so the shifted a'_t = s * SNR(t) / (1 + s * SNR(t)).
+
+    Args:
+        alphas_cumprod: [T] the cumulative products of the schedule's alphas, in (0, 1).
+        snr_shift: s > 0; 1 returns the schedule itself.
+    Returns:
+        [T] float64 shifted alphas_cumprod, still strictly decreasing.
+    """
+    snr = snr_shift * alphas_cumprod.double() / (1 - alphas_cumprod.double())
+    return snr / (1 + snr)
+
+
+def zero_terminal_alphas_cumprod(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """Rescale a schedule so that its last timestep holds (almost) no signal (Lin et al. 2024, algorithm 1).
+
+    sqrt(a_t) is shifted and scaled linearly so that the first timestep keeps its value and the last one
+    becomes 0; the last is then set to 2**-24 instead of 0 (as diffusers' Euler scheduler does), so that
+    its SNR, min-SNR weight and x0-prediction stay finite.
+
+    Args:
+        alphas_cumprod: [T] strictly decreasing, in (0, 1).
+    Returns:
+        [T] float64, same first value, last value 2**-24.
+    """
+    root = alphas_cumprod.double().sqrt()
+    first, last = root[0].clone(), root[-1].clone()
+    root = (root - last) * first / (first - last)
+    rescaled = root**2
+    rescaled[-1] = 2.0**-24
+    return rescaled
+
+
+def ddim_scheduler(snr_shift: float = 1.0, zero_terminal_snr: bool = False) -> DDIMScheduler:
+    """DDIM with Stable Diffusion 1.5's noise schedule, its SNR multiplied by ``snr_shift``.
+
+    Why a shift: noise is drawn independently at every latent position, so an image-level attribute spread
+    over k positions is read with about k times one position's SNR. The world's 8x8 latent has 1/64 of
+    SD1.5's positions, so at the same t its images keep far less of a scene than SD1.5's do; multiplying
+    the SNR by :data:`RESOLUTION_SNR_SHIFT` (64) gives every attribute covering a fixed share of the image
+    the SNR it has in SD1.5 at that t (the resolution-dependent shift of Esser et al. 2024, SD3, section
+    5.3.2, and of Hoogeboom et al. 2023 for pixel diffusion).
+
+    Why ``zero_terminal_snr``: sampling starts from pure noise, and a shift by 64 alone would leave the
+    first sampled step (t = 951) an SNR of 0.53, so the model would be handed pure noise where training
+    showed it an image more than half visible. Rescaling to zero terminal SNR (Lin et al. 2024) fixes that
+    mismatch; with SD1.5's "leading" timestep spacing the sampler's first step stays at t = 951 (SNR 0.044
+    after shift and rescale, against SD1.5's 0.008), so epsilon prediction stays well-posed: only t = 999
+    has an SNR near 0, and training sees it while sampling never evaluates it.
+
+    ``snr_shift = 1`` without ``zero_terminal_snr`` (version 2 of the world) is SD1.5's schedule exactly;
+    otherwise the betas are stored as ``trained_betas``, so a saved pipeline's scheduler config carries the
+    schedule to every consumer (sampler, DDIM log-density, SPM views, GradSPO).
+    """
+    if not snr_shift > 0:
+        raise ValueError(f"snr_shift must be > 0, got {snr_shift}")
+    base = sd15_ddim_scheduler()
+    if snr_shift == 1.0 and not zero_terminal_snr:
+        return base
+    alphas = shifted_alphas_cumprod(base.alphas_cumprod, snr_shift)  # [1000]
+    if zero_terminal_snr:
+        alphas = zero_terminal_alphas_cumprod(alphas)
+    previous = torch.cat([torch.ones(1, dtype=alphas.dtype), alphas[:-1]])
+    betas = 1 - alphas / previous  # a_t = prod(1 - beta), so beta_t = 1 - a_t / a_{t-1}
+    return DDIMScheduler.from_config(base.config, trained_betas=betas.tolist())
 
 
 def count_parameters(module: torch.nn.Module) -> int:

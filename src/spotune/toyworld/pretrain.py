@@ -77,6 +77,12 @@ class PretrainConfig:
     unet_warmup: int = _help("Warm-up steps of the UNet stage.", 200)
     caption_dropout: float = _help("Share of empty captions (teaches the unconditional branch of guidance).", 0.1)
     min_snr_gamma: float = _help("Min-SNR loss weighting gamma (0 disables).", 5.0)
+    snr_shift: float = _help(
+        "Multiply the SD1.5 schedule's SNR by this at every timestep (1: SD1.5's schedule, the shipped world; "
+        "64: the resolution shift that gives the 8x8 latent SD1.5's 64x64 certainty; see components.ddim_scheduler).", 1.0)
+    zero_terminal_snr: bool = _help(
+        "Rescale the (shifted) schedule to zero SNR at t = 999, so that sampling from pure noise matches training "
+        "(false: the shipped world; see components.ddim_scheduler).", False)
     ema_decay: float = _help("Decay of the weights' moving average (the shipped weights).", 0.999)
     # -- CLIP --
     clip_steps: int = _help("CLIP optimizer steps.", 1500)
@@ -95,6 +101,8 @@ class PretrainConfig:
                 raise ConfigError(f"config: {name} must be >= 1")
         if not 0 <= self.caption_dropout < 1:
             raise ConfigError("config: caption_dropout must be in [0, 1)")
+        if not self.snr_shift > 0:
+            raise ConfigError(f"config: snr_shift must be > 0, got {self.snr_shift} (snr_shift=1 is SD1.5's schedule)")
 
 
 def _cosine_lr(step: int, total: int, peak: float, warmup: int = 0, floor: float = 0.1) -> float:
@@ -287,6 +295,7 @@ class Pretrainer:
         self.unet, self.text_encoder = C.build_unet(), C.build_text_encoder(self.tokenizer)
         self.ema_unet, self.ema_text = C.build_unet(), C.build_text_encoder(self.tokenizer)
         stage = _Stage(self.work, "unet")
+        self._check_schedule(stage)
         modules = {"unet": self.unet, "text_encoder": self.text_encoder, "ema_unet": self.ema_unet, "ema_text": self.ema_text}
         if stage.done:
             stage.load_final(modules)
@@ -297,7 +306,7 @@ class Pretrainer:
             m.requires_grad_(False).eval()
         params = list(self.unet.parameters()) + list(self.text_encoder.parameters())
         opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=1e-2)
-        scheduler = C.ddim_scheduler()
+        scheduler = C.ddim_scheduler(cfg.snr_shift, cfg.zero_terminal_snr)
         alphas = scheduler.alphas_cumprod  # [1000]
         snr = alphas / (1 - alphas)
         sf = self.vae.config.scaling_factor
@@ -336,6 +345,33 @@ class Pretrainer:
         report = self.sample_check(cfg.unet_steps)
         stage.finish(modules, {"samples": report})
 
+    def _check_schedule(self, stage: _Stage) -> None:
+        """Record the UNet stage's noise schedule; refuse to resume it under another one.
+
+        A UNet half-trained on one schedule and finished on another would match neither.
+        """
+        record = stage.folder / "schedule.json"
+        wanted = {"snr_shift": float(self.cfg.snr_shift), "zero_terminal_snr": bool(self.cfg.zero_terminal_snr)}
+        if record.is_file():
+            try:
+                found = json.loads(record.read_text())
+            except (OSError, ValueError) as err:
+                raise ConfigError(f"{record}: not readable JSON ({err}); pass another work_dir=") from None
+            recorded = {"snr_shift": float(found.get("snr_shift", 1.0)),
+                        "zero_terminal_snr": bool(found.get("zero_terminal_snr", False))}
+        elif stage.done or (stage.folder / "checkpoint.json").is_file():
+            # Work from before the record existed was trained on SD1.5's schedule.
+            recorded = {"snr_shift": 1.0, "zero_terminal_snr": False}
+        else:
+            recorded = wanted
+        for key, value in recorded.items():
+            if value != wanted[key]:
+                raise ConfigError(
+                    f"{record.parent}: this work_dir's UNet stage was trained with {key}={json.dumps(value)}, the config "
+                    f"asks for {key}={json.dumps(wanted[key])}; pass {key}={json.dumps(value)} or another work_dir=")
+        if not record.is_file():
+            atomic_write_json(record, wanted)
+
     @torch.no_grad()
     def sample_check(self, step: int) -> dict[str, float]:
         """Generate ``sample_count`` images with the EMA weights; log alignment and aesthetics; save a grid."""
@@ -348,7 +384,7 @@ class Pretrainer:
         seeds = list(range(len(captions)))
         self.ema_unet.eval()
         self.ema_text.eval()
-        images = generate(self.ema_unet, self.vae, self.ema_text, self.tokenizer, C.ddim_scheduler(), captions, seeds)
+        images = generate(self.ema_unet, self.vae, self.ema_text, self.tokenizer, C.ddim_scheduler(self.cfg.snr_shift, self.cfg.zero_terminal_snr), captions, seeds)
         scores = score_images(to_uint8(images), captions)
         save_image_grid(images, self.work / "samples" / f"step-{step:06d}.png", columns=8)
         report = {
@@ -422,7 +458,7 @@ class Pretrainer:
                 shutil.rmtree(target)
         pipe = StableDiffusionPipeline(
             vae=self.vae, text_encoder=self.ema_text, tokenizer=self.tokenizer, unet=self.ema_unet,
-            scheduler=C.ddim_scheduler(), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+            scheduler=C.ddim_scheduler(self.cfg.snr_shift, self.cfg.zero_terminal_snr), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
         )
         pipe.to(torch.float16)
         with atomic_directory(out / BASE_FOLDER) as tmp:

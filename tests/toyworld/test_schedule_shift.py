@@ -1,0 +1,91 @@
+"""The world's optional noise schedule: SNR shift and zero terminal SNR (components.ddim_scheduler)."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+from diffusers import DDIMScheduler
+
+from spotune.config import ConfigError
+from spotune.models.tiny import sd15_ddim_scheduler
+from spotune.toyworld import components as C
+from spotune.toyworld.pretrain import PretrainConfig, Pretrainer, _Stage
+
+
+def _snr(scheduler: DDIMScheduler) -> torch.Tensor:
+    a = scheduler.alphas_cumprod.double()
+    return a / (1 - a)
+
+
+def test_default_is_sd15_schedule_exactly():
+    assert torch.equal(C.ddim_scheduler().alphas_cumprod, sd15_ddim_scheduler().alphas_cumprod)
+    assert C.ddim_scheduler().config.get("trained_betas") is None
+
+
+def test_shift_multiplies_snr_at_every_timestep():
+    ratio = _snr(C.ddim_scheduler(C.RESOLUTION_SNR_SHIFT)) / _snr(sd15_ddim_scheduler())
+    assert C.RESOLUTION_SNR_SHIFT == 64
+    # the scheduler rebuilds alphas_cumprod from the betas in float32: 0.1% is its rounding, not the maths
+    assert torch.allclose(ratio, torch.full_like(ratio, 64.0), rtol=2e-3)
+    exact = C.shifted_alphas_cumprod(sd15_ddim_scheduler().alphas_cumprod, 4.0)
+    base = sd15_ddim_scheduler().alphas_cumprod.double()
+    assert torch.allclose(exact / (1 - exact), 4 * base / (1 - base), rtol=1e-12)
+
+
+def test_zero_terminal_snr_keeps_first_step_and_ends_near_zero():
+    shifted = C.ddim_scheduler(64.0)
+    rescaled = C.ddim_scheduler(64.0, zero_terminal_snr=True)
+    a = rescaled.alphas_cumprod.double()
+    assert a[-1].item() == pytest.approx(2.0**-24, rel=1e-3)
+    assert (a[1:] < a[:-1]).all()  # still a noise schedule
+    assert a[0].item() == pytest.approx(shifted.alphas_cumprod[0].item(), rel=1e-6)
+    snr, snr_shifted = _snr(rescaled), _snr(shifted)
+    assert (snr[1:-1] <= snr_shifted[1:-1] * (1 + 1e-4)).all()  # the rescale only adds noise
+    rescaled.set_timesteps(20)
+    first = int(rescaled.timesteps[0])
+    assert first == 951  # SD1.5's leading spacing: the sampler never evaluates t = 999
+    assert 0.01 < snr[first].item() < 0.1
+    assert snr[701].item() > 1.0
+
+
+def test_saved_scheduler_carries_the_schedule(tmp_path):
+    scheduler = C.ddim_scheduler(64.0, zero_terminal_snr=True)
+    scheduler.save_pretrained(tmp_path)
+    loaded = DDIMScheduler.from_pretrained(tmp_path)
+    assert torch.equal(loaded.alphas_cumprod, scheduler.alphas_cumprod)
+    assert torch.equal(DDIMScheduler.from_config(loaded.config).alphas_cumprod, scheduler.alphas_cumprod)
+
+
+def test_bad_shift_is_refused():
+    with pytest.raises(ValueError, match="snr_shift"):
+        C.ddim_scheduler(0.0)
+    with pytest.raises(ConfigError, match="snr_shift must be > 0"):
+        PretrainConfig(snr_shift=-1.0).validate()
+
+
+def _check(tmp_path, **cfg):
+    stage = _Stage(tmp_path, "unet")
+    Pretrainer._check_schedule(SimpleNamespace(cfg=PretrainConfig(**cfg)), stage)
+    return stage
+
+
+def test_unet_stage_records_its_schedule_and_refuses_another(tmp_path):
+    stage = _check(tmp_path, snr_shift=64.0, zero_terminal_snr=True)
+    assert json.loads((stage.folder / "schedule.json").read_text()) == {"snr_shift": 64.0, "zero_terminal_snr": True}
+    _check(tmp_path, snr_shift=64.0, zero_terminal_snr=True)  # the same schedule resumes
+    with pytest.raises(ConfigError, match="snr_shift=64.0 or another work_dir="):
+        _check(tmp_path, snr_shift=1.0, zero_terminal_snr=True)
+    with pytest.raises(ConfigError, match="zero_terminal_snr=true"):
+        _check(tmp_path, snr_shift=64.0, zero_terminal_snr=False)
+
+
+def test_unrecorded_progress_counts_as_sd15_schedule(tmp_path):
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "checkpoint.json").write_text("{}")
+    with pytest.raises(ConfigError, match="trained with snr_shift=1.0"):
+        _check(tmp_path, snr_shift=64.0)
+    _check(tmp_path)  # SD1.5's schedule resumes it
+    assert json.loads((tmp_path / "unet" / "schedule.json").read_text())["snr_shift"] == 1.0

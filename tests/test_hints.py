@@ -26,11 +26,14 @@ from spotune.recipes.eval_spm import EvalSPMConfig
 from spotune.recipes.train_spm import TrainSPMConfig
 from spotune.recipes.train_spo_config import TrainSPOConfig
 from spotune.toyworld.demo import DemoConfig
+from spotune.toyworld.pretrain import PretrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMAND_CONFIGS = {
     "train": TrainSPOConfig, "train-spm": TrainSPMConfig, "eval-spm": EvalSPMConfig, "generate": GenerateConfig,
     "eval": EvalConfig, "demo": DemoConfig, "export": ExportConfig,
+    # not a `spotune` subcommand: `python -m spotune.toyworld.pretrain CONFIG key=value ...`
+    "toyworld-pretrain": PretrainConfig,
 }
 ALL_KEYS = {f.name for cls in COMMAND_CONFIGS.values() for f in dataclasses.fields(cls)}
 # `name=` in messages that reports what a file holds rather than suggesting a setting.

@@ -1,11 +1,11 @@
 """Pinned results of tiny SD1.5 runs: a refactor of the SD1.5 path must leave them unchanged.
 
 The numbers were measured on the SD1.5-only code before the model-family seam went in (tiny models,
-``configs/tiny_cpu.yaml``, 8 DDIM steps, every pair kept) and are compared with a relative tolerance of
-1e-5, tight enough that any change to sampling, pair selection, the loss or the optimizer moves them by
-orders of magnitude more, loose enough for another CPU's summation order. What is pinned is the change
-every run made to the LoRA: sum over tensors of |trained - initial|, and the first four changes of the
-first tensor (sorted key order; those to 1e-7, the rounding of fp32 weights near 0.3).
+``configs/tiny_cpu.yaml``, 8 DDIM steps, every pair kept). The total is compared with a relative
+tolerance of 1e-4, loose enough for another CPU's summation order (1e-5 was not: the GradSPO run's total
+measured 10.074401 instead of 10.074512 on another Xeon with the same code and torch, 1.1e-5 relative).
+What is pinned is the change every run made to the LoRA: sum over tensors of |trained - initial|, and
+the first four changes of the first tensor (sorted key order; those to 1e-7, the rounding of fp32 weights near 0.3).
 """
 
 from __future__ import annotations
@@ -63,5 +63,5 @@ def test_tiny_sd15_run_matches_the_pinned_result(tmp_path, name):
     assert main(["train", "--config", str(CONFIG), f"output_dir={out}", *FAST, *RUNS[name]]) == 0
     total, first = lora_change(out)
     want_total, want_first = PINNED[name]
-    assert total == pytest.approx(want_total, rel=1e-5)
+    assert total == pytest.approx(want_total, rel=1e-4)
     assert first == pytest.approx(want_first, rel=1e-4, abs=1e-7)

@@ -74,12 +74,23 @@ def _check(tmp_path, **cfg):
 
 def test_unet_stage_records_its_schedule_and_refuses_another(tmp_path):
     stage = _check(tmp_path, snr_shift=64.0, zero_terminal_snr=True)
-    assert json.loads((stage.folder / "schedule.json").read_text()) == {"snr_shift": 64.0, "zero_terminal_snr": True}
+    recorded = json.loads((stage.folder / "schedule.json").read_text())
+    assert recorded == {"snr_shift": 64.0, "zero_terminal_snr": True, "min_snr_gamma": 5.0}
     _check(tmp_path, snr_shift=64.0, zero_terminal_snr=True)  # the same schedule resumes
     with pytest.raises(ConfigError, match="snr_shift=64.0 or another work_dir="):
         _check(tmp_path, snr_shift=1.0, zero_terminal_snr=True)
     with pytest.raises(ConfigError, match="zero_terminal_snr=true"):
         _check(tmp_path, snr_shift=64.0, zero_terminal_snr=False)
+    with pytest.raises(ConfigError, match="min_snr_gamma=5.0 or another work_dir="):
+        _check(tmp_path, snr_shift=64.0, zero_terminal_snr=True, min_snr_gamma=320.0)
+
+
+def test_record_without_loss_weight_counts_as_gamma_5(tmp_path):
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "schedule.json").write_text('{"snr_shift": 64.0, "zero_terminal_snr": true}')
+    _check(tmp_path, snr_shift=64.0, zero_terminal_snr=True)
+    with pytest.raises(ConfigError, match="trained with min_snr_gamma=5.0"):
+        _check(tmp_path, snr_shift=64.0, zero_terminal_snr=True, min_snr_gamma=320.0)
 
 
 def test_unrecorded_progress_counts_as_sd15_schedule(tmp_path):

@@ -346,22 +346,25 @@ class Pretrainer:
         stage.finish(modules, {"samples": report})
 
     def _check_schedule(self, stage: _Stage) -> None:
-        """Record the UNet stage's noise schedule; refuse to resume it under another one.
+        """Record the UNet stage's noise schedule and loss weight; refuse to resume it under others.
 
-        A UNet half-trained on one schedule and finished on another would match neither.
+        A UNet half-trained on one schedule and finished on another would match neither; the min-SNR
+        weight is recorded with it because, being a function of SNR, it decides what each timestep
+        weighs (and a shifted schedule moves it).
         """
         record = stage.folder / "schedule.json"
-        wanted = {"snr_shift": float(self.cfg.snr_shift), "zero_terminal_snr": bool(self.cfg.zero_terminal_snr)}
+        wanted = {"snr_shift": float(self.cfg.snr_shift), "zero_terminal_snr": bool(self.cfg.zero_terminal_snr),
+                  "min_snr_gamma": float(self.cfg.min_snr_gamma)}
+        # What records and work from before a key was recorded were trained with.
+        legacy = {"snr_shift": 1.0, "zero_terminal_snr": False, "min_snr_gamma": 5.0}
         if record.is_file():
             try:
                 found = json.loads(record.read_text())
             except (OSError, ValueError) as err:
                 raise ConfigError(f"{record}: not readable JSON ({err}); pass another work_dir=") from None
-            recorded = {"snr_shift": float(found.get("snr_shift", 1.0)),
-                        "zero_terminal_snr": bool(found.get("zero_terminal_snr", False))}
+            recorded = {key: type(default)(found.get(key, default)) for key, default in legacy.items()}
         elif stage.done or (stage.folder / "checkpoint.json").is_file():
-            # Work from before the record existed was trained on SD1.5's schedule.
-            recorded = {"snr_shift": 1.0, "zero_terminal_snr": False}
+            recorded = dict(legacy)
         else:
             recorded = wanted
         for key, value in recorded.items():

@@ -85,17 +85,20 @@ def test_unet_stage_records_its_schedule_and_refuses_another(tmp_path):
         _check(tmp_path, snr_shift=64.0, zero_terminal_snr=True, min_snr_gamma=320.0)
 
 
-def test_record_without_loss_weight_counts_as_gamma_5(tmp_path):
+def _unet_file(tmp_path, name: str, text: str) -> None:
     (tmp_path / "unet").mkdir()
-    (tmp_path / "unet" / "schedule.json").write_text('{"snr_shift": 64.0, "zero_terminal_snr": true}')
+    (tmp_path / "unet" / name).write_text(text)
+
+
+def test_record_without_loss_weight_counts_as_gamma_5(tmp_path):
+    _unet_file(tmp_path, "schedule.json", '{"snr_shift": 64.0, "zero_terminal_snr": true}')
     _check(tmp_path, snr_shift=64.0, zero_terminal_snr=True)
     with pytest.raises(ConfigError, match="trained with min_snr_gamma=5.0"):
         _check(tmp_path, snr_shift=64.0, zero_terminal_snr=True, min_snr_gamma=320.0)
 
 
 def test_unrecorded_progress_counts_as_sd15_schedule(tmp_path):
-    (tmp_path / "unet").mkdir()
-    (tmp_path / "unet" / "checkpoint.json").write_text("{}")
+    _unet_file(tmp_path, "checkpoint.json", "{}")
     with pytest.raises(ConfigError, match="trained with snr_shift=1.0"):
         _check(tmp_path, snr_shift=64.0)
     _check(tmp_path)  # SD1.5's schedule resumes it

@@ -103,3 +103,15 @@ def test_unrecorded_progress_counts_as_sd15_schedule(tmp_path):
         _check(tmp_path, snr_shift=64.0)
     _check(tmp_path)  # SD1.5's schedule resumes it
     assert json.loads((tmp_path / "unet" / "schedule.json").read_text())["snr_shift"] == 1.0
+
+
+@pytest.mark.parametrize("text", ['[64, true]', '{"snr_shift": "64"}', '{"zero_terminal_snr": "false"}'])
+def test_malformed_record_is_one_error_naming_the_file(tmp_path, text):
+    _unet_file(tmp_path, "schedule.json", text)
+    with pytest.raises(ConfigError, match=r"schedule.json: expected an object .* pass another work_dir="):
+        _check(tmp_path)
+
+
+def test_negative_gamma_is_refused():
+    with pytest.raises(ConfigError, match="min_snr_gamma must be >= 0"):
+        PretrainConfig(min_snr_gamma=-1.0).validate()

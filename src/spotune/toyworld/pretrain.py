@@ -101,8 +101,22 @@ class PretrainConfig:
                 raise ConfigError(f"config: {name} must be >= 1")
         if not 0 <= self.caption_dropout < 1:
             raise ConfigError("config: caption_dropout must be in [0, 1)")
+        if self.min_snr_gamma < 0:
+            raise ConfigError(f"config: min_snr_gamma must be >= 0 (0 disables the weighting), got {self.min_snr_gamma}")
         if not self.snr_shift > 0:
             raise ConfigError(f"config: snr_shift must be > 0, got {self.snr_shift} (snr_shift=1 is SD1.5's schedule)")
+
+
+def _recorded_values(found: object, legacy: dict[str, float | bool]) -> dict[str, float | bool] | None:
+    """The record's values with ``legacy`` for missing keys, typed as ``legacy``'s; None if any has the wrong type."""
+    if not isinstance(found, dict):
+        return None
+    values = {key: found.get(key, default) for key, default in legacy.items()}
+    for key, value in values.items():
+        wants_bool = isinstance(legacy[key], bool)
+        if isinstance(value, bool) != wants_bool or not isinstance(value, (bool, int, float)):
+            return None
+    return {key: type(legacy[key])(value) for key, value in values.items()}
 
 
 def _cosine_lr(step: int, total: int, peak: float, warmup: int = 0, floor: float = 0.1) -> float:
@@ -362,7 +376,10 @@ class Pretrainer:
                 found = json.loads(record.read_text())
             except (OSError, ValueError) as err:
                 raise ConfigError(f"{record}: not readable JSON ({err}); pass another work_dir=") from None
-            recorded = {key: type(default)(found.get(key, default)) for key, default in legacy.items()}
+            recorded = _recorded_values(found, legacy)
+            if recorded is None:
+                raise ConfigError(f"{record}: expected an object with numbers snr_shift and min_snr_gamma and a "
+                                  f"true/false zero_terminal_snr; pass another work_dir=")
         elif stage.done or (stage.folder / "checkpoint.json").is_file():
             recorded = dict(legacy)
         else:

@@ -83,6 +83,11 @@ class PretrainConfig:
     zero_terminal_snr: bool = _help(
         "Rescale the (shifted) schedule to zero SNR at t = 999, so that sampling from pure noise matches training "
         "(false: the shipped world; see components.ddim_scheduler).", False)
+    timestep_density: str = _help(
+        "How the UNet stage draws training timesteps. uniform: t uniform in 0..999, so the schedule decides how "
+        "much training each SNR gets (the shipped world); sd15_snr: t drawn so that the SNR has the distribution "
+        "uniform t gives under SD1.5's schedule, so a shifted schedule moves where the sampler looks, not what "
+        "the denoiser is trained on (see timestep_lookup).", "uniform")
     ema_decay: float = _help("Decay of the weights' moving average (the shipped weights).", 0.999)
     # -- CLIP --
     clip_steps: int = _help("CLIP optimizer steps.", 1500)
@@ -105,14 +110,51 @@ class PretrainConfig:
             raise ConfigError(f"config: min_snr_gamma must be >= 0 (0 disables the weighting), got {self.min_snr_gamma}")
         if not self.snr_shift > 0:
             raise ConfigError(f"config: snr_shift must be > 0, got {self.snr_shift} (snr_shift=1 is SD1.5's schedule)")
+        if self.timestep_density not in TIMESTEP_DENSITIES:
+            raise ConfigError(f"config: timestep_density must be one of {', '.join(TIMESTEP_DENSITIES)}, "
+                              f"got {self.timestep_density!r} (timestep_density=uniform is the shipped world's)")
 
 
-def _recorded_values(found: object, legacy: dict[str, float | bool]) -> dict[str, float | bool] | None:
+TIMESTEP_DENSITIES = ("uniform", "sd15_snr")
+
+
+def _log_snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    a = alphas_cumprod.double()
+    return torch.log(a) - torch.log1p(-a)
+
+
+def timestep_lookup(alphas_cumprod: torch.Tensor, density: str) -> torch.Tensor | None:
+    """The training timestep to use for each uniformly drawn index 0..999; None for ``uniform``.
+
+    ``sd15_snr`` maps index u to the timestep whose log-SNR under ``alphas_cumprod`` is nearest SD1.5's
+    log-SNR at u. Drawing u uniformly then trains on SD1.5's distribution of SNR, and because the min-SNR
+    weight is a function of SNR, with SD1.5's weight at each SNR too: the denoiser's objective is the
+    shipped world's, relabelled in t, and the schedule only changes which SNRs the sampler visits and
+    the SPM is shown. Every SD1.5 SNR lies inside a shifted schedule's range, so nothing is clipped.
+
+    Args:
+        alphas_cumprod: [T] strictly decreasing schedule of the model being trained.
+        density: one of :data:`TIMESTEP_DENSITIES`.
+    Returns:
+        [1000] int64 timesteps in [0, T), or None when t is drawn uniformly.
+    """
+    if density == "uniform":
+        return None
+    target = _log_snr(C.sd15_ddim_scheduler().alphas_cumprod)  # [1000]
+    own = _log_snr(alphas_cumprod)  # [T]
+    return (target[:, None] - own[None, :]).abs().argmin(dim=1)
+
+
+def _recorded_values(found: object, legacy: dict[str, float | bool | str]) -> dict[str, float | bool | str] | None:
     """The record's values with ``legacy`` for missing keys, typed as ``legacy``'s; None if any has the wrong type."""
     if not isinstance(found, dict):
         return None
     values = {key: found.get(key, default) for key, default in legacy.items()}
     for key, value in values.items():
+        if isinstance(legacy[key], str):
+            if not isinstance(value, str):
+                return None
+            continue
         wants_bool = isinstance(legacy[key], bool)
         if isinstance(value, bool) != wants_bool or not isinstance(value, (bool, int, float)):
             return None
@@ -323,6 +365,7 @@ class Pretrainer:
         scheduler = C.ddim_scheduler(cfg.snr_shift, cfg.zero_terminal_snr)
         alphas = scheduler.alphas_cumprod  # [1000]
         snr = alphas / (1 - alphas)
+        lookup = timestep_lookup(alphas, cfg.timestep_density)
         sf = self.vae.config.scaling_factor
         n_prompts = len(self.prompts)
 
@@ -337,6 +380,8 @@ class Pretrainer:
             prompt_rows[drop] = n_prompts  # the empty caption
             embeds = self.text_encoder(self.caption_ids[prompt_rows])[0]  # [B, L, 64]
             t = torch.randint(0, 1000, (len(idx),), generator=g)
+            if lookup is not None:
+                t = lookup[t]
             noise = torch.randn(z.shape, generator=g)
             x_t = scheduler.add_noise(z, noise, t)
             pred = self.unet(x_t, t, encoder_hidden_states=embeds).sample
@@ -368,9 +413,9 @@ class Pretrainer:
         """
         record = stage.folder / "schedule.json"
         wanted = {"snr_shift": float(self.cfg.snr_shift), "zero_terminal_snr": bool(self.cfg.zero_terminal_snr),
-                  "min_snr_gamma": float(self.cfg.min_snr_gamma)}
+                  "min_snr_gamma": float(self.cfg.min_snr_gamma), "timestep_density": str(self.cfg.timestep_density)}
         # What records and work from before a key was recorded were trained with.
-        legacy = {"snr_shift": 1.0, "zero_terminal_snr": False, "min_snr_gamma": 5.0}
+        legacy = {"snr_shift": 1.0, "zero_terminal_snr": False, "min_snr_gamma": 5.0, "timestep_density": "uniform"}
         if record.is_file():
             try:
                 found = json.loads(record.read_text())
@@ -378,8 +423,8 @@ class Pretrainer:
                 raise ConfigError(f"{record}: not readable JSON ({err}); pass another work_dir=") from None
             recorded = _recorded_values(found, legacy)
             if recorded is None:
-                raise ConfigError(f"{record}: expected an object with numbers snr_shift and min_snr_gamma and a "
-                                  f"true/false zero_terminal_snr; pass another work_dir=")
+                raise ConfigError(f"{record}: expected an object with numbers snr_shift and min_snr_gamma, a "
+                                  f"true/false zero_terminal_snr and a string timestep_density; pass another work_dir=")
         elif stage.done or (stage.folder / "checkpoint.json").is_file():
             recorded = dict(legacy)
         else:

@@ -14,6 +14,7 @@ import importlib
 import logging
 import os
 import sys
+from typing import Callable
 
 # SPOTUNE_DEBUG=1 does what --debug does, for launchers (accelerate, schedulers) that pass no flags.
 DEBUG_ENV = "SPOTUNE_DEBUG"
@@ -69,6 +70,25 @@ def _quiet_third_party() -> None:
 def debug_requested(args: argparse.Namespace) -> bool:
     """``--debug`` or ``SPOTUNE_DEBUG`` set to anything but empty / 0 / false / no."""
     return bool(getattr(args, "debug", False)) or os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def run_tool(program: str, run: Callable[[list[str]], int], argv: list[str] | None = None) -> int:
+    """The ``main`` of a ``python -m spotune...`` tool: bad input is one line on stderr and exit code 1.
+
+    ``--debug`` anywhere in ``argv`` (it is removed before ``run`` parses the rest) or ``SPOTUNE_DEBUG``
+    gives the full traceback instead, as for ``spotune`` itself.
+    """
+    from spotune.errors import SpotuneError
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args or debug_requested(argparse.Namespace())
+    try:
+        return int(run([arg for arg in args if arg != "--debug"]) or 0)
+    except SpotuneError as exc:
+        if debug:
+            raise
+        print(f"{program}: error: {exc}", file=sys.stderr)
+        return 1
 
 
 def disk_full_message(exc: OSError) -> str:

@@ -12,7 +12,7 @@ from diffusers import DDIMScheduler
 from spotune.config import ConfigError
 from spotune.models.tiny import sd15_ddim_scheduler
 from spotune.toyworld import components as C
-from spotune.toyworld.pretrain import PretrainConfig, Pretrainer, _Stage
+from spotune.toyworld.pretrain import PretrainConfig, Pretrainer, _Stage, timestep_lookup
 
 
 def _snr(scheduler: DDIMScheduler) -> torch.Tensor:
@@ -75,7 +75,7 @@ def _check(tmp_path, **cfg):
 def test_unet_stage_records_its_schedule_and_refuses_another(tmp_path):
     stage = _check(tmp_path, snr_shift=64.0, zero_terminal_snr=True)
     recorded = json.loads((stage.folder / "schedule.json").read_text())
-    assert recorded == {"snr_shift": 64.0, "zero_terminal_snr": True, "min_snr_gamma": 5.0}
+    assert recorded == {"snr_shift": 64.0, "zero_terminal_snr": True, "min_snr_gamma": 5.0, "timestep_density": "uniform"}
     _check(tmp_path, snr_shift=64.0, zero_terminal_snr=True)  # the same schedule resumes
     with pytest.raises(ConfigError, match="snr_shift=64.0 or another work_dir="):
         _check(tmp_path, snr_shift=1.0, zero_terminal_snr=True)
@@ -105,7 +105,8 @@ def test_unrecorded_progress_counts_as_sd15_schedule(tmp_path):
     assert json.loads((tmp_path / "unet" / "schedule.json").read_text())["snr_shift"] == 1.0
 
 
-@pytest.mark.parametrize("text", ['[64, true]', '{"snr_shift": "64"}', '{"zero_terminal_snr": "false"}'])
+@pytest.mark.parametrize("text", ['[64, true]', '{"snr_shift": "64"}', '{"zero_terminal_snr": "false"}',
+                                  '{"timestep_density": 1}'])
 def test_malformed_record_is_one_error_naming_the_file(tmp_path, text):
     _unet_file(tmp_path, "schedule.json", text)
     with pytest.raises(ConfigError, match=r"schedule.json: expected an object .* pass another work_dir="):
@@ -115,3 +116,48 @@ def test_malformed_record_is_one_error_naming_the_file(tmp_path, text):
 def test_negative_gamma_is_refused():
     with pytest.raises(ConfigError, match="min_snr_gamma must be >= 0"):
         PretrainConfig(min_snr_gamma=-1.0).validate()
+
+
+def _min_snr_weight(snr: torch.Tensor) -> torch.Tensor:
+    return torch.clamp(snr, max=5.0) / snr
+
+
+def _layout_band_share(snr: torch.Tensor) -> float:
+    return ((snr >= 0.1) & (snr <= 1)).double().mean().item()
+
+
+def test_uniform_density_draws_t_itself():
+    assert timestep_lookup(C.ddim_scheduler(64.0, True).alphas_cumprod, "uniform") is None
+
+
+def test_sd15_density_is_identity_on_sd15_schedule():
+    lookup = timestep_lookup(sd15_ddim_scheduler().alphas_cumprod, "sd15_snr")
+    assert torch.equal(lookup, torch.arange(1000))
+
+
+def test_sd15_density_trains_a_shifted_schedule_on_sd15_snr_and_weight():
+    shifted = C.ddim_scheduler(64.0, zero_terminal_snr=True)
+    lookup = timestep_lookup(shifted.alphas_cumprod, "sd15_snr")
+    assert lookup.shape == (1000,) and lookup.dtype == torch.int64
+    assert (lookup[1:] >= lookup[:-1]).all()  # order of noise kept
+    snr, reference = _snr(shifted)[lookup], _snr(sd15_ddim_scheduler())
+    assert (torch.log(snr) - torch.log(reference)).abs().max().item() < 0.06
+    assert (_min_snr_weight(snr) - _min_snr_weight(reference)).abs().max().item() < 0.01
+    # uniform t under the shifted schedule spends far less training at SNR 0.1-1 than SD1.5 does; this restores it
+    assert _layout_band_share(_snr(shifted)) < 0.15
+    assert _layout_band_share(snr) == pytest.approx(_layout_band_share(reference), abs=0.01)
+
+
+def test_unknown_density_is_refused_and_a_resume_under_another_is_too(tmp_path):
+    with pytest.raises(ConfigError, match="timestep_density must be one of uniform, sd15_snr"):
+        PretrainConfig(timestep_density="logit").validate()
+    _check(tmp_path, snr_shift=64.0, zero_terminal_snr=True, timestep_density="sd15_snr")
+    with pytest.raises(ConfigError, match='trained with timestep_density="sd15_snr"'):
+        _check(tmp_path, snr_shift=64.0, zero_terminal_snr=True)
+
+
+def test_record_without_density_counts_as_uniform(tmp_path):
+    _unet_file(tmp_path, "schedule.json", '{"snr_shift": 64.0, "zero_terminal_snr": true, "min_snr_gamma": 5.0}')
+    _check(tmp_path, snr_shift=64.0, zero_terminal_snr=True)
+    with pytest.raises(ConfigError, match='trained with timestep_density="uniform"'):
+        _check(tmp_path, snr_shift=64.0, zero_terminal_snr=True, timestep_density="sd15_snr")

@@ -125,6 +125,13 @@ def train_pickscore(clip_dir: str | Path, data_dir: str | Path, out_dir: str | P
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Bad input is one line and exit code 1 (``--debug``: the traceback)."""
+    from spotune.cli import run_tool
+
+    return run_tool("python -m spotune.toyworld.pickscore", _main, argv)
+
+
+def _main(argv: list[str]) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(description="Fine-tune the world's CLIP on generic preference pairs (a toy PickScore).")

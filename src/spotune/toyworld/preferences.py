@@ -270,8 +270,8 @@ def write_dataset(
     from spotune.toyworld.world import prompt_split
 
     folder = Path(folder)
+    pipe = load_pipeline(str(base_model))  # before the folder exists: a bad model path leaves nothing behind
     folder.mkdir(parents=True, exist_ok=True)
-    pipe = load_pipeline(str(base_model))
     train_prompts, held_out = prompt_split()
     common = dict(num_inference_steps=num_inference_steps, progress=progress)
     train = generic_preference_data(pipe, train_prompts, train_pairs, seed=10_000_000 + seed * 100_000,
@@ -305,7 +305,29 @@ def write_dataset(
     return summary
 
 
+def _refuse_foreign_output(folder: Path, overwrite: bool) -> None:
+    """Write only into an empty folder, or with ``overwrite`` into one this tool wrote (its summary.json)."""
+    from spotune.errors import SpotuneError
+
+    if folder.exists() and not folder.is_dir():
+        raise SpotuneError(f"{folder} is a file; pass a folder to write the preference data into")
+    if not folder.is_dir() or not any(folder.iterdir()):
+        return
+    if not (folder / "summary.json").is_file():
+        raise SpotuneError(f"{folder} is not empty and was not written by this tool (no summary.json); pass an empty "
+                           f"or new folder")
+    if not overwrite:
+        raise SpotuneError(f"{folder} holds earlier preference data; pass --overwrite to replace it, or another folder")
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Bad input is one line and exit code 1 (``--debug``: the traceback)."""
+    from spotune.cli import run_tool
+
+    return run_tool("python -m spotune.toyworld.preferences", _main, argv)
+
+
+def _main(argv: list[str]) -> int:
     """``python -m spotune.toyworld.preferences OUT_FOLDER [--base-model DIR] [--train-pairs N] ...``"""
     import argparse
     import json
@@ -317,7 +339,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-pairs", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--overwrite", action="store_true", help="replace the files of an earlier run in FOLDER")
     args = parser.parse_args(argv)
+    _refuse_foreign_output(Path(args.folder), args.overwrite)
     torch.set_num_threads(args.threads)
     if args.base_model is None:
         from spotune.toyworld.demo import resource_dir

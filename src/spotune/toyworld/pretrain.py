@@ -554,7 +554,13 @@ class Pretrainer:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
+    """``python -m spotune.toyworld.pretrain [CONFIG] key=value ... [--debug]``; bad input is one line, exit 1."""
+    from spotune.cli import run_tool
+
+    return run_tool("python -m spotune.toyworld.pretrain", _pretrain, argv)
+
+
+def _pretrain(args: list[str]) -> int:
     path = args.pop(0) if args and "=" not in args[0] else None
     config = load_config(PretrainConfig, path, args)
     work = Path(config.work_dir)

@@ -362,6 +362,13 @@ def _parse_timesteps(text: str) -> tuple[int, ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Bad input is one line and exit code 1 (``--debug``: the traceback)."""
+    from spotune.cli import run_tool
+
+    return run_tool("python -m spotune.toyworld.properties", _main, argv)
+
+
+def _main(argv: list[str]) -> int:
     """``python -m spotune.toyworld.properties DATA [--spm DIR] [--write]``: re-measure a shipped SPM."""
     import argparse
     import json

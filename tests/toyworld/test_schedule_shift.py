@@ -75,7 +75,9 @@ def _check(tmp_path, **cfg):
 def test_unet_stage_records_its_schedule_and_refuses_another(tmp_path):
     stage = _check(tmp_path, snr_shift=64.0, zero_terminal_snr=True)
     recorded = json.loads((stage.folder / "schedule.json").read_text())
-    assert recorded == {"snr_shift": 64.0, "zero_terminal_snr": True, "min_snr_gamma": 5.0, "timestep_density": "uniform"}
+    assert {key: recorded.pop(key) for key in ("seed", "unet_steps", "unet_lr")} == {"seed": 0, "unet_steps": 3000, "unet_lr": 3e-4}
+    assert recorded == {"snr_shift": 64.0, "zero_terminal_snr": True, "min_snr_gamma": 5.0, "timestep_density": "uniform",
+                        "unet_batch_size": 128, "unet_warmup": 200, "caption_dropout": 0.1, "ema_decay": 0.999}
     _check(tmp_path, snr_shift=64.0, zero_terminal_snr=True)  # the same schedule resumes
     with pytest.raises(ConfigError, match="snr_shift=64.0 or another work_dir="):
         _check(tmp_path, snr_shift=1.0, zero_terminal_snr=True)
@@ -161,3 +163,37 @@ def test_record_without_density_counts_as_uniform(tmp_path):
     _check(tmp_path, snr_shift=64.0, zero_terminal_snr=True)
     with pytest.raises(ConfigError, match='trained with timestep_density="uniform"'):
         _check(tmp_path, snr_shift=64.0, zero_terminal_snr=True, timestep_density="sd15_snr")
+
+
+def test_resume_under_another_recipe_is_refused(tmp_path):
+    _check(tmp_path, unet_steps=3000)
+    with pytest.raises(ConfigError, match=r"asks for unet_steps=6000 \(the cosine learning rate .*pass unet_steps=3000"):
+        _check(tmp_path, unet_steps=6000)
+    with pytest.raises(ConfigError, match="trained with unet_lr=0.0003"):
+        _check(tmp_path, unet_lr=1e-4)
+    with pytest.raises(ConfigError, match="trained with seed=0"):
+        _check(tmp_path, seed=1)
+
+
+def test_record_without_recipe_gains_it_before_training_starts(tmp_path):
+    _unet_file(tmp_path, "schedule.json", '{"snr_shift": 64.0, "zero_terminal_snr": true, "min_snr_gamma": 5.0}')
+    _check(tmp_path, snr_shift=64.0, zero_terminal_snr=True, unet_steps=2000)
+    recorded = json.loads((tmp_path / "unet" / "schedule.json").read_text())
+    assert recorded["unet_steps"] == 2000 and recorded["snr_shift"] == 64.0 and recorded["timestep_density"] == "uniform"
+    with pytest.raises(ConfigError, match="trained with unet_steps=2000"):
+        _check(tmp_path, snr_shift=64.0, zero_terminal_snr=True)
+
+
+def test_progress_under_an_older_record_keeps_its_recipe_unknown(tmp_path):
+    _unet_file(tmp_path, "schedule.json", '{"snr_shift": 64.0, "zero_terminal_snr": true, "min_snr_gamma": 5.0}')
+    (tmp_path / "unet" / "checkpoint.json").write_text("{}")
+    _check(tmp_path, snr_shift=64.0, zero_terminal_snr=True, unet_steps=2000)
+    _check(tmp_path, snr_shift=64.0, zero_terminal_snr=True, unet_steps=3000)  # nothing known to refuse it by
+    recorded = json.loads((tmp_path / "unet" / "schedule.json").read_text())
+    assert "unet_steps" not in recorded and recorded["timestep_density"] == "uniform"
+
+
+def test_recipe_value_of_the_wrong_type_is_one_error(tmp_path):
+    _unet_file(tmp_path, "schedule.json", '{"unet_steps": "3000"}')
+    with pytest.raises(ConfigError, match=r"schedule.json: unet_steps should be a number, found \"3000\""):
+        _check(tmp_path)

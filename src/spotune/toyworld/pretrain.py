@@ -116,6 +116,8 @@ class PretrainConfig:
 
 
 TIMESTEP_DENSITIES = ("uniform", "sd15_snr")
+# A UNet stage resumed under another of these would follow a different run's batches or learning rate.
+UNET_RECIPE_KEYS = ("seed", "unet_steps", "unet_batch_size", "unet_lr", "unet_warmup", "caption_dropout", "ema_decay")
 
 
 def _log_snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
@@ -405,7 +407,7 @@ class Pretrainer:
         stage.finish(modules, {"samples": report})
 
     def _check_schedule(self, stage: _Stage) -> None:
-        """Record the UNet stage's noise schedule and loss weight; refuse to resume it under others.
+        """Record the UNet stage's noise schedule, loss weight and recipe; refuse to resume it under others.
 
         A UNet half-trained on one schedule and finished on another would match neither; the min-SNR
         weight is recorded with it because, being a function of SNR, it decides what each timestep
@@ -426,16 +428,29 @@ class Pretrainer:
                 raise ConfigError(f"{record}: expected an object with numbers snr_shift and min_snr_gamma, a "
                                   f"true/false zero_terminal_snr and a string timestep_density; pass another work_dir=")
         elif stage.done or (stage.folder / "checkpoint.json").is_file():
-            recorded = dict(legacy)
+            recorded = dict(legacy)  # progress from before the schedule was recorded
         else:
             recorded = wanted
+        found_recipe = found if record.is_file() else {}
+        started = stage.done or (stage.folder / "checkpoint.json").is_file()
+        # The optimisation recipe is checked where a record holds it. A stage with progress under a record
+        # from before the recipe was recorded keeps it unknown: this run's values may not be what it used.
+        for key in UNET_RECIPE_KEYS:
+            if key not in found_recipe and started:
+                continue
+            wanted[key] = getattr(self.cfg, key)
+            value = found_recipe.get(key, wanted[key])
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"{record}: {key} should be a number, found {json.dumps(value)}; pass another work_dir=")
+            recorded[key] = value
         for key, value in recorded.items():
             if value != wanted[key]:
+                why = " (the cosine learning rate is laid out over unet_steps)" if key == "unet_steps" else ""
                 raise ConfigError(
                     f"{record.parent}: this work_dir's UNet stage was trained with {key}={json.dumps(value)}, the config "
-                    f"asks for {key}={json.dumps(wanted[key])}; pass {key}={json.dumps(value)} or another work_dir=")
-        if not record.is_file():
-            atomic_write_json(record, wanted)
+                    f"asks for {key}={json.dumps(wanted[key])}{why}; pass {key}={json.dumps(value)} or another work_dir=")
+        if not record.is_file() or any(key not in found_recipe for key in wanted):
+            atomic_write_json(record, {**found_recipe, **wanted})
 
     @torch.no_grad()
     def sample_check(self, step: int) -> dict[str, float]:

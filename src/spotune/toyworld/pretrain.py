@@ -70,6 +70,11 @@ class PretrainConfig:
     vae_batch_size: int = _help("VAE batch size.", 64)
     vae_lr: float = _help("VAE peak learning rate (cosine decay to 10%).", 1e-3)
     vae_kl_weight: float = _help("Weight of the mean KL term against the mean reconstruction error.", 1e-5)
+    vae_from: str = _help(
+        "Take the VAE stage from this AutoencoderKL folder (e.g. a base model's vae/) instead of training it: its "
+        "weights (as float32) and scaling_factor become the stage's result, measured as a trained one is. The VAE "
+        "does not depend on the noise schedule, so worlds that differ only in the UNet stage can share one. "
+        "Empty: train it.", "")
     # -- UNet + text encoder --
     unet_steps: int = _help("UNet (+ text encoder) optimizer steps.", 3000)
     unet_batch_size: int = _help("UNet batch size.", 128)
@@ -289,6 +294,9 @@ class Pretrainer:
             info = stage.load_final({"vae": self.vae})
             self.vae.register_to_config(scaling_factor=info["scaling_factor"])
             return
+        if cfg.vae_from:
+            self._import_vae(stage, Path(cfg.vae_from))
+            return
         opt = torch.optim.AdamW(self.vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
 
         def step_fn(step: int) -> torch.Tensor:
@@ -308,19 +316,45 @@ class Pretrainer:
             sample = to_tensor(self.images[:2048].numpy())
             means = torch.cat([self.vae.encode(c).latent_dist.mean for c in sample.split(256)])
             scaling = float(1.0 / means.std())
-            recon = torch.cat([self.vae.decode(self.vae.encode(c).latent_dist.mean).sample for c in sample[:512].split(256)])
         self.vae.register_to_config(scaling_factor=scaling)
+        info = self._vae_report()
+        stage.finish({"vae": self.vae}, info)
+        logger.info("vae: done %s", info)
+
+    def _import_vae(self, stage: _Stage, folder: Path) -> None:
+        """Finish the VAE stage with the weights and scaling factor of the AutoencoderKL in ``folder``."""
+        from diffusers import AutoencoderKL
+
+        if not (folder / "config.json").is_file():
+            raise ConfigError(f"{folder}: no AutoencoderKL folder here (config.json missing); vae_from= takes a "
+                              f"VAE folder such as <base model>/vae, or empty to train the VAE")
+        source = AutoencoderKL.from_pretrained(folder).float()
+        mine, theirs = self.vae.state_dict(), source.state_dict()
+        if {k: tuple(v.shape) for k, v in mine.items()} != {k: tuple(v.shape) for k, v in theirs.items()}:
+            raise ConfigError(f"{folder}: this VAE's layers are not the world's (components.build_vae); vae_from= "
+                              f"takes a miniature-world VAE, e.g. src/spotune/resources/toyworld/base/vae")
+        self.vae.load_state_dict(theirs)
+        self.vae.register_to_config(scaling_factor=float(source.config.scaling_factor))
+        self.vae.eval()
+        info = {**self._vae_report(), "source": f"{folder} (weights as float32; not trained in this work_dir)"}
+        stage.finish({"vae": self.vae}, info)
+        logger.info("vae: taken from %s %s", folder, info)
+
+    @torch.no_grad()
+    def _vae_report(self) -> dict[str, float]:
+        """The VAE's scaling factor and how well its reconstructions of 512 renders keep alignment and aesthetics."""
+        sample = to_tensor(self.images[:512].numpy())  # [512, 3, 32, 32]
+        recon = torch.cat([self.vae.decode(self.vae.encode(c).latent_dist.mean).sample for c in sample.split(256)])
         truth = score_images(self.images[:512].numpy(), [self.captions[i] for i in self.prompt_index[:512].tolist()])
         rec = score_images(to_uint8(recon), [self.captions[i] for i in self.prompt_index[:512].tolist()])
         info = {
-            "scaling_factor": scaling,
+            "scaling_factor": float(self.vae.config.scaling_factor),
             "recon_alignment": float(rec.aligned.mean()),
             **{f"recon_{name}_corr": float(np.corrcoef(getattr(truth, name), getattr(rec, name))[0, 1])
                for name in ("aesthetic", "lighting", "vividness", "cleanliness")},
-            "recon_mse": float(F.mse_loss(recon, sample[:512])),
+            "recon_mse": float(F.mse_loss(recon, sample)),
         }
-        stage.finish({"vae": self.vae}, info)
-        logger.info("vae: done %s", info)
+        return info
 
     # -- latents ------------------------------------------------------------------------------------
     @torch.no_grad()

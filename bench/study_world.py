@@ -63,6 +63,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--eval-inference-steps", type=int, default=20, help="DDIM steps of the evaluation images (eta 0, CFG 5)")
     p.add_argument("--prompts-per-split", type=int, default=0, help="use only the first N validation and test prompts (0: all; for a quick check)")
     p.add_argument("--spo-config", default=None, help="train YAML of the trainings (default: the shipped toyworld_spo.yaml)")
+    p.add_argument("--base-model", default=None, help="base model folder that SPO trains and the evaluation renders "
+                   "(default: the shipped resources/toyworld/base; a candidate world's base model)")
+    p.add_argument("--pickscore-model", default=None, help="the CLIPModel folder the SPM extends "
+                   "(default: the shipped resources/toyworld/pickscore)")
+    p.add_argument("--spm-checkpoint", default=None, help="the judge's SPM weights, trained on the same base model "
+                   "(default: the shipped resources/toyworld/spm/spm.safetensors)")
     p.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples of every interval")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--progress", action="store_true", help="show the trainings' progress bars")
@@ -145,7 +151,8 @@ class Trainer:
         # The Demo only trains here (its output folder is never written), so its output check is moot.
         self._make = lambda seed: Demo(DemoConfig(
             output=str(Path(args.output) / "unused"), overwrite=True, cache_dir=args.cache_dir, spo_config=args.spo_config,
-            threads=args.threads, seed=seed, progress=args.progress, methods=list(args.methods)))
+            threads=args.threads, seed=seed, progress=args.progress, methods=list(args.methods),
+            base_model=args.base_model, pickscore_model=args.pickscore_model, spm_checkpoint=args.spm_checkpoint))
         probe = self.demo(args.selection_seed)
         probe.check()
         self.base_dir, self.pickscore_dir, self.spm_path = probe.base_dir, probe.pickscore_dir, probe.shipped_spm
@@ -348,6 +355,10 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
         "format": STUDY_FORMAT,
         "settings": {k: v for k, v in vars(args).items() if k not in ("estimate",)},
         "protocol": "src/spotune/resources/toyworld/README.md, 'The study's protocol'",
+        # Which world was studied: the shipped one unless --base-model / --pickscore-model / --spm-checkpoint.
+        "models": {"base_model": str(trainer.base_dir), "base_digest": trainer.base_key,
+                   "pickscore_model": str(trainer.pickscore_dir), "pickscore_digest": trainer.judge_key,
+                   "spm_checkpoint": str(trainer.spm_path), "spm_digest": trainer.spm_key},
         "splits": {"train_prompts": len(splits.train),
                    "validation": [p.caption for p in evaluator.prompts["validation"]],
                    "test": [p.caption for p in evaluator.prompts["test"]],
@@ -411,6 +422,9 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"Protocol: {report['protocol']}. Test split: {len(report['splits']['test'])} prompts x "
         f"{len(report['splits']['eval_seeds'])} evaluation seeds; training seeds {s['seeds']}; intervals: {report['interval']}.",
+        "",
+        f"World: base model {report['models']['base_model']}, judge {report['models']['spm_checkpoint']} on "
+        f"{report['models']['pickscore_model']}.",
         "",
         "| method | lr | iterations | aesthetic win rate vs base | aesthetic delta | alignment (base "
         f"{100 * next(iter(report['methods'].values()))['alignment_base']:.1f}%) | size drift | position drift (px) | "

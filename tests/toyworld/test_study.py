@@ -145,3 +145,33 @@ def test_bad_settings_are_one_line_errors_and_help_and_estimate_work(capsys):
     with pytest.raises(SystemExit) as exit_info:
         module.main(["--help"])
     assert exit_info.value.code == 0
+
+
+def test_the_report_names_the_world_it_studied(study):
+    _, out, _, _ = study
+    from spotune.toyworld.demo import digest_file, digest_files
+
+    models = json.loads((out / "study.json").read_text())["models"]
+    assert models["base_model"] == str(RESOURCES / "base") and models["base_digest"] == digest_files(RESOURCES / "base")
+    assert models["spm_checkpoint"] == str(RESOURCES / "spm" / "spm.safetensors")
+    assert models["spm_digest"] == digest_file(RESOURCES / "spm" / "spm.safetensors")
+    assert f"base model {RESOURCES / 'base'}" in (out / "study.md").read_text()
+
+
+def test_a_candidate_world_is_studied_through_its_own_folders(tmp_path, capsys):
+    """--base-model / --pickscore-model / --spm-checkpoint reach the trainings and the evaluation."""
+    import shutil
+
+    module = _script()
+    base, spm = tmp_path / "candidate-base", tmp_path / "candidate-spm.safetensors"
+    shutil.copytree(RESOURCES / "base", base)
+    shutil.copyfile(RESOURCES / "spm" / "spm.safetensors", spm)
+    args = module.parse_args(["--output", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"),
+                              "--base-model", str(base), "--spm-checkpoint", str(spm)])
+    trainer = module.Trainer(args)
+    assert (trainer.base_dir, trainer.spm_path, trainer.pickscore_dir) == (base, spm, RESOURCES / "pickscore")
+    # A folder that is not a base model is one line naming it, exit 1.
+    assert module.main(["--output", str(tmp_path / "out2"), "--cache-dir", str(tmp_path / "cache"),
+                        "--base-model", str(tmp_path / "nothing")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(tmp_path / "nothing") in err[0]

@@ -97,6 +97,26 @@ def _validate(args: argparse.Namespace) -> None:
     for ok, message in checks:
         if not ok:
             raise StudyError(message)
+    _validate_model_paths(args)
+
+
+def _validate_model_paths(args: argparse.Namespace) -> None:
+    """Each model flag names something of the right kind, checked here so that the message names the
+    study's flag (the demo behind it would name its own key, e.g. ``spm_checkpoint=FILE``)."""
+    expected = [  # (flag, value, is it a folder, a file it must hold or the file itself, what it is)
+        ("--base-model", args.base_model, True, "model_index.json", "a diffusers base-model folder"),
+        ("--pickscore-model", args.pickscore_model, True, "config.json", "a CLIPModel folder"),
+        ("--spm-checkpoint", args.spm_checkpoint, False, None, "the SPM's .safetensors file"),
+        ("--spo-config", args.spo_config, False, None, "a train YAML file"),
+    ]
+    for flag, value, folder, inside, what in expected:
+        if value is None:
+            continue
+        path = Path(value)
+        if folder and not (path / inside).is_file():
+            raise StudyError(f"{flag} {path}: expected {what} (with {inside}); pass {flag} FOLDER, or leave it out for the shipped one")
+        if not folder and not path.is_file():
+            raise StudyError(f"{flag} {path}: no such file; expected {what}; pass {flag} FILE, or leave it out for the shipped one")
 
 
 def checkpoint_iterations(args: argparse.Namespace) -> list[int]:

@@ -175,3 +175,30 @@ def test_a_candidate_world_is_studied_through_its_own_folders(tmp_path, capsys):
                         "--base-model", str(tmp_path / "nothing")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(tmp_path / "nothing") in err[0]
+
+
+@pytest.mark.parametrize("flag, make", [
+    ("--base-model", lambda tmp: tmp / "nothing"),
+    ("--pickscore-model", lambda tmp: tmp),  # a folder, but no CLIPModel in it
+    ("--spm-checkpoint", lambda tmp: tmp / "missing.safetensors"),
+    ("--spo-config", lambda tmp: tmp / "missing.yaml"),
+])
+def test_a_wrong_model_flag_is_one_line_that_names_the_study_flag(flag, make, tmp_path, capsys):
+    module = _script()
+    bad = make(tmp_path)
+    assert module.main(["--output", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"), flag, str(bad)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"study_world.py: {flag} {bad}:") and "=" not in err[0]
+    assert not (tmp_path / "out").exists()  # refused before anything is written
+
+
+def test_the_committed_study_measured_the_shipped_world_and_the_demo_reads_its_choice():
+    """bench/results/toyworld-study is the report of the models that ship: same digests, same choice."""
+    from spotune.toyworld.demo import digest_file, digest_files, study_choice
+
+    report_dir = SCRIPT.parent / "results" / "toyworld-study"
+    models = json.loads((report_dir / "study.json").read_text())["models"]
+    assert models["base_digest"] == digest_files(RESOURCES / "base")
+    assert models["pickscore_digest"] == digest_files(RESOURCES / "pickscore")
+    assert models["spm_digest"] == digest_file(RESOURCES / "spm" / "spm.safetensors")
+    assert study_choice() == study_choice(report_dir / "study_choice.json")

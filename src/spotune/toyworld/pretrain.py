@@ -83,16 +83,17 @@ class PretrainConfig:
     caption_dropout: float = _help("Share of empty captions (teaches the unconditional branch of guidance).", 0.1)
     min_snr_gamma: float = _help("Min-SNR loss weighting gamma (0 disables).", 5.0)
     snr_shift: float = _help(
-        "Multiply the SD1.5 schedule's SNR by this at every timestep (1: SD1.5's schedule, the shipped world; "
-        "64: the resolution shift that gives the 8x8 latent SD1.5's 64x64 certainty; see components.ddim_scheduler).", 1.0)
+        "Multiply the SD1.5 schedule's SNR by this at every timestep (1: SD1.5's schedule, version 2 of the "
+        "world; 64: the shipped version 3, configs/toyworld_pretrain.yaml: the resolution shift that gives the "
+        "8x8 latent SD1.5's 64x64 certainty; see components.ddim_scheduler).", 1.0)
     zero_terminal_snr: bool = _help(
         "Rescale the (shifted) schedule to zero SNR at t = 999, so that sampling from pure noise matches training "
-        "(false: the shipped world; see components.ddim_scheduler).", False)
+        "(false: version 2 of the world; true: the shipped version 3; see components.ddim_scheduler).", False)
     timestep_density: str = _help(
         "How the UNet stage draws training timesteps. uniform: t uniform in 0..999, so the schedule decides how "
-        "much training each SNR gets (the shipped world); sd15_snr: t drawn so that the SNR has the distribution "
-        "uniform t gives under SD1.5's schedule, so a shifted schedule moves where the sampler looks, not what "
-        "the denoiser is trained on (see timestep_lookup).", "uniform")
+        "much training each SNR gets (version 2 of the world); sd15_snr (the shipped version 3): t drawn so "
+        "that the SNR has the distribution uniform t gives under SD1.5's schedule, so a shifted schedule moves "
+        "where the sampler looks, not what the denoiser is trained on (see timestep_lookup).", "uniform")
     ema_decay: float = _help("Decay of the weights' moving average (the shipped weights).", 0.999)
     # -- CLIP --
     clip_steps: int = _help("CLIP optimizer steps.", 1500)
@@ -117,7 +118,7 @@ class PretrainConfig:
             raise ConfigError(f"config: snr_shift must be > 0, got {self.snr_shift} (snr_shift=1 is SD1.5's schedule)")
         if self.timestep_density not in TIMESTEP_DENSITIES:
             raise ConfigError(f"config: timestep_density must be one of {', '.join(TIMESTEP_DENSITIES)}, "
-                              f"got {self.timestep_density!r} (timestep_density=uniform is the shipped world's)")
+                              f"got {self.timestep_density!r} (sd15_snr is the shipped world's, uniform version 2's)")
 
 
 TIMESTEP_DENSITIES = ("uniform", "sd15_snr")
@@ -136,8 +137,8 @@ def timestep_lookup(alphas_cumprod: torch.Tensor, density: str) -> torch.Tensor 
     ``sd15_snr`` maps index u to the timestep whose log-SNR under ``alphas_cumprod`` is nearest SD1.5's
     log-SNR at u. Drawing u uniformly then trains on SD1.5's distribution of SNR, and because the min-SNR
     weight is a function of SNR, with SD1.5's weight at each SNR too: the denoiser's objective is the
-    shipped world's, relabelled in t, and the schedule only changes which SNRs the sampler visits and
-    the SPM is shown. Every SD1.5 SNR lies inside a shifted schedule's range, so nothing is clipped.
+    one version 2 of the world trained on (SD1.5's schedule, uniform t), relabelled in t, and the
+    schedule only changes which SNRs the sampler visits and the SPM is shown. Every SD1.5 SNR lies inside a shifted schedule's range, so nothing is clipped.
 
     Args:
         alphas_cumprod: [T] strictly decreasing schedule of the model being trained.

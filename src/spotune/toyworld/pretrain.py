@@ -138,7 +138,8 @@ def timestep_lookup(alphas_cumprod: torch.Tensor, density: str) -> torch.Tensor 
     log-SNR at u. Drawing u uniformly then trains on SD1.5's distribution of SNR, and because the min-SNR
     weight is a function of SNR, with SD1.5's weight at each SNR too: the denoiser's objective is the
     one version 2 of the world trained on (SD1.5's schedule, uniform t), relabelled in t, and the
-    schedule only changes which SNRs the sampler visits and the SPM is shown. Every SD1.5 SNR lies inside a shifted schedule's range, so nothing is clipped.
+    schedule only changes which SNRs the sampler visits and the SPM is shown. Every SD1.5 SNR lies
+    inside a shifted schedule's range, so nothing is clipped.
 
     Args:
         alphas_cumprod: [T] strictly decreasing schedule of the model being trained.

@@ -49,3 +49,25 @@ def shared_data_dir():
     if not os.path.isdir(path):
         pytest.skip(f"shared data folder {path} not present")
     return path
+
+
+@pytest.fixture()
+def sigterm_during(monkeypatch):
+    """``sigterm_during(cls, "method", when)``: SIGTERM this process once, as ``cls.method`` starts on the first
+    call where ``when(self)`` is true, as a scheduler preempting the job would (the handler the CLI or the training
+    loop installed then runs, in the main thread, at the next bytecode)."""
+    import signal
+
+    def arm(cls, method: str, when) -> None:
+        original = getattr(cls, method)
+        fired = []
+
+        def wrapped(self, *args, **kwargs):
+            if not fired and when(self):
+                fired.append(True)
+                os.kill(os.getpid(), signal.SIGTERM)
+            return original(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, method, wrapped)
+
+    return arm

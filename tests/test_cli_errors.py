@@ -257,6 +257,30 @@ def test_ctrl_c_in_other_commands_is_one_line_too(tmp_path, monkeypatch, capsys)
     assert err == "spotune generate: interrupted; the images written so far are kept and the same command makes the rest\n"
 
 
+@pytest.mark.parametrize("command, module, function, argv, line", [
+    ("generate", "spotune.generation.runner", "run_generate",
+     ["--model", "builtin:tiny-sd15", "--prompt", "a cat", "--out", "OUT"],
+     "terminated by SIGTERM; the images written so far are kept and the same command makes the rest"),
+    ("eval", "spotune.eval.runner", "run_eval", ["--images", "OUT", "--out", "OUT/report"],
+     "terminated by SIGTERM; no report was written under output_dir (its temporary files were removed)"),
+])
+def test_sigterm_in_other_commands_is_one_line_and_exit_143(tmp_path, monkeypatch, capsys, command, module, function, argv, line):
+    """A scheduler's SIGTERM raises in the main thread as Ctrl-C does (the writers' cleanup runs), exit 143."""
+    import importlib
+
+    def terminated(config):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises before this ends
+        raise AssertionError("SIGTERM did not stop the command")
+
+    monkeypatch.setattr(importlib.import_module(module), function, terminated)
+    (tmp_path / "OUT").mkdir()
+    argv = [a.replace("OUT", str(tmp_path / "OUT")) for a in argv]
+    assert main([command, *argv]) == 143
+    assert capsys.readouterr().err == f"spotune {command}: {line}\n"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the CLI's handler is gone again
+
+
 def test_ctrl_c_during_setup_says_no_step_was_taken(tmp_path):
     from spotune.errors import RunInterrupted
     from spotune.recipes.common import run_recipe

@@ -18,11 +18,15 @@ from typing import Callable
 
 # SPOTUNE_DEBUG=1 does what --debug does, for launchers (accelerate, schedulers) that pass no flags.
 DEBUG_ENV = "SPOTUNE_DEBUG"
-# Exit status of a command stopped by Ctrl-C: the shell's 128 + SIGINT.
+# Exit status of a command stopped by Ctrl-C: the shell's 128 + SIGINT (SIGTERM / SIGUSR1: 143, from
+# spotune.errors.Terminated.exit_code).
 INTERRUPTED_EXIT = 130
-# What a Ctrl-C leaves behind, for commands that do not say it themselves (recipes raise RunInterrupted).
+# What a Ctrl-C or a SIGTERM leaves behind, for commands that do not say it themselves (recipes raise
+# RunInterrupted / Terminated with where the run stopped and its checkpoint).
 INTERRUPTED_NOTES = {
     "generate": "interrupted; the images written so far are kept and the same command makes the rest",
+    "export": "interrupted; nothing was written under the output's name (its temporary files were removed)",
+    "eval": "interrupted; no report was written under output_dir (its temporary files were removed)",
 }
 
 COMMAND_MODULES = [
@@ -102,6 +106,18 @@ def disk_full_message(exc: OSError) -> str:
     return f"no space left on the device ({exc.strerror or exc}); free some space and run again"
 
 
+def interruption_line(command: str, exc: KeyboardInterrupt) -> str:
+    """What the CLI prints for a Ctrl-C or a SIGTERM: the recipe's own words, else what the command leaves."""
+    from spotune.errors import Terminated
+
+    if str(exc):  # recipes say where the run stopped and which checkpoint is kept
+        return str(exc)
+    note = INTERRUPTED_NOTES.get(command, "interrupted")
+    if isinstance(exc, Terminated):
+        return f"{note.replace('interrupted', f'terminated by {exc.signal_name}', 1)}"
+    return note
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -117,15 +133,20 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_third_party()
     from spotune.errors import SpotuneError
 
+    from spotune.utils import preemption
+
     prefix = f"spotune {args.command}"
+    preemption.program = prefix
     try:
-        return int(args.func(args) or 0)
+        # SIGTERM / SIGUSR1 (a scheduler stopping the job) raise Terminated as Ctrl-C raises KeyboardInterrupt;
+        # training loops defer them to a checkpoint (spotune.utils.preemption.PreemptionWatch).
+        with preemption.terminate_on_signals():
+            return int(args.func(args) or 0)
     except KeyboardInterrupt as exc:
         if debug:
             raise
-        # Recipes raise RunInterrupted with where the run stopped and its last checkpoint.
-        print(f"{prefix}: {str(exc) or INTERRUPTED_NOTES.get(args.command, 'interrupted')}", file=sys.stderr)
-        return INTERRUPTED_EXIT
+        print(f"{prefix}: {interruption_line(args.command, exc)}", file=sys.stderr)
+        return getattr(exc, "exit_code", INTERRUPTED_EXIT)
     except SpotuneError as exc:
         if debug:
             raise

@@ -63,6 +63,29 @@ def test_merged_export_is_marked_and_replaced_by_the_next_one(lora_run, tmp_path
     assert _checksums(out) == before
 
 
+def test_a_sigterm_during_an_overwriting_export_keeps_the_earlier_one_and_leaves_no_temporaries(lora_run, tmp_path, capsys, monkeypatch):
+    import signal
+
+    import spotune.export.api as api
+
+    out = tmp_path / "merged"
+    assert _export(lora_run.run, "merged", out) == 0
+    before = _checksums(out)
+    writing = api.apply_umask_modes
+
+    def terminated_while_writing(path):  # everything is written into the temporary folder by now
+        os.kill(os.getpid(), signal.SIGTERM)
+        writing(path)
+
+    monkeypatch.setattr(api, "apply_umask_modes", terminated_while_writing)
+    assert _export(lora_run.run, "merged", out) == 143
+    assert capsys.readouterr().err.endswith(
+        "\nspotune export: terminated by SIGTERM; nothing was written under the output's name (its temporary files "
+        "were removed)\n")
+    assert _checksums(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
+
+
 @pytest.fixture
 def umask_022():
     old = os.umask(0o022)

@@ -29,21 +29,42 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_two_process_training_runs_to_the_end(tmp_path):
-    out = tmp_path / "ddp"
+def _launch(script: list[str], *spotune_args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-        "-m", "spotune.cli", "train", "--config", str(ROOT / "configs" / "tiny_cpu.yaml"),
+        *script, *spotune_args,
+    ]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=cwd)
+
+
+@pytest.mark.slow
+def test_two_processes_stop_together_on_a_sigterm_to_one_and_resume_to_the_end(tmp_path):
+    """A SIGTERM reaches only process 1 while it samples iteration 2: both processes abandon that iteration,
+    the checkpoint of iteration 1 is written once (with both processes' RNG states), both exit 143 with the
+    same line; a second launch resumes from it and runs to the end."""
+    out = tmp_path / "ddp"
+    args = [
+        "train", "--config", str(ROOT / "configs" / "tiny_cpu.yaml"),
         f"output_dir={out}", "num_inference_steps=6", "divert_start_step=3", "sample_batch_size=2",
-        "train_batch_size=2", "preference_threshold=0.0", "max_iterations=2", "log_with=none",
+        "train_batch_size=2", "preference_threshold=0.0", "max_iterations=2", "checkpoint_every=0", "log_with=none",
         "progress=false", "validate_every_epochs=0",
     ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    hook = [str(ROOT / "tests" / "recipes" / "sigterm_launch.py"), "1", "1"]
+    proc = _launch(hook, *args, cwd=tmp_path)
+    log = proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode != 0, log
+    stops = [line for line in proc.stderr.splitlines() if "spotune train: preempted" in line]
+    assert len(stops) == 2, log  # one line per process, each naming the same checkpoint
+    assert all("during iteration 2, which was abandoned" in line and "iter-00000001" in line for line in stops), log
+    assert any("(SIGTERM on another process)" in line for line in stops), log
     (ckpt,) = list_checkpoints(out)
+    assert ckpt.name == "iter-00000001" and read_state(ckpt)["num_processes"] == 2
+
+    proc = _launch(["-m", "spotune.cli"], *args, "resume=latest", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ckpt = list_checkpoints(out)[-1]
     state = read_state(ckpt)
     assert state["iteration"] == 2 and state["num_processes"] == 2 and state["optimizer_step"] >= 2
     assert (ckpt / "rng_rank0.safetensors").is_file() and (ckpt / "rng_rank1.safetensors").is_file()

@@ -106,10 +106,17 @@ def test_ema_follows_the_official_rule_and_samples(tmp_path, monkeypatch):
         trainer.cleanup()
 
 
-def test_resume_is_bit_exact_with_the_ema(tmp_path):
+def test_a_sigterm_while_training_checkpoints_and_the_resume_is_bit_exact_with_the_ema(tmp_path, capsys, sigterm_during):
+    """SIGTERM while iteration 2 trains, no checkpoint due: the iteration is finished and checkpointed (the EMA
+    included), exit 143; resume=latest ends where the uninterrupted run does, bit for bit."""
+    from spotune.recipes.train_gradspo import GradSPOTrainer
+
     assert train(tmp_path / "straight", "max_iterations=4") == 0
-    assert train(tmp_path / "split", "max_iterations=2") == 0
-    assert train(tmp_path / "split", "max_iterations=4", "resume=latest") == 0
+    sigterm_during(GradSPOTrainer, "train_on_pairs", lambda trainer: trainer.iteration == 1)
+    assert train(tmp_path / "split", "max_iterations=4", "checkpoint_every=0") == 143
+    assert "preempted (SIGTERM) at iteration 2; checkpoint " in capsys.readouterr().err
+    assert [c.name for c in list_checkpoints(tmp_path / "split")] == ["iter-00000002"]
+    assert train(tmp_path / "split", "max_iterations=4", "checkpoint_every=0", "resume=latest") == 0
     a = list_checkpoints(tmp_path / "straight")[-1]
     b = list_checkpoints(tmp_path / "split")[-1]
     assert a.name == b.name == "iter-00000004"

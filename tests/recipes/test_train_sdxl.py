@@ -156,11 +156,15 @@ def _train(out: Path, *extra: str) -> int:
                  "gradient_accumulation_steps=2", "lr_scheduler=constant_with_warmup", "lr_warmup_steps=3", *extra])
 
 
-def test_resume_with_an_open_accumulation_group_is_bit_exact(tmp_path):
-    """One micro-batch per round and accumulation 2: the checkpoint after round 3 holds an open group,
-    and resuming from it ends where the uninterrupted run does, bit for bit."""
+def test_a_sigterm_with_an_open_accumulation_group_checkpoints_it_and_the_resume_is_bit_exact(tmp_path, capsys, sigterm_during):
+    """One micro-batch per round and accumulation 2: a SIGTERM while round 3 trains (no checkpoint due) checkpoints
+    the state after it, an open group included, and exits 143; resuming from it ends where the uninterrupted run
+    does, bit for bit."""
     assert _train(tmp_path / "straight", "max_iterations=4", "checkpoint_every=1") == 0
-    assert _train(tmp_path / "split", "max_iterations=3", "checkpoint_every=1") == 0
+    sigterm_during(SPOTrainer, "train_on_pairs", lambda trainer: trainer.iteration == 2)
+    assert _train(tmp_path / "split", "max_iterations=4", "checkpoint_every=0") == 143
+    assert "preempted (SIGTERM) at iteration 3; checkpoint " in capsys.readouterr().err
+    assert len(list_checkpoints(tmp_path / "split")) == 1
     mid = list_checkpoints(tmp_path / "split")[-1]
     assert mid.name == "iter-00000003" and read_state(mid)["open_group_micro_batches"] == 1
     assert read_state(mid)["optimizer_step"] == 1 and (mid / ACCUMULATION_FILE).is_file()
@@ -169,7 +173,7 @@ def test_resume_with_an_open_accumulation_group_is_bit_exact(tmp_path):
     ga, gb = load_file(str(same / ACCUMULATION_FILE)), load_file(str(mid / ACCUMULATION_FILE))
     assert set(ga) == set(gb) and all(torch.equal(ga[k], gb[k]) for k in ga)
     assert any(k.startswith("grad.") and ga[k].abs().sum() > 0 for k in ga)
-    assert _train(tmp_path / "split", "max_iterations=4", "checkpoint_every=1", "resume=latest") == 0
+    assert _train(tmp_path / "split", "max_iterations=4", "checkpoint_every=0", "resume=latest") == 0
     a, b = list_checkpoints(tmp_path / "straight")[-1], list_checkpoints(tmp_path / "split")[-1]
     assert a.name == b.name == "iter-00000004"
     assert read_state(a)["optimizer_step"] == read_state(b)["optimizer_step"] == 2

@@ -78,7 +78,7 @@ def test_training_lowers_the_loss_and_moves_the_time_conditioning(pairs_file, tm
     assert not any(v.any() for k, v in start.items() if k.endswith("adaLN_modulation.1.weight"))  # they were zero
 
 
-def test_cli_run_evaluates_checkpoints_and_resumes_exactly(pairs_file, eval_file, tmp_path, capsys):
+def test_cli_run_evaluates_checkpoints_and_resumes_exactly_after_a_sigterm(pairs_file, eval_file, tmp_path, capsys, sigterm_during):
     # 4 pairs per batch: two micro-batches per epoch, so the resume below starts in mid-epoch.
     common = [f"eval_data={eval_file}", "eval_every=3", "checkpoint_every=1", "train_batch_size=4"]
     assert main(["train-spm", *_args(tmp_path / "a", pairs_file, "max_steps=3", *common, "log_with=tensorboard")]) == 0
@@ -93,14 +93,18 @@ def test_cli_run_evaluates_checkpoints_and_resumes_exactly(pairs_file, eval_file
     assert [(r["step"], r["timestep"]) for r in rows] == [("3", t) for t in ("0", "251", "501", "701", "951")]
     assert all(r["total"] == rows[0]["total"] != "0" and int(r["correct"]) <= int(r["total"]) for r in rows)
 
-    # Stop after 1 step (evaluated, as every run's last step is), then resume to 3: the same
-    # weights and the same evaluation, bit for bit.
-    assert main(["train-spm", *_args(tmp_path / "b", pairs_file, "max_steps=1", *common)]) == 0
-    assert main(["train-spm", *_args(tmp_path / "b", pairs_file, "max_steps=3", "resume=latest", *common)]) == 0
+    # A SIGTERM during step 1 (no checkpoint due): the step is finished and checkpointed, exit 143; the
+    # resume to 3 starts in mid-epoch and gives the same weights and the same evaluation, bit for bit.
+    sigterm_during(SPMTrainer, "training_loss", lambda trainer: trainer.micro_step == 0)
+    b_args = [*common[:-2], "checkpoint_every=0", "train_batch_size=4"]
+    assert main(["train-spm", *_args(tmp_path / "b", pairs_file, "max_steps=3", *b_args)]) == 143
+    assert "preempted (SIGTERM) at optimizer step 1; checkpoint " in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "b" / "checkpoints").iterdir()] == ["iter-00000001"]
+    assert main(["train-spm", *_args(tmp_path / "b", pairs_file, "max_steps=3", "resume=latest", *b_args)]) == 0
     final_a = load_file(str(tmp_path / "a" / "checkpoints" / "iter-00000003" / "spm.safetensors"))
     final_b = load_file(str(tmp_path / "b" / "checkpoints" / "iter-00000003" / "spm.safetensors"))
     assert all(torch.equal(final_a[k], final_b[k]) for k in final_a)
-    assert [r for r in table(tmp_path / "b") if r["step"] != "1"] == rows
+    assert table(tmp_path / "b") == rows
 
     # eval-spm measures the trained judge from its run folder; the table has all five timesteps.
     out = tmp_path / "acc.csv"

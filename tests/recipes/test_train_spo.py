@@ -51,10 +51,23 @@ def test_two_iterations_change_every_lora_parameter(tmp_path):
         assert (ckpt / name).is_file()
 
 
-def test_resume_is_bit_exact(tmp_path):
+def test_a_sigterm_mid_epoch_checkpoints_and_the_resume_is_bit_exact(tmp_path, capsys, sigterm_during):
+    """A scheduler's SIGTERM while iteration 3 samples, with no checkpoint due: the iteration is abandoned,
+    the state after iteration 2 is checkpointed, exit 143 with one line; resume=latest then ends where the
+    uninterrupted run does, bit for bit."""
+    from spotune.recipes.train_spo import SPOTrainer
+
     assert train(tmp_path / "straight", "max_iterations=4") == 0
-    assert train(tmp_path / "split", "max_iterations=2") == 0
-    assert train(tmp_path / "split", "max_iterations=4", "resume=latest") == 0
+    sigterm_during(SPOTrainer, "sample", lambda trainer: trainer.iteration == 2)
+    assert train(tmp_path / "split", "max_iterations=4", "checkpoint_every=0") == 143
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (
+        f"spotune train: preempted (SIGTERM) during iteration 3, which was abandoned before it trained (it is "
+        f"redone on resume); checkpoint {tmp_path / 'split' / 'checkpoints' / 'iter-00000002'}; continue with "
+        f"resume=latest output_dir={tmp_path / 'split'}"
+    ), err
+    assert [c.name for c in list_checkpoints(tmp_path / "split")] == ["iter-00000002"]
+    assert train(tmp_path / "split", "max_iterations=4", "checkpoint_every=0", "resume=latest") == 0
     a = list_checkpoints(tmp_path / "straight")[-1]
     b = list_checkpoints(tmp_path / "split")[-1]
     assert a.name == b.name == "iter-00000004"

@@ -44,12 +44,28 @@ def run(args: argparse.Namespace) -> int:
         return 0
     try:
         report = run_demo(config)
-    except KeyboardInterrupt:
-        from spotune.errors import RunInterrupted
-        from spotune.toyworld.demo import cache_root
-
-        # A stage's own run folder lives in a temporary folder that is removed, so name the cache instead.
-        raise RunInterrupted(
-            f"interrupted; the stages already finished stay cached in {cache_root(config)} and the next run reuses them"
-        ) from None
+    except KeyboardInterrupt as exc:
+        raise demo_interruption(exc, config) from None
     return 0 if report else 1
+
+
+def demo_interruption(exc: KeyboardInterrupt, config) -> KeyboardInterrupt:
+    """The one line for a Ctrl-C (exit 130) or a SIGTERM (exit 143) of the demo: the stage it stopped in,
+    what is kept, and that the same command continues (finished stages are cached; a training stage resumes
+    from the checkpoint it wrote)."""
+    from spotune.errors import RunInterrupted, Terminated
+    from spotune.toyworld.demo import cache_root
+
+    stage = getattr(exc, "demo_stage", None)
+    if isinstance(exc, Terminated):
+        what = f"preempted ({exc.signal_name})" if getattr(exc, "checkpoint", None) else f"terminated by {exc.signal_name}"
+    else:
+        what = "interrupted"
+    where = f" in the {stage} stage" if stage else ""
+    if getattr(exc, "where", None):
+        where += f" {exc.where} (its checkpoint {exc.checkpoint} is kept)"
+    message = (f"{what}{where}; the stages already finished stay cached in {cache_root(config)}, and the same "
+               "command continues from there (a training stage from its last checkpoint)")
+    if isinstance(exc, Terminated):
+        return Terminated(message, signal_name=exc.signal_name)
+    return RunInterrupted(message)

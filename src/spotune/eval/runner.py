@@ -22,6 +22,7 @@ from spotune.eval.config import EvalConfig
 from spotune.eval.records import ImageItem, collect_images
 from spotune.eval.tables import EvalTables, build_tables
 from spotune.utils.io import apply_umask_modes, aside_name, make_temp_dir, remove_stale_temporaries
+from spotune.utils.preemption import signals_held
 from spotune.utils.outputs import describe_entries, foreign_entries, write_output_marker
 
 logger = logging.getLogger(__name__)
@@ -144,8 +145,9 @@ def run_eval(config: EvalConfig) -> EvalResult:
         if out.exists():
             check_output(out, config.overwrite, folders)  # again: the folder may have changed meanwhile
             old = aside_name(out)
-            os.replace(out, old)  # the old report stays whole until the new one has its name
-            os.replace(staging, out)
+            with signals_held():  # a Ctrl-C or SIGTERM between the renames would leave neither in place
+                os.replace(out, old)  # the old report stays whole until the new one has its name
+                os.replace(staging, out)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(staging, out)

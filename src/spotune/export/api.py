@@ -45,6 +45,7 @@ from spotune.export.pipeline_folder import make_folder_loadable_everywhere
 from spotune.export.source import ExportError, ExportSource, read_export_source
 from spotune.models.family import SD15, SDXL, ModelFamily, family_of, family_of_unet_config
 from spotune.utils.io import apply_umask_modes, aside_name, make_temp_dir, make_temp_file, remove_stale_temporaries
+from spotune.utils.preemption import signals_held
 from spotune.utils.outputs import describe_entries, foreign_entries, is_safetensors_file, write_output_marker
 
 EXPORT_FORMATS = ("diffusers", "webui", "merged", "single-file")
@@ -157,8 +158,9 @@ def staged_output(output: Path, overwrite: bool, folder: bool) -> Iterator[Path]
                 raise ExportError(f"output {output} appeared while exporting; refusing to overwrite it")
             check_replaceable(output, folder)  # again: it may have changed while the export ran
             old = aside_name(output)
-            os.replace(output, old)
-            os.replace(tmp, output)
+            with signals_held():  # a Ctrl-C or SIGTERM between the renames would leave neither in place
+                os.replace(output, old)
+                os.replace(tmp, output)
             _remove(old)
         else:
             os.replace(tmp, output)

@@ -6,13 +6,15 @@ import logging
 import re
 import shutil
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 
-from spotune.checkpoint import list_checkpoints, resolve_checkpoint
+from spotune.checkpoint import checkpoint_name, list_checkpoints, resolve_checkpoint
 from spotune.config import ConfigError
-from spotune.errors import RunInterrupted, SpotuneError
+from spotune.errors import RunInterrupted, SpotuneError, Terminated
 from spotune.utils.io import remove_stale_temporaries
+from spotune.utils.preemption import DEFAULT_GRACE_S, PreemptionWatch
 from spotune.utils.run_lock import RunLock, RunLockedError
 
 logger = logging.getLogger(__name__)
@@ -175,33 +177,72 @@ def end_accelerator(accelerator) -> None:
     AcceleratorState._reset_state()
 
 
-def interruption_message(trainer, started: bool) -> str:
-    """Where a Ctrl-C stopped ``trainer`` and what is kept, e.g. for the CLI's one line.
+def _progress_counter(trainer) -> tuple[str, int]:
+    """("iteration", n) for SPO trainers (SPO iterations done), ("optimizer step", n) for SPM trainers."""
+    if hasattr(trainer, "iteration"):
+        return "iteration", int(trainer.iteration)
+    return "optimizer step", int(trainer.global_step)
+
+
+def kept_checkpoint_text(output_dir: str | Path) -> str:
+    """Which checkpoint of a run is kept and how to continue, e.g. for the end of an interruption's line."""
+    output_dir = Path(output_dir)
+    checkpoints = list_checkpoints(output_dir)
+    if checkpoints:
+        return f"the last checkpoint is {checkpoints[-1]} (continue with resume=latest output_dir={output_dir})"
+    return f"no checkpoint of {output_dir} was written yet"
+
+
+def interruption_message(trainer, started: bool, cause: str = "interrupted") -> str:
+    """Where a Ctrl-C (or a signal at set-up) stopped ``trainer`` and what is kept, for the CLI's one line.
 
     SPO trainers count SPO iterations (``iteration``), SPM trainers optimizer steps (``global_step``);
     the number named is the one that was in progress.
     """
     output_dir = Path(trainer.output_dir)
     if not started:
-        return f"interrupted while setting up the run in {output_dir}; no training step was taken"
-    if hasattr(trainer, "iteration"):
-        where = f"iteration {trainer.iteration + 1}"
-    else:
-        where = f"optimizer step {trainer.global_step + 1}"
-    checkpoints = list_checkpoints(output_dir)
-    if checkpoints:
-        return (f"interrupted at {where}; the last checkpoint is {checkpoints[-1]} "
-                f"(continue with resume=latest output_dir={output_dir})")
-    return f"interrupted at {where}; no checkpoint of {output_dir} was written yet"
+        return f"{cause} while setting up the run in {output_dir}; no training step was taken"
+    unit, done = _progress_counter(trainer)
+    return f"{cause} at {unit} {done + 1}; {kept_checkpoint_text(output_dir)}"
+
+
+def stop_for_preemption(trainer, abandoned: bool = False) -> NoReturn:
+    """Checkpoint where the run stands (unless the newest checkpoint already is that) and raise Terminated.
+
+    Called on every process at a safe point where :meth:`PreemptionWatch.stop_here` said stop, so the
+    collective ``save_checkpoint`` runs on all of them. The trainer records the step of its newest checkpoint
+    in ``saved_at`` (set by ``save_checkpoint`` and by a resume).
+
+    Args:
+        abandoned: the iteration in progress was given up before it changed anything (its sampling is
+            redone on resume); the checkpoint is the state before it.
+    """
+    unit, done = _progress_counter(trainer)
+    watch = trainer.preemption
+    checkpoint = trainer.save_checkpoint() if getattr(trainer, "saved_at", None) != done else (
+        Path(trainer.output_dir) / "checkpoints" / checkpoint_name(done))
+    watch.finished()
+    where = (f"during {unit} {done + 1}, which was abandoned before it trained (it is redone on resume)"
+             if abandoned else f"at {unit} {done}")
+    stopped = Terminated(
+        f"preempted ({watch.signal}) {where}; checkpoint {checkpoint}; continue with resume=latest "
+        f"output_dir={trainer.output_dir}",
+        signal_name=watch.signal or "SIGTERM",
+    )
+    stopped.where, stopped.checkpoint = where, checkpoint  # for callers that word their own line (the demo)
+    raise stopped
 
 
 def run_recipe(trainer) -> dict[str, float]:
     """``setup()``, ``train()`` and, whatever happens, ``cleanup()``; returns what ``train()`` returns.
 
+    ``train()`` runs under a :class:`PreemptionWatch` (``trainer.preemption``): a SIGTERM or SIGUSR1 makes the
+    loop checkpoint at its next safe point and raise :class:`Terminated` (see :func:`stop_for_preemption`).
     A setup that fails (or is interrupted) still frees the run folder's lock, so the same process can try again.
 
     Raises:
         RunInterrupted: on Ctrl-C, naming the iteration (or step) and the last checkpoint.
+        Terminated: on SIGTERM / SIGUSR1, the same (exit 143).
     """
     started = False
     try:
@@ -211,11 +252,17 @@ def run_recipe(trainer) -> dict[str, float]:
             release_run_folder(trainer)
             raise
         started = True
+        grace = float(getattr(trainer.config, "preempt_grace_s", DEFAULT_GRACE_S))
+        trainer.preemption = PreemptionWatch(grace, describe_kept=lambda: kept_checkpoint_text(trainer.output_dir))
         try:
-            return trainer.train()
+            with trainer.preemption:
+                return trainer.train()
         finally:
             trainer.cleanup()
     except KeyboardInterrupt as exc:
-        if isinstance(exc, RunInterrupted):
+        if isinstance(exc, RunInterrupted) and str(exc):  # the recipe said where it stopped
             raise
+        if isinstance(exc, Terminated):
+            cause = f"terminated by {exc.signal_name}"
+            raise Terminated(interruption_message(trainer, started, cause), signal_name=exc.signal_name) from None
         raise RunInterrupted(interruption_message(trainer, started)) from None

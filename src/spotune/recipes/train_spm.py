@@ -65,17 +65,19 @@ from spotune.recipes.common import (
     release_run_folder,
     run_recipe,
     seed_for,
+    stop_for_preemption,
 )
 from spotune.recipes.resume import check_nothing_lost, check_resume_config, override_learning_rate, write_run_config
 from spotune.utils.io import atomic_directory, atomic_save_safetensors, atomic_write_json, atomic_write_text
 from spotune.utils.lr_schedules import build_lr_scheduler
+from spotune.utils.preemption import NoPreemption, PreemptionWatch
 
 logger = logging.getLogger(__name__)
 
 # What a resume may change (recipes/resume.py): the run's length, checkpoints, logging, how often (not
 # on what) it evaluates, the learning rate, and knobs that leave the maths alone. Anything else is refused.
 RESUMABLE_KEYS = frozenset({
-    "max_steps", "eval_every", "eval_at_start", "checkpoint_every", "keep_checkpoints", "log_with",
+    "max_steps", "eval_every", "eval_at_start", "checkpoint_every", "keep_checkpoints", "preempt_grace_s", "log_with",
     "tracker_project", "progress", "learning_rate", "num_workers", "eval_batch_size", "gradient_checkpointing",
 })
 
@@ -163,6 +165,10 @@ class TrainSPMConfig:
     eval_at_start: bool = help_field("Evaluate once before training (the untrained SPM scores as its CLIP does).", True)
     checkpoint_every: int = help_field("Checkpoint every N optimizer steps (0: only at the end).", 500)
     keep_checkpoints: int | None = help_field("Keep only the newest N checkpoints (unset keeps all).", None)
+    preempt_grace_s: float = help_field(
+        "Seconds from a SIGTERM / SIGUSR1 (a scheduler's preemption) within which the run must finish its current "
+        "optimizer step and write a checkpoint; past it the process ends with exit 143 and the previous checkpoint is kept "
+        "(0: no limit). Size it inside the scheduler's warning (SLURM --signal=B:TERM@120).", 90.0)
     resume: str | None = help_field("Continue a run: 'latest' (newest checkpoint in output_dir) or a checkpoint folder.", None)
     overwrite: bool = help_field("Start afresh in an output_dir that already holds a run, deleting its checkpoints.", False)
     log_with: Literal["tensorboard", "wandb", "none"] = help_field("Experiment tracker.", "tensorboard")
@@ -180,6 +186,7 @@ class TrainSPMConfig:
             (self.learning_rate > 0, f"learning_rate must be > 0, got learning_rate={self.learning_rate}"),
             (self.eval_every >= 0, f"eval_every must be >= 0 (0: at the end only), got eval_every={self.eval_every}"),
             (self.checkpoint_every >= 0, f"checkpoint_every must be >= 0 (0: at the end only), got checkpoint_every={self.checkpoint_every}"),
+            (self.preempt_grace_s >= 0, f"preempt_grace_s must be >= 0 (0: no limit), got preempt_grace_s={self.preempt_grace_s}"),
             (self.keep_checkpoints is None or self.keep_checkpoints >= 1,
              f"keep_checkpoints must be >= 1 when set (unset keeps all), got keep_checkpoints={self.keep_checkpoints}"),
             (self.decode_chunk_size >= 1, f"decode_chunk_size must be >= 1, got decode_chunk_size={self.decode_chunk_size}"),
@@ -218,6 +225,9 @@ class SPMTrainer:
         self.relabeller: PickScoreRelabeller | None = None  # relabel_with=pickscore
         self.train_labels: LabelCache | None = None  # PickScore's labels of the training pairs seen so far
         self.eval_labels: LabelCache | None = None
+        self.saved_at: int | None = None  # the optimizer step of the newest checkpoint written or resumed from
+        # SIGTERM / SIGUSR1 handling of the loop; run_recipe installs a PreemptionWatch around train().
+        self.preemption: PreemptionWatch | NoPreemption = NoPreemption()
 
     # ============================================================================================
     # setup
@@ -418,6 +428,8 @@ class SPMTrainer:
                         self._record_evaluation(saved)
                 if done:
                     break
+                if self.preemption.stop_here(acc):
+                    stop_for_preemption(self)
             else:
                 self.epoch += 1
                 self.batch_in_epoch = 0
@@ -569,6 +581,7 @@ class SPMTrainer:
                     shutil.rmtree(old, ignore_errors=True)
             logger.info("saved checkpoint %s", final)
         acc.wait_for_everyone()
+        self.saved_at = self.global_step
         return final
 
     def _gathered_train_labels(self) -> torch.Tensor | None:
@@ -646,6 +659,7 @@ class SPMTrainer:
                                               int(e.get("ties", 0)), int(e.get("ties_apart", 0))))
             for e in state.get("eval", [])
         ]
+        self.saved_at = self.global_step
         logger.info("resumed from %s (optimizer step %d, epoch %d)", checkpoint, self.global_step, self.epoch)
 
     def cleanup(self) -> None:

@@ -66,10 +66,12 @@ from spotune.recipes.common import (
     release_run_folder,
     run_recipe,
     seed_for,
+    stop_for_preemption,
 )
 from spotune.recipes.resume import check_nothing_lost, check_resume_config, override_learning_rate, write_run_config
 from spotune.recipes.train_spo_config import TrainSPOConfig, sdxl_sampler_check
 from spotune.utils.io import atomic_directory, atomic_save_safetensors, atomic_write_json
+from spotune.utils.preemption import NoPreemption, PreemptionWatch
 from spotune.utils.images import save_image_grid
 
 logger = logging.getLogger(__name__)
@@ -78,7 +80,7 @@ logger = logging.getLogger(__name__)
 # images, the learning rate, and the memory and speed knobs that leave the maths alone (up to
 # floating-point summation order), so a run moved to a smaller card can continue. Anything else is refused.
 RESUMABLE_KEYS = frozenset({
-    "max_iterations", "num_epochs", "checkpoint_every", "keep_checkpoints", "log_with", "tracker_project",
+    "max_iterations", "num_epochs", "checkpoint_every", "keep_checkpoints", "preempt_grace_s", "log_with", "tracker_project",
     "validate_every_epochs", "num_validation_images", "validation_prompts", "progress", "learning_rate",
     "gradient_checkpointing", "train_micro_batch_size", "decode_chunk_size", "judge_batch_size",
     "offload_text_encoder", "compile", "compile_backend", "allow_tf32",
@@ -101,6 +103,9 @@ class SPOTrainer:
         # Checkpoints save both, so a resume continues the group.
         self.open_group_size = 0
         self.open_group_losses: list[torch.Tensor] = []
+        self.saved_at: int | None = None  # the iteration of the newest checkpoint this run wrote or resumed from
+        # SIGTERM / SIGUSR1 handling of the loop; run_recipe installs a PreemptionWatch around train().
+        self.preemption: PreemptionWatch | NoPreemption = NoPreemption()
 
     # ============================================================================================
     # setup
@@ -262,6 +267,10 @@ class SPOTrainer:
             t0 = time.perf_counter()
             result = self.sample(prompts)
             t1 = time.perf_counter()
+            if self.preemption.stop_here(acc):
+                # Sampling changed nothing a checkpoint holds (its noise is seeded by the iteration), so the
+                # iteration is given up here: the checkpoint of the state before it resumes bit-exactly.
+                stop_for_preemption(self, abandoned=True)
             train_stats = self.train_on_pairs(result.pairs)
             t2 = time.perf_counter()
             pairs_kept += len(result.pairs)
@@ -280,6 +289,8 @@ class SPOTrainer:
             epochs_done = self.iteration // self.iterations_per_epoch
             if epoch_done and cfg.validate_every_epochs and epochs_done % cfg.validate_every_epochs == 0:
                 self.validate(epochs_done)
+            if not run_done and self.preemption.stop_here(acc):
+                stop_for_preemption(self)
         bar.close()
         if cfg.validate_every_epochs and self.iteration < self.iterations_per_epoch and metrics:
             # The run ended before its first epoch did: one grid of where it got to, so every run shows its images.
@@ -624,6 +635,7 @@ class SPOTrainer:
             self._prune_checkpoints()
             logger.info("saved checkpoint %s", final)
         acc.wait_for_everyone()
+        self.saved_at = self.iteration
         return final
 
     def _state_dict(self) -> dict[str, Any]:
@@ -719,6 +731,7 @@ class SPOTrainer:
         self._load_open_group(checkpoint, state)
         self.iteration = int(state["iteration"])
         self.optimizer_step = int(state["optimizer_step"])
+        self.saved_at = self.iteration
         logger.info("resumed from %s (iteration %d, optimizer step %d)", checkpoint, self.iteration, self.optimizer_step)
 
     # ============================================================================================

@@ -108,6 +108,10 @@ class TrainSPOConfig:
     # -- run management ------------------------------------------------------------------------------
     checkpoint_every: int = help_field("Also checkpoint every N iterations (0: only at the end of each epoch and of training).", 0)
     keep_checkpoints: int | None = help_field("Keep only the newest N checkpoints (unset keeps all).", None)
+    preempt_grace_s: float = help_field(
+        "Seconds from a SIGTERM / SIGUSR1 (a scheduler's preemption) within which the run must finish its current "
+        "iteration and write a checkpoint; past it the process ends with exit 143 and the previous checkpoint is kept "
+        "(0: no limit). Size it inside the scheduler's warning (SLURM --signal=B:TERM@120).", 90.0)
     resume: str | None = help_field("Continue a run: 'latest' (newest checkpoint in output_dir) or a checkpoint folder.", None)
     overwrite: bool = help_field("Start afresh in an output_dir that already holds a run, deleting its checkpoints.", False)
     log_with: Literal["tensorboard", "wandb", "none"] = help_field("Experiment tracker.", "tensorboard")
@@ -147,6 +151,7 @@ class TrainSPOConfig:
             (self.learning_rate > 0, f"learning_rate must be > 0, got learning_rate={self.learning_rate}"),
             (self.beta > 0, f"beta must be > 0, got beta={self.beta}"),
             (self.checkpoint_every >= 0, f"checkpoint_every must be >= 0 (0: at epoch ends only), got checkpoint_every={self.checkpoint_every}"),
+            (self.preempt_grace_s >= 0, f"preempt_grace_s must be >= 0 (0: no limit), got preempt_grace_s={self.preempt_grace_s}"),
             (self.keep_checkpoints is None or self.keep_checkpoints >= 1,
              f"keep_checkpoints must be >= 1 when set (unset keeps all), got keep_checkpoints={self.keep_checkpoints}"),
             (self.lora_init.lower() in LORA_INITS,

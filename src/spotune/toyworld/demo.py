@@ -225,12 +225,18 @@ class StageCache:
         if folder.exists():  # an interrupted build left a folder without stage.json
             shutil.rmtree(folder)
         t0 = time.perf_counter()
-        with atomic_directory(folder) as tmp:
+        # Built under a fixed name that a Ctrl-C or SIGTERM leaves in place: a training stage's run folder
+        # keeps its checkpoints there, and the next demo resumes it (resume_settings).
+        with atomic_directory(folder, resumable_as=self.partial_folder(name, key)) as tmp:
             summary = build(tmp)
             seconds = time.perf_counter() - t0
             atomic_write_json(tmp / "stage.json", {"stage": name, "key": key, "payload": payload,
                                                    "seconds": seconds, "summary": summary})
         return StageRecord(name, folder, key, seconds, seconds, False)
+
+    def partial_folder(self, name: str, key: str) -> Path:
+        """Where stage ``name`` with ``key`` is built; an interrupted build stays there for the next run."""
+        return self.root / f".partial-{name}-{key}"
 
     @staticmethod
     def summary(record: StageRecord) -> dict[str, Any]:
@@ -240,6 +246,16 @@ class StageCache:
 # ================================================================================================
 # the demo
 # ================================================================================================
+def resume_settings(run_dir: Path) -> dict[str, Any]:
+    """``resume``/``overwrite`` for a training stage's run folder: continue the checkpoint an interrupted demo
+    left in it, else start afresh (replacing what a run stopped before its first checkpoint left)."""
+    from spotune.checkpoint import list_checkpoints
+
+    if list_checkpoints(run_dir):
+        return {"resume": "latest", "overwrite": False}
+    return {"resume": None, "overwrite": True}
+
+
 def _recipe_config(cls, yaml_path: Path, overrides: dict[str, Any]):
     """Load a recipe's YAML as ``--config`` reads it and apply overrides given as values (not strings)."""
     from spotune.config import config_from_dict, read_config_file
@@ -308,7 +324,11 @@ class Demo:
     # -- stages -------------------------------------------------------------------------------------
     def _stage(self, name: str, payload: dict[str, Any], build: Callable[[Path], dict[str, Any]]) -> StageRecord:
         print(f"\n== {name} ==", flush=True)
-        record = self.cache.get_or_build(name, payload, build)
+        try:
+            record = self.cache.get_or_build(name, payload, build)
+        except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: the command's line names the stage
+            exc.demo_stage = name
+            raise
         state = "cached" if record.cached else f"{record.seconds:.0f} s"
         print(f"== {name}: done ({state}) -> {record.folder}", flush=True)
         self.records[name] = record
@@ -358,12 +378,12 @@ class Demo:
             overrides["max_steps"] = cfg.spm_steps
         template = _recipe_config(TrainSPMConfig, self.spm_yaml, {**overrides, "output_dir": "-"})
         payload = {"base": base_key, "pickscore": pickscore.key, "pairs": pairs.key,
-                   "config": {k: v for k, v in config_to_dict(template).items() if k not in ("output_dir", "pretrained_model", "clip_path", "train_data", "eval_data", "progress")}}
+                   "config": {k: v for k, v in config_to_dict(template).items() if k not in ("output_dir", "pretrained_model", "clip_path", "train_data", "eval_data", "progress", "preempt_grace_s")}}
 
         def build(folder: Path) -> dict[str, Any]:
             from spotune.toyworld.properties import spm_accuracy
 
-            config = dataclasses.replace(template, output_dir=str(folder / "run"))
+            config = dataclasses.replace(template, output_dir=str(folder / "run"), **resume_settings(folder / "run"))
             config.validate()
             metrics = run_train_spm(config)
             summary: dict[str, Any] = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
@@ -397,7 +417,7 @@ class Demo:
             overrides["max_iterations"] = cfg.spo_iterations
         overrides.update(extra or {})
         template = _recipe_config(TrainSPOConfig, self.spo_yaml, {**overrides, "output_dir": "-"})
-        skipped = ("output_dir", "pretrained_model", "prompts", "judge_clip_path", "judge_checkpoint", "progress")
+        skipped = ("output_dir", "pretrained_model", "prompts", "judge_clip_path", "judge_checkpoint", "progress", "preempt_grace_s")
         skipped += () if method == "gradspo" else _GRADSPO_KEYS
         payload = {"base": base_key, "judge_clip": judge_key, "spm": spm_key, "train_prompts": [p.caption for p in prompt_split()[0]],
                    "config": {k: v for k, v in config_to_dict(template).items() if k not in skipped}}
@@ -405,7 +425,8 @@ class Demo:
         def build(folder: Path) -> dict[str, Any]:
             prompts = folder / "train_prompts.txt"
             atomic_write_text(prompts, "".join(p.caption + "\n" for p in prompt_split()[0]))
-            config = dataclasses.replace(template, output_dir=str(folder / "run"), prompts=str(prompts))
+            config = dataclasses.replace(template, output_dir=str(folder / "run"), prompts=str(prompts),
+                                         **resume_settings(folder / "run"))
             config.validate()
             metrics = run_train_spo(config)
             return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}

@@ -216,17 +216,26 @@ def atomic_save_safetensors(
 
 
 @contextlib.contextmanager
-def atomic_directory(path: str | Path) -> Iterator[Path]:
+def atomic_directory(path: str | Path, resumable_as: str | Path | None = None) -> Iterator[Path]:
     """Yield a temporary folder beside ``path``; on success rename it to ``path``.
 
     ``path`` must not exist yet (callers decide about overwriting before calling). On failure the
     temporary folder is deleted, so no half-written folder ever carries the final name.
+
+    Args:
+        resumable_as: build in this fixed folder instead of a new temporary one, and keep it when a Ctrl-C or
+            a SIGTERM stops the body (any other failure deletes it), so that a later call continues from what
+            it holds (e.g. a training run's checkpoints). Its name is the caller's to choose and clean.
     """
     path = Path(path)
     if path.exists():
         raise FileExistsError(f"{path} already exists; refusing to overwrite it")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = make_temp_dir(path)
+    if resumable_as is not None:
+        tmp = Path(resumable_as)
+        tmp.mkdir(mode=0o777 & ~current_umask(), exist_ok=True)
+    else:
+        tmp = make_temp_dir(path)
     try:
         yield tmp
         apply_umask_modes(tmp)
@@ -237,6 +246,8 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except BaseException as exc:
+        if resumable_as is not None and isinstance(exc, KeyboardInterrupt):
+            raise  # kept for the next call to continue
         shutil.rmtree(tmp, ignore_errors=True)
         if _is_disk_full(exc):
             # Name the folder being made, not the temporary one that was just removed.

@@ -140,19 +140,36 @@ def test_second_run_reuses_the_cache_and_never_overwrites_silently(demo_run, tmp
         assert report[key] == pytest.approx(old[key], abs=1e-9), key
 
 
-def test_default_demo_judges_with_the_shipped_spm(tmp_path):
-    """spm=shipped (the default): no pairs or spm stage; the shipped SPM's recorded accuracy is reported."""
+def test_default_demo_judges_with_the_shipped_spm_and_continues_after_a_sigterm(tmp_path, capsys, sigterm_during):
+    """spm=shipped (the default): no pairs or spm stage; the shipped SPM's recorded accuracy is reported. A SIGTERM
+    while SPO samples its second iteration stops the demo with exit 143, its stage's checkpoint kept; the same
+    command then resumes that stage from it."""
+    from spotune.cli import main
     from spotune.config import load_config
+    from spotune.recipes.train_spo import SPOTrainer
     from spotune.toyworld.demo import DemoConfig, run_demo
 
     spo = _shrunken_yaml(RESOURCES / "configs" / "toyworld_spo.yaml", tmp_path / "spo.yaml",
                          {"num_inference_steps": 3, "divert_start_step": 1, "sample_batch_size": 2, "train_batch_size": 4,
                           "preference_threshold": 0.0})  # keep every pair: a run with no optimizer step fails
-    config = load_config(DemoConfig, None, [
-        f"output={tmp_path / 'out'}", f"cache_dir={tmp_path / 'cache'}", "spo_iterations=1", "trajectory_baseline=false",
+    settings = [
+        f"output={tmp_path / 'out'}", f"cache_dir={tmp_path / 'cache'}", "spo_iterations=2", "trajectory_baseline=false",
         "eval_seeds_per_prompt=1", "eval_inference_steps=2", "progress=false", f"spo_config={spo}",
-    ])
-    report = run_demo(config)
+    ]
+    sigterm_during(SPOTrainer, "sample", lambda trainer: trainer.iteration == 1)
+    assert main(["demo", *settings]) == 143
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    (partial,) = (tmp_path / "cache" / "toyworld").glob(".partial-spo-*")
+    assert line.startswith("spotune demo: preempted (SIGTERM) in the spo stage during iteration 2, which was abandoned")
+    assert f"its checkpoint {partial / 'run' / 'checkpoints' / 'iter-00000001'} is kept" in line
+    assert line.endswith("and the same command continues from there (a training stage from its last checkpoint)")
+    assert not (tmp_path / "cache" / "toyworld" / partial.name.removeprefix(".partial-")).exists()
+
+    report = run_demo(load_config(DemoConfig, None, settings))
+    assert not partial.exists()
+    run = tmp_path / "cache" / "toyworld" / partial.name.removeprefix(".partial-") / "run"
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["iter-00000002"]  # keep_checkpoints: 1
+    assert (run / "config.resumed-00000001.yaml").is_file()  # the stage continued from the kept checkpoint
     assert set(report["stages"]) == {"spo", "evaluation"}
     assert set(report["models"]) == {"base", "SPO"}
     shipped = json.loads((RESOURCES / "spm" / "spm.json").read_text())

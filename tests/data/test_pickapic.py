@@ -172,3 +172,13 @@ def test_missing_sources_are_named(tmp_path):
     with pytest.raises(PairDataError, match="junk.parquet: cannot read it as parquet"):
         PickAPicPairs(tmp_path / "junk.parquet")
     assert issubclass(PairDataError, SpotuneError)
+
+
+def test_save_to_disk_json_files_with_a_byte_order_mark(tmp_path):
+    root = tmp_path / "pickapic"
+    (root / "train").mkdir(parents=True)
+    _write_arrow_stream(_table(4, 0), root / "train" / "data-00000-of-00001.arrow")
+    state = json.dumps({"_data_files": [{"filename": "data-00000-of-00001.arrow"}]})
+    (root / "train" / "state.json").write_text("\ufeff" + state, encoding="utf-8")
+    (root / "dataset_dict.json").write_text("\ufeff" + json.dumps({"splits": ["train"]}), encoding="utf-8")
+    assert len(PickAPicPairs(root, resolution=16)) == 4

@@ -55,3 +55,42 @@ def test_missing_file_and_column(tmp_path):
     f.write_text("prompt\nx\n")
     with pytest.raises(PromptFileError, match="no column named 'caption'"):
         load_prompts(f, column="caption")
+
+
+# -- text as editors save it: a UTF-8 byte-order mark, and NUL characters -------------------------
+
+BOM = "\ufeff"
+
+
+@pytest.mark.parametrize("name, content", [
+    ("a.txt", "first\nsecond\n"),
+    ("b.json", json.dumps(["first", "second"])),
+    ("c.jsonl", '{"prompt": "first"}\n{"prompt": "second"}\n'),
+    ("d.csv", "prompt,n\nfirst,1\nsecond,2\n"),  # the header's first column is found despite the mark
+    ("e.tsv", "Prompt\tCategory\nfirst\tx\nsecond\ty\n"),
+])
+def test_a_byte_order_mark_is_not_part_of_the_first_prompt_or_column(tmp_path, name, content):
+    f = tmp_path / name
+    f.write_text(BOM + content, encoding="utf-8")
+    assert load_prompts(f) == ["first", "second"]
+
+
+def test_hpsv2_folder_files_with_a_byte_order_mark(tmp_path):
+    from spotune.data.prompts import load_hpsv2_prompt_records
+
+    (tmp_path / "anime.json").write_text(BOM + json.dumps(["first"]), encoding="utf-8")
+    assert [r["prompt"] for r in load_hpsv2_prompt_records(tmp_path)] == ["first"]
+
+
+@pytest.mark.parametrize("name, content, where", [
+    ("a.txt", "# comment\nfirst\na red\x00 circle\n", "row 2"),  # rows count prompts, from 1
+    ("b.json", json.dumps(["first", "a red\x00 circle"]), "row 2"),
+    ("c.jsonl", '{"prompt": "a red\\u0000 circle"}\n', "row 1"),
+    ("d.csv", "prompt\nfirst\nsecond\na red\x00 circle\n", "row 3"),
+])
+def test_a_nul_character_in_a_prompt_is_refused_with_file_and_row(tmp_path, name, content, where):
+    f = tmp_path / name
+    f.write_text(content, encoding="utf-8")
+    with pytest.raises(PromptFileError) as info:
+        load_prompts(f)
+    assert str(info.value) == f"{f}: {where} holds a NUL character (\\x00) at character 6; a prompt is plain text: remove it"

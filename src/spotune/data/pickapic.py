@@ -70,17 +70,17 @@ def find_pair_files(path: str | Path, split: str | None = None) -> list[Path]:
     if (root / "dataset_dict.json").is_file():
         chosen = split or "train"
         try:
-            splits = json.loads((root / "dataset_dict.json").read_text()).get("splits", [])
-        except (OSError, json.JSONDecodeError) as exc:
+            splits = json.loads((root / "dataset_dict.json").read_text(encoding="utf-8-sig")).get("splits", [])
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise PairDataError(f"{root / 'dataset_dict.json'}: not valid JSON ({exc})") from exc
         if chosen not in splits:
             raise PairDataError(f"{root}: no split '{chosen}' in this DatasetDict (splits: {splits})")
         return find_pair_files(root / chosen)
     if (root / "state.json").is_file():
         try:
-            state = json.loads((root / "state.json").read_text())
+            state = json.loads((root / "state.json").read_text(encoding="utf-8-sig"))
             files = [root / f["filename"] for f in state["_data_files"]]
-        except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
             raise PairDataError(f"{root / 'state.json'}: not a datasets save_to_disk state ({exc})") from exc
         missing = [str(f) for f in files if not f.is_file()]
         if missing:

@@ -3,7 +3,8 @@
 Accepted: ``.txt`` (one prompt per line, blank lines and ``#`` comments skipped), ``.json`` (a list of
 strings, or of objects with a caption field, e.g. the SPO 4k list ``[{"caption": ...}, ...]``),
 ``.jsonl``, ``.csv`` / ``.tsv`` (a named column; PartiPrompts' ``Prompt`` is found on its own), and
-``.parquet``. Errors name the file and the row, counted from 1 (the first prompt, after any header, is row 1).
+``.parquet``. Text files are read as UTF-8 with or without a byte-order mark (as Windows editors save
+them). Errors name the file and the row, counted from 1 (the first prompt, after any header, is row 1).
 """
 
 from __future__ import annotations
@@ -31,6 +32,16 @@ BUILTIN_PROMPT_SETS = {"builtin:tiny-prompts": _tiny_prompts}
 
 class PromptFileError(SpotuneError, ValueError):
     """A prompt file that is missing, empty, or not in a readable layout."""
+
+
+def refuse_nul(prompt: str, where: str) -> None:
+    """Refuse a prompt holding a NUL character (``where``: e.g. ``"FILE: row 3"``): a PNG text chunk cannot hold
+    it (NUL separates its fields), and it comes from a binary file or a broken export, not from a caption."""
+    position = prompt.find("\x00")
+    if position >= 0:
+        raise PromptFileError(
+            f"{where} holds a NUL character (\\x00) at character {position + 1}; a prompt is plain text: remove it"
+        )
 
 
 def _pick_column(columns: list[str], column: str | None, path: Path) -> str:
@@ -81,11 +92,11 @@ def load_prompt_records(path: str | Path, column: str | None = None) -> list[dic
     suffix = path.suffix.lower()
     try:
         if suffix == ".txt":
-            lines = path.read_text(encoding="utf-8").splitlines()
+            lines = path.read_text(encoding="utf-8-sig").splitlines()
             records = [{"prompt": ln.strip()} for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
         elif suffix == ".json":
             try:
-                data = json.loads(path.read_text(encoding="utf-8"))
+                data = json.loads(path.read_text(encoding="utf-8-sig"))
             except json.JSONDecodeError as exc:
                 raise PromptFileError(f"{path}: not valid JSON ({exc})") from None
             if not isinstance(data, list):
@@ -93,7 +104,7 @@ def load_prompt_records(path: str | Path, column: str | None = None) -> list[dic
             records = _records_from_json_items(data, column, path, first_row=1)
         elif suffix == ".jsonl":
             items = []
-            for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
+            for i, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines()):
                 if line.strip():
                     try:
                         items.append(json.loads(line))
@@ -101,7 +112,7 @@ def load_prompt_records(path: str | Path, column: str | None = None) -> list[dic
                         raise PromptFileError(f"{path}: line {i + 1} is not valid JSON ({exc})") from None
             records = _records_from_json_items(items, column, path, first_row=1)
         elif suffix in (".csv", ".tsv"):
-            with open(path, newline="", encoding="utf-8") as fh:
+            with open(path, newline="", encoding="utf-8-sig") as fh:
                 reader = csv.DictReader(fh, delimiter="\t" if suffix == ".tsv" else ",")
                 key = _pick_column(list(reader.fieldnames or []), column, path)
                 records = []
@@ -133,6 +144,7 @@ def load_prompt_records(path: str | Path, column: str | None = None) -> list[dic
             raise PromptFileError(f"{path}: row {i} has a prompt of type {type(prompt).__name__}, expected text")
         if not prompt.strip():
             raise PromptFileError(f"{path}: row {i} has an empty prompt")
+        refuse_nul(prompt, f"{path}: row {i}")
     if not records:
         raise PromptFileError(f"prompt file {path} holds no prompts")
     return records
@@ -170,7 +182,7 @@ def load_hpsv2_prompt_records(folder: str | Path) -> list[dict[str, Any]]:
     records: list[dict[str, Any]] = []
     for file in files:
         try:
-            data = json.loads(file.read_text(encoding="utf-8"))
+            data = json.loads(file.read_text(encoding="utf-8-sig"))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise PromptFileError(f"{file}: not valid UTF-8 JSON ({exc})") from None
         if not isinstance(data, list) or not data:
@@ -178,6 +190,7 @@ def load_hpsv2_prompt_records(folder: str | Path) -> list[dict[str, Any]]:
         for i, prompt in enumerate(data, start=1):
             if not isinstance(prompt, str) or not prompt.strip():
                 raise PromptFileError(f"{file}: item {i} is {prompt!r}, expected a non-empty prompt string")
+            refuse_nul(prompt, f"{file}: item {i}")
             records.append({"prompt": prompt, "style": file.stem, "category": file.stem})
     return records
 

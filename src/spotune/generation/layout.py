@@ -61,7 +61,7 @@ def read_generation(folder: Path) -> dict[str, Any] | None:
     if not file.is_file():
         return None
     try:
-        data = json.loads(file.read_text(encoding="utf-8"))
+        data = json.loads(file.read_text(encoding="utf-8-sig"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise GenerationLayoutError(f"{file}: not valid JSON ({exc})") from None
     if not isinstance(data, dict) or data.get("format") != GENERATION_FORMAT:
@@ -79,7 +79,7 @@ def read_metadata(folder: Path) -> list[dict[str, Any]]:
     if not file.is_file():
         return []
     records = []
-    for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(file.read_text(encoding="utf-8-sig").splitlines(), start=1):
         if not line.strip():
             continue
         try:

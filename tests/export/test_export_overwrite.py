@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -84,6 +85,33 @@ def test_a_sigterm_during_an_overwriting_export_keeps_the_earlier_one_and_leaves
         "were removed)\n")
     assert _checksums(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
+
+
+def test_a_full_disk_during_an_overwriting_merged_export_is_one_line_and_keeps_the_earlier_one(lora_run, tmp_path, capsys, monkeypatch):
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    out = tmp_path / "merged"
+    assert _export(lora_run.run, "merged", out) == 0
+    before = _checksums(out)
+    capsys.readouterr()
+
+    def full(*args, **kwargs):  # what safetensors raises when the disk fills under save_pretrained
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })')
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    for extra in ([], ["--dtype", "fp32"]):  # onto the earlier export (--overwrite), then a changed one
+        assert _export(lora_run.run, "merged", out, *extra) == 1
+        err = capsys.readouterr().err
+        (line,) = [line for line in err.splitlines() if ": error: " in line]  # progress bars aside
+        assert "Traceback" not in err
+        assert line.startswith(f"spotune export: error: no space left on the device while writing {out}")
+        assert re.search(r": [0-9.]+ MiB free there\. Nothing written before was changed", line), line
+        assert _checksums(out) == before
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]  # no temporary left beside it
+    assert main(["export", str(lora_run.run), "--format", "merged", "--output", str(tmp_path / "new")]) == 1
+    assert f"while writing {tmp_path / 'new'}" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
 
 
 @pytest.fixture

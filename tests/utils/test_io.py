@@ -74,3 +74,21 @@ def test_the_demo_cache_drops_stale_stage_folders(tmp_path):
     (done / "stage.json").write_text("{}")
     StageCache(tmp_path)
     assert not stale.exists() and (done / "stage.json").is_file()
+
+
+def test_a_full_disk_inside_a_staged_folder_names_the_folder_and_the_file(tmp_path, monkeypatch):
+    """However deep the file and whatever type the writing library raises, the one line names the output."""
+    import spotune.utils.io as io
+
+    def full(tensors, path, metadata=None):  # safetensors' own error type, with the OS's text
+        raise RuntimeError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })')
+
+    monkeypatch.setattr(io, "save_file", full)
+    with pytest.raises(io.DiskFullError) as info:
+        with atomic_directory(tmp_path / "out") as tmp:
+            atomic_write_text(tmp / "a.txt", "kept until the rename")
+            atomic_save_safetensors({"w": torch.zeros(1)}, tmp / "unet" / "weights.safetensors")
+    message = str(info.value)
+    assert message.startswith(f"no space left on the device while writing {tmp_path / 'out'} (unet/weights.safetensors): ")
+    assert "\n" not in message and os.listdir(tmp_path) == []
+    assert io.disk_full_from(ValueError("a bad value"), tmp_path / "out") is None

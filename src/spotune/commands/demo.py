@@ -42,6 +42,10 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(config_to_yaml(config), end="")
         return 0
+    from spotune.utils.paths import resolve_user_path
+
+    # The report is written last: a symbolic-link loop there would fail only after every stage has run.
+    resolve_user_path(config.output, "--output FOLDER")
     try:
         report = run_demo(config)
     except KeyboardInterrupt as exc:

@@ -21,9 +21,10 @@ from spotune.errors import SpotuneError
 from spotune.eval.config import EvalConfig
 from spotune.eval.records import ImageItem, collect_images
 from spotune.eval.tables import EvalTables, build_tables
-from spotune.utils.io import apply_umask_modes, aside_name, make_temp_dir, remove_stale_temporaries
+from spotune.utils.io import apply_umask_modes, aside_name, disk_full_from, make_temp_dir, remove_stale_temporaries
 from spotune.utils.preemption import signals_held
 from spotune.utils.outputs import describe_entries, foreign_entries, write_output_marker
+from spotune.utils.paths import resolve_user_path
 
 logger = logging.getLogger(__name__)
 
@@ -69,9 +70,9 @@ REPORT_LAYOUT = frozenset({
 def check_output(out: Path, overwrite: bool, image_folders: list[Path] = ()) -> None:
     """Refuse an output that is, holds or lies in a folder being evaluated; a non-empty one without ``overwrite``;
     and, with it, one holding anything spotune did not write there (listed in the message)."""
-    resolved = out.resolve()
+    resolved = resolve_user_path(out, "--out (output_dir=) FOLDER")
     for folder in image_folders:
-        folder = Path(folder).expanduser().resolve()
+        folder = resolve_user_path(folder, "--images FOLDER")
         if resolved == folder or resolved in folder.parents or folder in resolved.parents:
             # Replacing the report would delete images; a report among them would be read as images.
             raise EvalError(
@@ -151,7 +152,10 @@ def run_eval(config: EvalConfig) -> EvalResult:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(staging, out)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
+        full = disk_full_from(exc, out, staging)  # names the report folder, not its temporary one
+        if full is not None:
+            raise full from exc
         raise
     return EvalResult(out, out / "report.html", tables)

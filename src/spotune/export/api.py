@@ -44,9 +44,17 @@ from spotune.export.metadata import model_name, single_file_metadata
 from spotune.export.pipeline_folder import make_folder_loadable_everywhere
 from spotune.export.source import ExportError, ExportSource, read_export_source
 from spotune.models.family import SD15, SDXL, ModelFamily, family_of, family_of_unet_config
-from spotune.utils.io import apply_umask_modes, aside_name, make_temp_dir, make_temp_file, remove_stale_temporaries
+from spotune.utils.io import (
+    apply_umask_modes,
+    aside_name,
+    disk_full_from,
+    make_temp_dir,
+    make_temp_file,
+    remove_stale_temporaries,
+)
 from spotune.utils.preemption import signals_held
 from spotune.utils.outputs import describe_entries, foreign_entries, is_safetensors_file, write_output_marker
+from spotune.utils.paths import resolve_user_path
 
 EXPORT_FORMATS = ("diffusers", "webui", "merged", "single-file")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -125,12 +133,13 @@ def check_replaceable(output: Path, folder: bool) -> None:
         )
 
 
-def check_output(output: Path, overwrite: bool, protected: list[Path], folder: bool | None = None) -> None:
+def check_output(output: Path, overwrite: bool, protected: list[tuple[Path, str]], folder: bool | None = None) -> None:
     """Refuse an existing output without ``overwrite``, one that is not spotune's with it (``folder``:
-    whether the output is a folder, when known), and any output that would replace ``protected``."""
-    resolved = output.resolve()
-    for keep in protected:
-        keep = keep.resolve()
+    whether the output is a folder, when known), and any output that would replace a ``protected`` path
+    (given as (path, how the user gives it), for the message when the path is a symbolic-link loop)."""
+    resolved = resolve_user_path(output, "--output")
+    for keep, key in protected:
+        keep = resolve_user_path(keep, key)
         if resolved == keep or resolved in keep.parents:
             raise ExportError(f"output {output} would replace {keep}, which the export reads; choose another path")
     if (output.exists() or output.is_symlink()) and not overwrite:
@@ -170,8 +179,11 @@ def staged_output(output: Path, overwrite: bool, folder: bool) -> Iterator[Path]
                 os.fsync(fd)
             finally:
                 os.close(fd)
-    except BaseException:
+    except BaseException as exc:
         _remove(tmp)
+        full = disk_full_from(exc, output, tmp if folder else None)  # one line naming the output, not a traceback
+        if full is not None:
+            raise full from exc
         raise
 
 
@@ -262,15 +274,15 @@ def export_checkpoint(
     if format == "merged" and output.suffix in (".safetensors", ".ckpt"):
         raise ExportError(f"format 'merged' writes a pipeline folder, not {output.name} (use single-file for one file)")
 
-    protected = [Path(source).expanduser()]
+    protected = [(Path(source).expanduser(), "SOURCE (the run, checkpoint or LoRA to export)")]
     if base_model and Path(base_model).expanduser().exists():
-        protected.append(Path(base_model).expanduser())
+        protected.append((Path(base_model).expanduser(), "--base-model"))
     check_output(output, overwrite, protected, folder=not wants_file)
     remove_stale_temporaries(output.parent)  # what an export killed mid-write left beside its output
     src = read_export_source(source, weights)
     recorded_base = base_model or src.base_model
     if recorded_base and Path(recorded_base).expanduser().exists():
-        check_output(output, overwrite, [Path(recorded_base).expanduser()])
+        check_output(output, overwrite, [(Path(recorded_base).expanduser(), "--base-model")])
 
     if src.kind == "lora" and src.lora is not None:
         # Refuses a base of the other family, for every format.

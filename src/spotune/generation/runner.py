@@ -37,6 +37,7 @@ from spotune.generation.pnginfo import format_parameters, save_png
 from spotune.generation.seeds import derive_seed, initial_latents, sampler_generators
 from spotune.utils.io import remove_stale_temporaries
 from spotune.utils.outputs import describe_entries
+from spotune.utils.paths import resolve_user_path
 
 logger = logging.getLogger(__name__)
 
@@ -159,13 +160,14 @@ def model_specs(config: GenerateConfig) -> list[ModelSpec]:
 
 def load_prompt_items(config: GenerateConfig) -> list[PromptItem]:
     """Prompts (inline or from the file / HPS v2 folder), cut to ``max_prompts``, with categories."""
-    from spotune.data.prompts import load_prompt_set
+    from spotune.data.prompts import load_prompt_set, refuse_nul
 
     if config.prompts:
         records: list[dict[str, Any]] = [{"prompt": p} for p in config.prompts]
         for i, r in enumerate(records):
             if not r["prompt"].strip():
                 raise GenerateError(f"inline prompt {i} is empty")
+            refuse_nul(r["prompt"], f"inline prompt {i}")
     else:
         records = load_prompt_set(config.prompt_file, config.prompt_column or None)
     if config.max_prompts:
@@ -420,6 +422,7 @@ def run_generate(config: GenerateConfig) -> GenerationResult:
 
     config.validate()
     out = Path(config.output_dir).expanduser()
+    resolve_user_path(out, "--out (output_dir=) FOLDER")  # a symbolic-link loop: one line now, not at the first write
     if out.exists() and not out.is_dir():
         raise GenerateError(f"output_dir {out} exists and is not a folder")
     items = load_prompt_items(config)

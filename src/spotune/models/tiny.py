@@ -17,6 +17,8 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from spotune.utils.io import atomic_write_text
+
 TINY_IMAGE_SIZE = 32
 TINY_TEXT_HIDDEN = 32
 TINY_MAX_LENGTH = 77
@@ -55,9 +57,9 @@ def write_tiny_clip_tokenizer(folder: str | Path) -> Path:
         vocab[ch + "</w>"] = len(vocab)
     vocab["<|startoftext|>"] = len(vocab)
     vocab["<|endoftext|>"] = len(vocab)
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    (folder / "tokenizer_config.json").write_text(json.dumps({"model_max_length": TINY_MAX_LENGTH}))
+    atomic_write_text(folder / "vocab.json", json.dumps(vocab))
+    atomic_write_text(folder / "merges.txt", "#version: 0.2\n")
+    atomic_write_text(folder / "tokenizer_config.json", json.dumps({"model_max_length": TINY_MAX_LENGTH}))
     return folder
 
 

@@ -23,6 +23,7 @@ from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, C
 
 from spotune.models.tiny import _byte_level_alphabet, sd15_ddim_scheduler
 from spotune.toyworld.world import COLOURS, IMAGE_SIZE, SHAPES
+from spotune.utils.io import atomic_write_text
 
 MAX_LENGTH = 16
 TEXT_HIDDEN = 64
@@ -67,9 +68,9 @@ def write_tokenizer(folder: str | Path) -> Path:
     tokens += [a + b for a, b in merges]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
     vocab = {tok: i for i, tok in enumerate(dict.fromkeys(tokens))}
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-    (folder / "tokenizer_config.json").write_text(json.dumps({
+    atomic_write_text(folder / "vocab.json", json.dumps(vocab))
+    atomic_write_text(folder / "merges.txt", "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    atomic_write_text(folder / "tokenizer_config.json", json.dumps({
         "model_max_length": MAX_LENGTH,
         "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
         "pad_token": "<|endoftext|>", "unk_token": "<|endoftext|>",

@@ -165,6 +165,27 @@ def disk_full_error(path: Path, what: str | None = None) -> DiskFullError:
     return error
 
 
+def disk_full_from(exc: BaseException, path: str | Path, staging: str | Path | None = None) -> DiskFullError | None:
+    """The one-line error for ``exc`` met while writing ``path``, or ``None`` when ``exc`` is not a full disk.
+
+    Every writer that stages its output under a temporary name (:func:`atomic_path`, :func:`atomic_directory`,
+    the export's staged output) turns a full disk into this, whichever library met it (safetensors and
+    ``save_pretrained`` raise their own types with the OS's text).
+
+    Args:
+        path: the output being made (named in the message, not the temporary).
+        staging: the temporary folder being filled; a file inside it that the error names is named too.
+    """
+    if not _is_disk_full(exc):
+        return None
+    inner, what = getattr(exc, "filename", None), None
+    if inner and staging is not None:
+        with contextlib.suppress(ValueError):
+            relative = Path(inner).relative_to(staging)
+            what = str(relative) if str(relative) != "." else None
+    return disk_full_error(Path(path), what)
+
+
 def _fsync_dir(folder: Path) -> None:
     with contextlib.suppress(OSError):
         fd = os.open(folder, os.O_RDONLY)
@@ -192,14 +213,15 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         _fsync_dir(path.parent)
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
-        if _is_disk_full(exc) and not isinstance(exc, DiskFullError):
-            raise disk_full_error(path) from exc
+        full = None if isinstance(exc, DiskFullError) else disk_full_from(exc, path)
+        if full is not None:
+            raise full from exc
         raise
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")
 
 
 def atomic_write_json(path: str | Path, data: Any) -> None:
@@ -249,9 +271,7 @@ def atomic_directory(path: str | Path, resumable_as: str | Path | None = None) -
         if resumable_as is not None and isinstance(exc, KeyboardInterrupt):
             raise  # kept for the next call to continue
         shutil.rmtree(tmp, ignore_errors=True)
-        if _is_disk_full(exc):
-            # Name the folder being made, not the temporary one that was just removed.
-            inner = getattr(exc, "filename", None)
-            what = Path(inner).name if inner and Path(inner).parent == tmp else None
-            raise disk_full_error(path, what) from exc
+        full = disk_full_from(exc, path, tmp)  # names the folder being made, not the temporary just removed
+        if full is not None:
+            raise full from exc
         raise

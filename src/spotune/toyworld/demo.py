@@ -310,7 +310,8 @@ class Demo:
             )
 
     def _check_cache_folder(self) -> None:
-        """The stage cache must be (or be creatable as) a folder: refuse a file on its path up front."""
+        """Make the stage cache folder and write a file in it, up front: a file on its path, a read-only disk
+        or a folder without write permission is one line naming the folder and the key, before any stage."""
         source = "cache_dir" if self.cfg.cache_dir else (f"${CACHE_ENV}" if os.environ.get(CACHE_ENV) else "the default cache")
         probe = self.cache.root
         while not probe.exists() and probe != probe.parent:
@@ -320,6 +321,17 @@ class Demo:
                 f"{source}: {probe} is a file, so the stage cache {self.cache.root} cannot be made there; pass "
                 f"cache_dir=FOLDER (or set ${CACHE_ENV}) to a folder"
             )
+        from spotune.utils.io import make_temp_file
+
+        try:
+            self.cache.root.mkdir(parents=True, exist_ok=True)
+            make_temp_file(self.cache.root / "write-check").unlink()
+        except OSError as exc:
+            where = f" at {exc.filename}" if exc.filename and Path(exc.filename) != self.cache.root else ""
+            raise DemoError(
+                f"{source}: the stage cache {self.cache.root} cannot be written ({exc.strerror or exc}{where}); pass "
+                f"cache_dir=FOLDER (or set ${CACHE_ENV}) to a writable folder"
+            ) from None
 
     # -- stages -------------------------------------------------------------------------------------
     def _stage(self, name: str, payload: dict[str, Any], build: Callable[[Path], dict[str, Any]]) -> StageRecord:

@@ -36,6 +36,7 @@ from spotune.export.naming import (
     module_from_kohya,
     split_peft_key,
 )
+from spotune.utils.pickles import UnsafePickleError, load_weights_only
 
 if TYPE_CHECKING:
     from spotune.models.family import ModelFamily
@@ -107,7 +108,7 @@ def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and safetensors metadata of ``path``; pickles are read with ``weights_only=True``."""
     try:
         if path.suffix in TORCH_PICKLE_SUFFIXES:
-            loaded = torch.load(path, map_location="cpu", weights_only=True)
+            loaded = load_weights_only(path)
             if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
                 loaded = loaded["state_dict"]
             if not isinstance(loaded, dict):
@@ -119,6 +120,8 @@ def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
             return {k: handle.get_tensor(k) for k in handle.keys()}, metadata
+    except UnsafePickleError:
+        raise  # already one line naming the file
     except Exception as exc:  # safetensors and torch raise many types; the user needs the file name
         raise LoraFormatError(
             f"{path}: cannot read it as a LoRA file ({type(exc).__name__}: {exc}); expected a .safetensors "

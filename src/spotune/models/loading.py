@@ -36,6 +36,7 @@ from spotune.models.family import (
     family_of_vae_scale,
     vae_scale_factor,
 )
+from spotune.utils.pickles import load_weights_only
 
 logger = logging.getLogger(__name__)
 
@@ -194,8 +195,8 @@ def _single_file_keys(path: Path) -> list[str]:
         except Exception:  # the loader reports an unreadable file with its own message
             return []
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:
+        loaded = load_weights_only(path, mmap=True)
+    except Exception:  # the loader reports an unreadable (or not weights-only) file with its own message
         return []
     if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
         loaded = loaded["state_dict"]

@@ -35,6 +35,7 @@ from spotune.export.original_layout import (
     original_key_maps,
 )
 from spotune.models.loading import ModelLoadError
+from spotune.utils.pickles import UnsafePickleError, load_weights_only
 
 CLIP_BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
 CLIP_BPE_SHA256 = "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a"
@@ -133,7 +134,7 @@ def read_checkpoint_file(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     try:
         if path.suffix in PICKLE_SUFFIXES:
-            loaded: Any = torch.load(path, map_location="cpu", weights_only=True)
+            loaded: Any = load_weights_only(path)
             if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
                 loaded = loaded["state_dict"]
             if not isinstance(loaded, dict):
@@ -142,10 +143,12 @@ def read_checkpoint_file(path: str | Path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(str(path))
+    except UnsafePickleError:
+        raise  # already one line naming the file
     except Exception as exc:  # corrupt files raise many types; the user needs the path
         raise SingleFileError(
             f"{path}: cannot read it as a checkpoint ({type(exc).__name__}: {exc}); expected an SD1.5 or SDXL "
-            ".safetensors file (or a .ckpt readable with torch.load(weights_only=True))"
+            ".safetensors file (or a weights-only .ckpt)"
         ) from exc
 
 

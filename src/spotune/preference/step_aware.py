@@ -38,6 +38,7 @@ from transformers.models.clip.modeling_clip import CLIPEncoderLayer
 
 from spotune.preference.clip_judge import CLIP_MEAN, CLIP_STD, ClipStyleJudge
 from spotune.preference.loading import JudgeLoadError, load_clip
+from spotune.utils.pickles import UnsafePickleError, load_weights_only
 
 FREQUENCY_EMBEDDING_SIZE = 256
 MAX_PERIOD = 10000
@@ -191,8 +192,9 @@ def resolve_spm_weights(path: str | Path) -> Path:
 def read_spm_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read an SPM state dict from ``path`` (see :func:`resolve_spm_weights`) onto the CPU.
 
-    Pickled files (``.bin``, ``.pt``, ``.pth``, ``.ckpt``) are read with ``torch.load(weights_only=True)``,
-    which refuses to run pickled code. Raises :class:`JudgeLoadError` naming the file.
+    Pickled files (``.bin``, ``.pt``, ``.pth``, ``.ckpt``) are read weights-only
+    (:func:`spotune.utils.pickles.load_weights_only`), which refuses to run pickled code. Raises
+    :class:`JudgeLoadError` naming the file, or :class:`UnsafePickleError` for a pickle holding objects.
     """
     file = resolve_spm_weights(path)
     try:
@@ -201,7 +203,9 @@ def read_spm_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
             state = load_file(str(file))
         else:
-            state = torch.load(str(file), map_location="cpu", weights_only=True)
+            state = load_weights_only(file)
+    except UnsafePickleError:
+        raise  # already one line naming the file
     except Exception as exc:  # corrupt, truncated, or a pickle with code in it
         raise JudgeLoadError(f"cannot read SPM checkpoint {file}: {type(exc).__name__}: {exc}") from exc
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):

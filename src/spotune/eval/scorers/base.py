@@ -18,6 +18,7 @@ from PIL import Image
 
 from spotune.errors import SpotuneError
 from spotune.hints import key
+from spotune.utils.pickles import UnsafePickleError, load_weights_only
 
 
 BUILTIN_TINY_CLIP = "builtin:tiny-clip"  # the tiny random CLIP built in code (tests, CPU demos)
@@ -95,7 +96,9 @@ def load_state_dict_file(path: Path, scorer: str) -> dict[str, torch.Tensor]:
             raise WeightFormatError(f"scorer '{scorer}': {path} is not a readable safetensors file ({exc})") from exc
     else:
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = load_weights_only(path)
+        except UnsafePickleError as exc:
+            raise WeightFormatError(f"scorer '{scorer}': {exc}") from None
         except Exception as exc:
             raise WeightFormatError(
                 f"scorer '{scorer}': {path} could not be read as a tensor checkpoint with weights_only=True ({exc})"

@@ -59,6 +59,7 @@ def one_line_error(capsys, *needles: str) -> str:
     ("lora_init=pissa", "lora_init must be one of gaussian, true, kaiming, default, got lora_init=pissa"),
     ("lora_targets=[]", "lora_targets must name at least one"),
     ("compile=true compile_backend=nonesuch", "compile_backend must be a torch.compile backend"),
+    ("seed=-1", "seed must be >= 0, got seed=-1"),
 ])
 def test_train_refuses_values_that_make_a_run_silently_wrong(override, needle, capsys):
     assert main(["train", "--config", str(CONFIG), *override.split(), "--print-config"]) == 1
@@ -70,6 +71,7 @@ def test_train_refuses_values_that_make_a_run_silently_wrong(override, needle, c
     ("decode_chunk_size=0", "decode_chunk_size must be >= 1"),
     ("checkpoint_every=-2", "checkpoint_every must be >= 0"),
     ("keep_checkpoints=0", "keep_checkpoints must be >= 1 when set"),
+    ("seed=-1", "seed must be >= 0, got seed=-1"),
 ])
 def test_train_spm_refuses_the_same_values(override, needle, capsys):
     assert main(["train-spm", "--config", str(SPM_CONFIG), "train_data=x.parquet", override, "--print-config"]) == 1

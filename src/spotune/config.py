@@ -346,6 +346,14 @@ def _field_example(f: dataclasses.Field, annotation: Any) -> str:
     return _example(annotation, default)
 
 
+def _check_seed(config: Any, source: str) -> None:
+    """Every command's ``seed`` is a non-negative integer: a negative one has no stated meaning (torch folds it
+    into an unsigned seed, numpy refuses it), so it is refused here, once, for every config that has one."""
+    seed = getattr(config, "seed", None)
+    if isinstance(seed, int) and not isinstance(seed, bool) and seed < 0:
+        raise ConfigError(f"{source}: seed must be >= 0, got seed={seed}")
+
+
 def config_from_dict(cls: type[T], values: dict[str, Any], source: str, key_sources: dict[str, str] | None = None) -> T:
     """Build ``cls`` from a flat dict, failing on unknown keys with the list of valid ones.
 
@@ -371,6 +379,7 @@ def config_from_dict(cls: type[T], values: dict[str, Any], source: str, key_sour
         config = cls(**kwargs)
     except TypeError as exc:
         raise ConfigError(f"{source}: {exc}") from None
+    _check_seed(config, key_sources.get("seed", source))
     validate = getattr(config, "validate", None)
     if callable(validate):
         validate()

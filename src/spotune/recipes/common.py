@@ -74,16 +74,27 @@ def prepare_run_folder(output_dir: str | Path, resume: str | None, overwrite: bo
         overwrite: start afresh in a folder that already holds a run, deleting its checkpoints, logs and samples.
     Raises:
         RunFolderError: the folder holds a run and neither ``resume`` nor ``overwrite`` was given.
+        SpotuneError: ``resume=latest`` and no checkpoint in the folder. A run that stopped before its first
+            checkpoint has nothing to resume, so both messages then name ``overwrite=true``, not ``resume=latest``.
     """
     output_dir = Path(output_dir)
     existing = list_checkpoints(output_dir)
     if resume:
         if resume == "latest":
             if not existing:
-                raise SpotuneError(f"resume=latest: {output_dir} holds no complete checkpoint")
+                raise SpotuneError(
+                    f"resume=latest: no checkpoint was written in {output_dir}, so there is nothing to resume; "
+                    "drop resume=latest and pass overwrite=true to start afresh there, or choose another output_dir"
+                )
             return existing[-1]
         return resolve_checkpoint(resume)
     if existing or (output_dir / "checkpoints").exists():
+        if not overwrite and not existing:
+            raise RunFolderError(
+                f"{output_dir} already holds a run that stopped before its first complete checkpoint, so there is "
+                "nothing to resume; pass overwrite=true to start afresh there (deleting what it left), or choose "
+                "another output_dir"
+            )
         if not overwrite:
             raise RunFolderError(
                 f"{output_dir} already holds a run ({len(existing)} checkpoint(s)); pass resume=latest to "

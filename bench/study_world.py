@@ -117,6 +117,97 @@ def _validate_model_paths(args: argparse.Namespace) -> None:
             raise StudyError(f"{flag} {path}: expected {what} (with {inside}); pass {flag} FOLDER, or leave it out for the shipped one")
         if not folder and not path.is_file():
             raise StudyError(f"{flag} {path}: no such file; expected {what}; pass {flag} FILE, or leave it out for the shipped one")
+    _check_world_models(args)
+
+
+# Config keys that say how a model was made or stored, not its architecture: a candidate world's model may
+# differ there (its own VAE latent scale, fp32 instead of the shipped fp16, other initialisation settings).
+_NOT_ARCHITECTURE = frozenset({
+    "_diffusers_version", "_name_or_path", "dtype", "torch_dtype", "transformers_version", "scaling_factor",
+    "shift_factor", "latents_mean", "latents_std", "force_upcast", "initializer_factor", "initializer_range",
+    "logit_scale_init_value", "attention_dropout", "dropout",
+})
+
+
+def _read_config(file: Path, flag: str, path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(file.read_text(encoding="utf-8-sig"))
+    except (OSError, ValueError) as exc:
+        raise StudyError(f"{flag} {path}: {file} is not readable JSON ({type(exc).__name__}); pass {flag} with a "
+                         "model of the world's architecture, or leave it out for the shipped one") from None
+    if not isinstance(value, dict):
+        raise StudyError(f"{flag} {path}: {file} is not a JSON object; pass {flag} with a model of the world's "
+                         "architecture, or leave it out for the shipped one")
+    return value
+
+
+def _differences(found: Any, shipped: Any, prefix: str = "") -> list[str]:
+    """``key: value here, value in the world's`` for each architecture key of two configs that differs."""
+    if not (isinstance(found, dict) and isinstance(shipped, dict)):
+        return [] if found == shipped else [f"{prefix.rstrip('.')}: {found!r} here, {shipped!r} in the world's"]
+    out: list[str] = []
+    for k in sorted(set(found) | set(shipped)):
+        if k not in _NOT_ARCHITECTURE:
+            out += _differences(found.get(k), shipped.get(k), f"{prefix}{k}.")
+    return out
+
+
+def _refuse_differences(flag: str, path: Path, what: str, differences: list[str]) -> None:
+    if differences:
+        shown = "; ".join(differences[:3]) + (f"; and {len(differences) - 3} more" if len(differences) > 3 else "")
+        raise StudyError(f"{flag} {path}: {what} is not of the miniature world's architecture ({shown}); pass "
+                         f"{flag} with a model of the world's architecture, or leave it out for the shipped one")
+
+
+def _check_world_models(args: argparse.Namespace) -> None:
+    """Each model the study is given is of the world's family and architecture, as its shipped counterpart:
+    the base an SD1.5-family pipeline whose UNet, VAE and text encoder match the shipped base's configs, the
+    PickScore model a CLIPModel of the shipped one's config, the SPM checkpoint the shipped SPM's tensors."""
+    from spotune.errors import SpotuneError
+    from spotune.models.family import SD15
+    from spotune.models.loading import folder_family
+    from spotune.toyworld.demo import resource_dir
+    from spotune.toyworld.shipping import SHIPPED_SPM_WEIGHTS
+
+    shipped = resource_dir()
+    if args.base_model is not None:
+        path = Path(args.base_model)
+        try:
+            family = folder_family(path)
+        except SpotuneError as exc:
+            raise StudyError(f"--base-model {path}: {exc}") from None
+        if family is not SD15:
+            raise StudyError(f"--base-model {path}: {family.title}, but the miniature world's base is {SD15.title} "
+                             "of the shipped base's architecture; pass --base-model with a world base model, or leave "
+                             "it out for the shipped one")
+        for component in ("unet", "vae", "text_encoder"):
+            file = path / component / "config.json"
+            if not file.is_file():
+                raise StudyError(f"--base-model {path}: no {component}/config.json; expected a diffusers pipeline "
+                                 "folder of the world's architecture, or leave it out for the shipped one")
+            world = _read_config(shipped / "base" / component / "config.json", "--base-model", path)
+            _refuse_differences("--base-model", path, f"its {component}",
+                                _differences(_read_config(file, "--base-model", path), world))
+    if args.pickscore_model is not None:
+        path = Path(args.pickscore_model)
+        world = _read_config(shipped / "pickscore" / "config.json", "--pickscore-model", path)
+        _refuse_differences("--pickscore-model", path, "its CLIPModel",
+                            _differences(_read_config(path / "config.json", "--pickscore-model", path), world))
+    if args.spm_checkpoint is not None:
+        from spotune.preference.step_aware import read_spm_state_dict
+
+        path = Path(args.spm_checkpoint)
+        try:
+            found = {k: tuple(v.shape) for k, v in read_spm_state_dict(path).items()}
+        except SpotuneError as exc:
+            raise StudyError(f"--spm-checkpoint {path}: {exc}") from None
+        world = {k: tuple(v.shape) for k, v in read_spm_state_dict(shipped / "spm" / SHIPPED_SPM_WEIGHTS).items()}
+        missing, extra = sorted(set(world) - set(found)), sorted(set(found) - set(world))
+        differences = [f"{len(missing)} of the world's tensors missing, e.g. {missing[0]}"] if missing else []
+        differences += [f"{len(extra)} tensors the world's has not, e.g. {extra[0]}"] if extra else []
+        differences += [f"{k}: shape {list(found[k])} here, {list(world[k])} in the world's"
+                        for k in sorted(set(found) & set(world)) if found[k] != world[k]]
+        _refuse_differences("--spm-checkpoint", path, "its step-aware preference model", differences)
 
 
 def checkpoint_iterations(args: argparse.Namespace) -> list[int]:

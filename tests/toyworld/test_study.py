@@ -192,6 +192,56 @@ def test_a_wrong_model_flag_is_one_line_that_names_the_study_flag(flag, make, tm
     assert not (tmp_path / "out").exists()  # refused before anything is written
 
 
+def _tiny_sdxl(tmp):
+    from spotune.models.tiny import build_tiny_sdxl_pipeline
+
+    build_tiny_sdxl_pipeline().save_pretrained(tmp / "sdxl")
+    return tmp / "sdxl"
+
+
+def _tiny_sd15(tmp):  # SD1.5's family, but not the world's UNet, VAE or text encoder
+    from spotune.models.tiny import build_tiny_sd15_pipeline
+
+    build_tiny_sd15_pipeline().save_pretrained(tmp / "sd15")
+    return tmp / "sd15"
+
+
+def _other_clip(tmp):
+    from spotune.models.tiny import build_tiny_clip
+
+    build_tiny_clip()[0].save_pretrained(tmp / "clip")
+    return tmp / "clip"
+
+
+def _other_spm(tmp):
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(RESOURCES / "spm" / "spm.safetensors"))
+    name = next(k for k, v in state.items() if v.ndim == 2)
+    state[name] = state[name][:, :-1].contiguous()  # one layer of another width
+    save_file(state, str(tmp / "spm.safetensors"))
+    return tmp / "spm.safetensors"
+
+
+@pytest.mark.parametrize("flag, make, needles", [
+    ("--base-model", _tiny_sdxl, ["an SDXL model", "the miniature world's base is an SD1.5-family model"]),
+    ("--base-model", _tiny_sd15, ["its unet is not of the miniature world's architecture", "block_out_channels"]),
+    ("--pickscore-model", _other_clip, ["its CLIPModel is not of the miniature world's architecture"]),
+    ("--spm-checkpoint", _other_spm, ["its step-aware preference model is not of the miniature world's", "shape"]),
+])
+def test_a_model_of_another_family_or_architecture_is_refused_before_anything_is_written(
+        flag, make, needles, tmp_path, capsys):
+    module = _script()
+    bad = make(tmp_path)
+    capsys.readouterr()
+    assert module.main(["--output", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"), flag, str(bad)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"study_world.py: {flag} {bad}:") and "=" not in err[0], err
+    for needle in needles:
+        assert needle in err[0], (needle, err[0])
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+
+
 def test_the_committed_study_measured_the_shipped_world_and_the_demo_reads_its_choice():
     """bench/results/toyworld-study is the report of the models that ship: same digests, same choice."""
     from spotune.toyworld.demo import digest_file, digest_files, study_choice

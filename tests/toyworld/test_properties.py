@@ -30,6 +30,16 @@ def test_x0_prediction_aesthetics_cover_the_wanted_steps_and_end_at_the_final_im
     for row in out["by_timestep"].values():
         assert all(0.0 <= v <= 1.0 for v in row["mean"].values())
         assert all(r is None or -1.0 <= r <= 1.0 for r in row["corr_with_final"].values())
+    # The demo records them while it evaluates the base model instead of rendering the trajectories again.
+    from spotune.preference.factory import build_judge
+    from spotune.toyworld.evaluate import EvaluationSet, evaluate_model
+    from spotune.toyworld.properties import X0Recorder
+
+    recorder = X0Recorder(pipe.scheduler, pipe.vae, 20)
+    judge = build_judge("spm", clip_path=str(resource_dir() / "pickscore"),
+                        checkpoint=str(resource_dir() / "spm" / "spm.safetensors"))
+    base = evaluate_model("base", pipe.unet, pipe, judge, EvaluationSet(captions, seeds), on_x0_prediction=recorder)
+    assert recorder.summary(base.images, captions) == out
     few = x0_prediction_aesthetics(pipe, captions[:2], seeds[:2], num_inference_steps=4)
     assert len(few["by_timestep"]) <= len(X0_TIMESTEPS)  # the nearest of 4 steps stand in
     with pytest.raises(ValueError, match="captions"):

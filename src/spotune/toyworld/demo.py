@@ -540,22 +540,25 @@ class Demo:
         from spotune.models import load_pipeline
         from spotune.preference.factory import build_judge
         from spotune.toyworld.evaluate import EvaluationSet, evaluate_model, unet_with_lora
-        from spotune.toyworld.properties import x0_prediction_aesthetics
+        from spotune.toyworld.properties import X0Recorder
 
         cfg = self.cfg
         captions, seeds = self.evaluation_captions()
         evalset = EvaluationSet(captions, seeds, num_inference_steps=cfg.eval_inference_steps)
         pipe = load_pipeline(str(self.base_dir))
-        t0 = time.perf_counter()
-        self.x0_properties = x0_prediction_aesthetics(pipe, captions, seeds, num_inference_steps=cfg.eval_inference_steps)
-        self.x0_properties["seconds"] = time.perf_counter() - t0
         judge = build_judge("spm", clip_path=str(judge_clip), checkpoint=str(spm_path))
         models = [("base", pipe.unet)] + [(name, unet_with_lora(pipe.unet, record.folder / "run")) for name, record in runs.items()]
+        # The base's evaluation renders the very trajectories the world's x0-prediction properties read (same
+        # captions, seeds and batches): they are recorded on the way instead of rendered a second time.
+        recorder = X0Recorder(pipe.scheduler, pipe.vae, cfg.eval_inference_steps, chunk_size=evalset.batch_size)
         results = []
         for name, unet in models:
-            result = evaluate_model(name, unet, pipe, judge, evalset)
+            result = evaluate_model(name, unet, pipe, judge, evalset, on_x0_prediction=recorder if name == "base" else None)
             print(f"   {name}: {len(captions)} images in {result.seconds:.0f} s", flush=True)
             results.append(result)
+        t0 = time.perf_counter()
+        self.x0_properties = recorder.summary(results[0].images, captions)
+        self.x0_properties["seconds"] = time.perf_counter() - t0
         return results
 
 

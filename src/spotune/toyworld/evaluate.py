@@ -175,15 +175,18 @@ class EvaluationSet:
 
 
 @torch.no_grad()
-def evaluate_model(name: str, unet, pipe, judge, evalset: EvaluationSet) -> ModelResult:
-    """Render ``evalset`` with ``unet`` (and the pipeline's other parts), then measure and judge it."""
+def evaluate_model(name: str, unet, pipe, judge, evalset: EvaluationSet, on_x0_prediction=None) -> ModelResult:
+    """Render ``evalset`` with ``unet`` (and the pipeline's other parts), then measure and judge it.
+
+    ``on_x0_prediction`` sees the sampler's x0-predictions (see :func:`spotune.toyworld.sampling.generate`).
+    """
     import time
 
     t0 = time.perf_counter()
     images = generate(
         unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, evalset.captions, evalset.seeds,
         num_inference_steps=evalset.num_inference_steps, guidance_scale=evalset.guidance_scale,
-        batch_size=evalset.batch_size,
+        batch_size=evalset.batch_size, on_x0_prediction=on_x0_prediction,
     )
     judged = []
     for start in range(0, len(images), 256):

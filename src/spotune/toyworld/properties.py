@@ -30,14 +30,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from spotune.diffusion.sampler import ddim_sample, decode_latents
-from spotune.models.conditioning import Conditioning
-from spotune.models.text import encode_prompts
+from spotune.diffusion.sampler import decode_latents
 from spotune.preference.spm_eval import SPM_EVAL_TIMESTEPS
 from spotune.toyworld.metrics import AESTHETIC_COMPONENTS, ImageScores, score_images
 from spotune.toyworld.preferences import RaterWeights, Standardisation, centring, utilities
 from spotune.toyworld.render import to_tensor, to_uint8
-from spotune.toyworld.sampling import initial_noise
+from spotune.toyworld.sampling import generate_with_pipeline
 from spotune.utils.io import atomic_path
 
 X0_TIMESTEPS = (951, 701, 501, 251)
@@ -62,7 +60,55 @@ def _pearson(a: np.ndarray, b: np.ndarray) -> float | None:
     return float(np.corrcoef(a, b)[0, 1])
 
 
-@torch.no_grad()
+class X0Recorder:
+    """Keeps the decoded x0-predictions of chosen timesteps while a deterministic DDIM sampler runs.
+
+    Pass it as ``on_x0_prediction`` to the sampler that renders the base model's images (the demo's evaluation
+    of the base does), then :meth:`summary` with those final images: the properties then cost a decode per
+    timestep kept, not a second generation.
+
+    Args:
+        scheduler: the sampler's DDIM scheduler (its steps decide which timesteps exist).
+        vae: decodes the kept x0-predictions (in chunks of ``chunk_size``).
+        timesteps: the timesteps to measure at; the sampler's nearest step stands in for one it lacks.
+    """
+
+    def __init__(self, scheduler, vae, num_inference_steps: int, timesteps: tuple[int, ...] = X0_TIMESTEPS,
+                 chunk_size: int = 96) -> None:
+        scheduler.set_timesteps(num_inference_steps)
+        available = [int(t) for t in scheduler.timesteps]
+        # 20-step DDIM on SD1.5's schedule has every wanted step (951, 901, ..., 1); fewer steps measure the nearest.
+        self.timesteps = tuple(dict.fromkeys(min(available, key=lambda s: abs(s - t)) for t in timesteps))
+        self.num_inference_steps = num_inference_steps
+        self.vae, self.chunk_size = vae, chunk_size
+        self.images: dict[int, list[np.ndarray]] = {t: [] for t in self.timesteps}
+
+    @torch.no_grad()
+    def __call__(self, t: int, x0: torch.Tensor) -> None:
+        """The sampler's hook: ``x0`` [b, C, h, w] latents predicted at timestep ``t``."""
+        if t in self.images:
+            self.images[t].append(to_uint8(decode_latents(self.vae, x0, chunk_size=self.chunk_size).float().cpu()))
+
+    def summary(self, finals: np.ndarray, captions: list[str]) -> dict[str, Any]:
+        """The properties, given the [B, H, W, 3] uint8 final images of the same trajectories, in order.
+
+        Returns:
+            ``{"final": {measure: mean}, "by_timestep": {t: {"mean": {measure: mean}, "corr_with_final":
+            {measure: r}}}, "images": B}`` with measures ``aesthetic`` and its three components; the
+            correlation pairs each x0-prediction with the final image of its own trajectory.
+        """
+        final_scores = score_images(finals, captions)
+        out: dict[str, Any] = {"images": len(captions), "num_inference_steps": self.num_inference_steps,
+                               "final": {m: float(getattr(final_scores, m).mean()) for m in _MEASURES}, "by_timestep": {}}
+        for t in self.timesteps:
+            scores: ImageScores = score_images(np.concatenate(self.images[t]), captions)
+            out["by_timestep"][str(t)] = {
+                "mean": {m: float(getattr(scores, m).mean()) for m in _MEASURES},
+                "corr_with_final": {m: _pearson(getattr(scores, m), getattr(final_scores, m)) for m in _MEASURES},
+            }
+        return out
+
+
 def x0_prediction_aesthetics(
     pipe,
     captions: list[str],
@@ -74,50 +120,22 @@ def x0_prediction_aesthetics(
 ) -> dict[str, Any]:
     """The aesthetic of x0-predictions along the base model's deterministic DDIM trajectories.
 
+    Renders the trajectories itself; a caller that renders them anyway passes an :class:`X0Recorder` to its
+    sampler instead (same numbers: the same sampler, seeds and batches).
+
     Args:
         pipe: the world's pipeline (SD1.5 family).
         captions, seeds: B captions and their starting-noise seeds (as :mod:`spotune.toyworld.sampling`).
         timesteps: the timesteps to measure at (the sampler's nearest step stands in for one it lacks).
     Returns:
-        ``{"final": {measure: mean}, "by_timestep": {t: {"mean": {measure: mean}, "corr_with_final":
-        {measure: r}}}, "images": B}`` with measures ``aesthetic`` and its three components; the
-        correlation pairs each x0-prediction with the final image of its own trajectory.
+        :meth:`X0Recorder.summary`'s dictionary.
     """
     if len(captions) != len(seeds):
         raise ValueError(f"{len(captions)} captions but {len(seeds)} seeds")
-    pipe.scheduler.set_timesteps(num_inference_steps)
-    available = [int(t) for t in pipe.scheduler.timesteps]
-    # 20-step DDIM on SD1.5's schedule has every wanted step (951, 901, ..., 1); fewer steps measure the nearest.
-    timesteps = tuple(dict.fromkeys(min(available, key=lambda s: abs(s - t)) for t in timesteps))
-    unet, vae = pipe.unet, pipe.vae
-    size = unet.config.sample_size
-    shape = (unet.config.in_channels, size, size)
-    negative = Conditioning(encode_prompts(pipe.tokenizer, pipe.text_encoder, [""], unet.device))
-    wanted = set(timesteps)
-    x0_images: dict[int, list[np.ndarray]] = {t: [] for t in timesteps}
-    finals: list[np.ndarray] = []
-    for start in range(0, len(captions), batch_size):
-        caps, sds = captions[start : start + batch_size], seeds[start : start + batch_size]
-        cond = Conditioning(encode_prompts(pipe.tokenizer, pipe.text_encoder, caps, unet.device))
-        latents = initial_noise(sds, shape).to(unet.device, unet.dtype) * pipe.scheduler.init_noise_sigma
-
-        def keep(t: int, x0: torch.Tensor) -> None:
-            if t in wanted:
-                x0_images[t].append(to_uint8(decode_latents(vae, x0, chunk_size=batch_size).float().cpu()))
-
-        final = ddim_sample(unet, pipe.scheduler, cond, negative, latents, num_inference_steps=num_inference_steps,
-                            guidance_scale=guidance_scale, on_x0_prediction=keep)
-        finals.append(to_uint8(decode_latents(vae, final, chunk_size=batch_size).float().cpu()))
-    final_scores = score_images(np.concatenate(finals), captions)
-    out: dict[str, Any] = {"images": len(captions), "num_inference_steps": num_inference_steps,
-                           "final": {m: float(getattr(final_scores, m).mean()) for m in _MEASURES}, "by_timestep": {}}
-    for t in timesteps:
-        scores: ImageScores = score_images(np.concatenate(x0_images[t]), captions)
-        out["by_timestep"][str(t)] = {
-            "mean": {m: float(getattr(scores, m).mean()) for m in _MEASURES},
-            "corr_with_final": {m: _pearson(getattr(scores, m), getattr(final_scores, m)) for m in _MEASURES},
-        }
-    return out
+    recorder = X0Recorder(pipe.scheduler, pipe.vae, num_inference_steps, timesteps, chunk_size=batch_size)
+    images = generate_with_pipeline(pipe, captions, seeds, num_inference_steps=num_inference_steps,
+                                    guidance_scale=guidance_scale, batch_size=batch_size, on_x0_prediction=recorder)
+    return recorder.summary(to_uint8(images), captions)
 
 
 def write_aesthetic_labels(pairs: str | Path, out: str | Path) -> Path:

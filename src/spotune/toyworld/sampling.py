@@ -7,6 +7,8 @@ that is what makes a *same-seed* comparison.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from spotune.diffusion.sampler import ddim_sample, decode_latents
@@ -32,6 +34,7 @@ def generate(
     guidance_scale: float = 5.0,
     eta: float = 0.0,
     batch_size: int = 64,
+    on_x0_prediction: Callable[[int, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """Guided DDIM samples of ``captions``, one per seed.
 
@@ -40,6 +43,8 @@ def generate(
         captions, seeds: B captions and B integer seeds.
         eta: DDIM eta (0: deterministic given x_T; > 0 draws step noise from a generator seeded with
             the batch's first seed).
+        on_x0_prediction: called with each step's timestep and [b, C, h, w] x0-prediction latents, batch
+            by batch (e.g. a :class:`spotune.toyworld.properties.X0Recorder`).
     Returns:
         [B, 3, H, W] float32 images in about [-1, 1].
     """
@@ -56,7 +61,7 @@ def generate(
         latents = initial_noise(sds, shape).to(device, unet.dtype) * scheduler.init_noise_sigma
         generator = torch.Generator(device).manual_seed(int(sds[0])) if eta > 0 else None
         x0 = ddim_sample(unet, scheduler, embeds, negative, latents, num_inference_steps=num_inference_steps,
-                         eta=eta, guidance_scale=guidance_scale, generator=generator)
+                         eta=eta, guidance_scale=guidance_scale, generator=generator, on_x0_prediction=on_x0_prediction)
         out.append(decode_latents(vae, x0, chunk_size=batch_size).float().cpu())
     return torch.cat(out)
 

@@ -122,7 +122,9 @@ class DemoConfig:
         "shipped: judge with the packaged SPM (trained with train-spm when the package was made). train: make "
         "preference pairs and train the SPM in this run (much slower).", "shipped")
     spm_checkpoint: str | None = _help("spm=shipped: SPM weights to use instead of the packaged resources/toyworld/spm.", None)
-    threads: int = _help("torch CPU threads.", 2)
+    threads: int = _help(
+        "torch CPU threads; 0: the cores free when each stage starts (a thread waiting for a core that another "
+        "process keeps busy slows torch many times over).", 0)
     seed: int = _help("Seed of the data, the trainings and the evaluation noise.", 0)
     # -- preference data --
     train_pairs: int = _help("spm=train: generic preference pairs on the training prompts (the shipped judge's 4,096).", 4096)
@@ -153,7 +155,7 @@ class DemoConfig:
 
     def validate(self) -> None:
         checks = [
-            (self.threads >= 1, "threads must be >= 1"),
+            (self.threads >= 0, f"threads must be >= 0 (0: the free cores), got threads={self.threads}"),
             (self.train_pairs >= 2 and self.eval_pairs >= 1, "train_pairs must be >= 2 and eval_pairs >= 1"),
             (self.eval_seeds_per_prompt >= 1, "eval_seeds_per_prompt must be >= 1"),
             (self.spm_steps is None or self.spm_steps >= 1, "spm_steps must be >= 1"),
@@ -210,6 +212,10 @@ class StageCache:
     def __init__(self, root: Path) -> None:
         self.root = root
         remove_stale_temporaries(root)  # stage folders a killed demo was building (each can be a whole run)
+
+    def is_built(self, name: str, payload: dict[str, Any]) -> bool:
+        """Whether stage ``name`` with these settings is in the cache (complete)."""
+        return (self.root / f"{name}-{stage_key(name, payload)}" / "stage.json").is_file()
 
     def get_or_build(self, name: str, payload: dict[str, Any], build: Callable[[Path], dict[str, Any]]) -> StageRecord:
         """Reuse ``root/<name>-<key>`` if complete, else run ``build(tmp_folder)`` and rename it into place.
@@ -333,9 +339,21 @@ class Demo:
                 f"cache_dir=FOLDER (or set ${CACHE_ENV}) to a writable folder"
             ) from None
 
+    def _set_threads(self) -> None:
+        """torch's CPU threads for what comes next: ``threads``, or the cores free now; said when it changes."""
+        from spotune.utils.cpu import choose_threads
+
+        choice = choose_threads(self.cfg.threads)
+        if choice.threads != getattr(self, "_threads", None):
+            print(f"spotune demo: {choice.reason}", flush=True)
+            torch.set_num_threads(choice.threads)
+            self._threads = choice.threads
+
     # -- stages -------------------------------------------------------------------------------------
     def _stage(self, name: str, payload: dict[str, Any], build: Callable[[Path], dict[str, Any]]) -> StageRecord:
         print(f"\n== {name} ==", flush=True)
+        if self.cfg.threads == 0 and not self.cache.is_built(name, payload):
+            self._set_threads()  # the machine's load may have changed since the last stage
         try:
             record = self.cache.get_or_build(name, payload, build)
         except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: the command's line names the stage
@@ -451,7 +469,7 @@ class Demo:
 
         t_start = time.perf_counter()
         self.check()
-        torch.set_num_threads(self.cfg.threads)
+        self._set_threads()
         _quiet_libraries()
         base_key = digest_files(self.base_dir)
         print(f"spotune demo: base model {self.base_dir}, cache {self.cache.root}", flush=True)
@@ -489,6 +507,8 @@ class Demo:
                                                       extra=self.study_extra(method))
 
         print("\n== evaluation ==", flush=True)
+        if self.cfg.threads == 0:
+            self._set_threads()
         t0 = time.perf_counter()
         results = self.evaluate(judge_clip, spm_path, runs)
         eval_seconds = time.perf_counter() - t0

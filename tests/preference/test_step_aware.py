@@ -150,7 +150,9 @@ class _RunsCodeWhenUnpickled:
 def test_pickled_code_is_refused_not_run(clip_dir, tmp_path):
     file = tmp_path / "evil.bin"
     file.write_bytes(pickle.dumps({"model.logit_scale": _RunsCodeWhenUnpickled()}, protocol=2))
-    with pytest.raises(JudgeLoadError, match="evil.bin"):
+    from spotune.utils.pickles import UnsafePickleError
+
+    with pytest.raises(UnsafePickleError, match="evil.bin holds more than tensors .* loads only weights-only pickles"):
         StepAwarePreferenceModel.from_pretrained(clip_dir, checkpoint=file)
     assert _RunsCodeWhenUnpickled.ran == []
 

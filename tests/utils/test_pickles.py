@@ -43,3 +43,15 @@ def test_a_damaged_file_keeps_torchs_error_for_the_caller_to_name(tmp_path):
 def test_no_other_module_calls_torch_load():
     callers = [str(p.relative_to(SRC)) for p in SRC.rglob("*.py") if re.search(r"\btorch\.load\(", p.read_text())]
     assert callers == ["utils/pickles.py"]
+
+
+def test_a_damaged_file_is_one_line_without_advice_to_unpickle_it_unsafely(tmp_path):
+    from spotune.utils.pickles import DamagedPickleError
+
+    broken = tmp_path / "broken.ckpt"
+    broken.write_bytes(b"\x00garbage" * 64)
+    with pytest.raises(DamagedPickleError) as info:
+        load_weights_only(broken)
+    message = str(info.value)
+    assert message.startswith(f"{broken} is damaged, truncated or not a torch checkpoint (unpickling failed: ")
+    assert "\n" not in message and "weights_only" not in message and "holds more than tensors" not in message

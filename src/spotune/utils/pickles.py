@@ -25,19 +25,34 @@ class UnsafePickleError(SpotuneError, ValueError):
     """A pickle that holds more than tensors: loading it would run code named in the file."""
 
 
+class DamagedPickleError(SpotuneError, ValueError):
+    """A file torch cannot unpickle at all: damaged, truncated, or no torch checkpoint."""
+
+
+# torch wraps every failure of a weights-only load in the same long text; the refusal of an object names a
+# global ("Unsupported global: ..."), while a damaged file fails on its bytes ("Unsupported operand 110").
+_REFUSED_OBJECT = "Unsupported global"
+_UNPICKLER_REASON_RE = re.compile(r"WeightsUnpickler error:\s*(.+?)(?:\n|$)")
+
+
 def load_weights_only(path: str | Path, map_location: Any = "cpu", **kwargs: Any) -> Any:
     """``torch.load(path, map_location, weights_only=True, **kwargs)``.
 
     Raises:
         UnsafePickleError: the file pickles Python objects besides tensors, naming the file, the first such
             object when torch names it, and how to convert a trusted file to safetensors.
-        Exception: whatever torch raises for a damaged or truncated file (callers name the file).
+        DamagedPickleError: torch could not unpickle the file's bytes (one line naming the file and why).
+        Exception: whatever else torch raises for a damaged or truncated file (callers name the file).
     """
     try:
         return torch.load(path, map_location=map_location, weights_only=True, **kwargs)
     except pickle.UnpicklingError as exc:
-        if "Weights only load failed" not in str(exc):
-            raise  # not a refused object: a damaged file, reported by the caller
+        if _REFUSED_OBJECT not in str(exc):  # the bytes themselves are broken: no advice about weights_only
+            found = _UNPICKLER_REASON_RE.search(str(exc))
+            reason = found.group(1).strip() if found else " ".join(str(exc).split())[:200]
+            raise DamagedPickleError(
+                f"{path} is damaged, truncated or not a torch checkpoint (unpickling failed: {reason})"
+            ) from None
         found = _GLOBAL_RE.search(str(exc))
         what = f"pickled Python objects, e.g. {found.group(1)}" if found else "pickled Python objects"
         raise UnsafePickleError(

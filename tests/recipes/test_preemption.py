@@ -15,10 +15,11 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from spotune.checkpoint import list_checkpoints, read_state
 from spotune.cli import main
-from spotune.utils.preemption import PREEMPTED_EXIT, PreemptionWatch
+from spotune.utils.preemption import PREEMPTED_EXIT, PreemptionWatch, ignore_stop_signals
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "configs" / "tiny_cpu.yaml"
@@ -36,6 +37,22 @@ def _spotune(*args: str, code: str | None = None) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def _signal_after_first_checkpoint(proc: subprocess.Popen, run: Path, group: bool = False) -> tuple[str, str]:
+    """SIGTERM ``proc`` (``group``: its whole process group) once ``run`` holds a checkpoint, as a scheduler
+    would mid-run; returns its (stdout, stderr)."""
+    try:
+        deadline = time.monotonic() + 240
+        while not list_checkpoints(run) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if group:
+            os.killpg(proc.pid, signal.SIGTERM)
+        else:
+            proc.send_signal(signal.SIGTERM)
+        return proc.communicate(timeout=240)
+    finally:
+        proc.kill()
+
+
 def test_watch_defers_the_signal_to_the_loop_and_restores_the_handler():
     before = signal.getsignal(signal.SIGTERM)
     with PreemptionWatch(grace_s=0) as watch:
@@ -51,14 +68,7 @@ def test_an_external_sigterm_stops_the_cli_with_a_checkpoint_and_resume_continue
     """The real path: another process (the scheduler) sends SIGTERM to a running `spotune train`."""
     out = tmp_path / "run"
     proc = _spotune("train", "--config", str(CONFIG), f"output_dir={out}", *FAST, "max_iterations=18", "checkpoint_every=1")
-    try:
-        deadline = time.monotonic() + 240
-        while not list_checkpoints(out) and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.2)
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=240)
-    finally:
-        proc.kill()
+    _, err = _signal_after_first_checkpoint(proc, out)
     assert proc.returncode == PREEMPTED_EXIT, err[-3000:]
     lines = [line for line in err.splitlines() if line.startswith("spotune train:")]
     assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
@@ -103,3 +113,76 @@ def test_a_checkpoint_not_finished_within_the_grace_keeps_the_previous_one(tmp_p
     assert main(["train", "--config", str(CONFIG), f"output_dir={out}", *FAST, "max_iterations=3",
                  "checkpoint_every=1", "resume=latest"]) == 0
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["iter-00000001", "iter-00000002", "iter-00000003"]
+
+
+@pytest.mark.slow
+def test_the_slurm_script_requeues_on_sigterm_and_the_next_start_resumes(tmp_path):
+    """examples/slurm/train_spo.sbatch as SLURM runs it: SIGTERM to the batch shell (--signal=B:TERM) reaches
+    the training, which checkpoints; the script requeues the job (scontrol, recorded here) and exits 0; the
+    requeued start finds the checkpoint and continues from it."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'scontrol.log'}\n")
+    scontrol.chmod(0o755)
+    out = tmp_path / "run"
+    env = {**ENV, "PATH": f"{bin_dir}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "SLURM_JOB_ID": "4242", "NPROC": "1", "CONFIG": str(CONFIG), "RUN": str(out), "GRACE": "60"}
+    script = [str(ROOT / "examples" / "slurm" / "train_spo.sbatch"), *FAST, "checkpoint_every=1"]
+    proc = subprocess.Popen(["bash", *script, "max_iterations=18"], env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stdout, err = _signal_after_first_checkpoint(proc, out)
+    assert proc.returncode == 0, stdout + err[-3000:]
+    assert "preempted; requeueing job 4242" in stdout and "spotune train: preempted (SIGTERM)" in err
+    assert (tmp_path / "scontrol.log").read_text() == "requeue 4242\n"
+    done = read_state(list_checkpoints(out)[-1])["iteration"]
+
+    rerun = subprocess.run(["bash", *script, f"max_iterations={done + 1}"], env=env, cwd=ROOT,
+                           capture_output=True, text=True, timeout=240)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr[-3000:]
+    assert (out / f"config.resumed-{done:08d}.yaml").is_file()
+    assert read_state(list_checkpoints(out)[-1])["iteration"] == done + 1
+
+
+class _SlowItems(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 64
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        time.sleep(0.01)
+        return torch.tensor([i])
+
+
+@pytest.mark.parametrize("init, survives", [(None, False), (ignore_stop_signals, True)])
+def test_data_workers_leave_a_sigterm_to_the_main_process(init, survives):
+    """A SIGTERM to the process group reaches DataLoader workers too; one it kills fails the next batch."""
+    loader = torch.utils.data.DataLoader(_SlowItems(), batch_size=4, num_workers=1, worker_init_fn=init)
+    batches = iter(loader)
+    next(batches)
+    for worker in batches._workers:
+        os.kill(worker.pid, signal.SIGTERM)
+    time.sleep(0.5)
+    if survives:
+        assert sum(1 for _ in batches) == 15
+    else:
+        with pytest.raises(RuntimeError, match="exited unexpectedly"):
+            list(batches)
+
+
+@pytest.mark.slow
+def test_a_sigterm_to_the_whole_process_group_leaves_train_spm_a_checkpoint(tmp_path):
+    """A scheduler that signals the process group: train-spm (its data workers ignore it) finishes its optimizer
+    step and checkpoints."""
+    from spotune.data.pickapic import synthetic_pairs, write_pairs_parquet
+
+    pairs = write_pairs_parquet(tmp_path / "train.parquet", *synthetic_pairs(8, 32, seed=0))
+    out = tmp_path / "spm"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "spotune.cli", "train-spm", "--config", str(ROOT / "configs" / "tiny_spm.yaml"),
+         f"output_dir={out}", f"train_data={pairs}", "guidance_scale=1.0", "progress=false", "log_with=none",
+         "num_workers=1", "max_steps=200", "checkpoint_every=1", "eval_every=0", "eval_at_start=false"],
+        env=ENV, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    _, err = _signal_after_first_checkpoint(proc, out, group=True)
+    assert proc.returncode == PREEMPTED_EXIT, err[-3000:]
+    assert "Traceback" not in err and "spotune train-spm: preempted (SIGTERM) at optimizer step " in err, err[-3000:]
+    assert read_state(list_checkpoints(out)[-1])["optimizer_step"] >= 1

@@ -253,7 +253,7 @@ def test_the_demo_trains_at_the_settings_the_study_chose(tmp_path, monkeypatch):
     assert make("spo_iterations=5").study_extra("trajectory") == {"learning_rate": 1e-4}
     assert make("study_settings=false").study_extra("spo") == {}
     seen = {}
-    monkeypatch.setattr(demo_mod.Demo, "_stage", lambda self, name, payload, build: seen.setdefault(name, payload))
+    monkeypatch.setattr(demo_mod.Demo, "_stage", lambda self, name, payload, build, **kw: seen.setdefault(name, payload))
     d = make()
     d.spo_stage("spo", "base", tmp_path, "clip", tmp_path / "spm", "spm", "spo", extra=d.study_extra("spo"))
     assert seen["spo"]["config"]["learning_rate"] == 3e-4 and seen["spo"]["config"]["max_iterations"] == 20
@@ -296,7 +296,7 @@ def test_spo_stage_keys_leave_out_the_gradspo_settings(tmp_path, monkeypatch):
     from spotune.toyworld import demo as demo_mod
 
     seen = {}
-    monkeypatch.setattr(demo_mod.Demo, "_stage", lambda self, name, payload, build: seen.setdefault(name, payload))
+    monkeypatch.setattr(demo_mod.Demo, "_stage", lambda self, name, payload, build, **kw: seen.setdefault(name, payload))
     d = demo_mod.Demo(load_config(demo_mod.DemoConfig, None, [f"cache_dir={tmp_path}"]))
     for method in ("spo", "trajectory", "gradspo"):
         d.spo_stage(method, "base", tmp_path, "clip", tmp_path / "spm", "spm", method)

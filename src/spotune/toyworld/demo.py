@@ -217,10 +217,13 @@ class StageCache:
         """Whether stage ``name`` with these settings is in the cache (complete)."""
         return (self.root / f"{name}-{stage_key(name, payload)}" / "stage.json").is_file()
 
-    def get_or_build(self, name: str, payload: dict[str, Any], build: Callable[[Path], dict[str, Any]]) -> StageRecord:
+    def get_or_build(self, name: str, payload: dict[str, Any], build: Callable[[Path], dict[str, Any]],
+                     resumable: bool = False) -> StageRecord:
         """Reuse ``root/<name>-<key>`` if complete, else run ``build(tmp_folder)`` and rename it into place.
 
         ``build`` fills the temporary folder and returns a JSON-able summary, stored in ``stage.json``.
+        ``resumable``: ``build`` continues what an interrupted build left in the folder (a training run's
+        checkpoints), so a Ctrl-C or SIGTERM keeps the folder for the next run; otherwise it is removed.
         """
         key = stage_key(name, payload)
         folder = self.root / f"{name}-{key}"
@@ -231,9 +234,9 @@ class StageCache:
         if folder.exists():  # an interrupted build left a folder without stage.json
             shutil.rmtree(folder)
         t0 = time.perf_counter()
-        # Built under a fixed name that a Ctrl-C or SIGTERM leaves in place: a training stage's run folder
+        # A training stage is built under a fixed name that a Ctrl-C or SIGTERM leaves in place: its run folder
         # keeps its checkpoints there, and the next demo resumes it (resume_settings).
-        with atomic_directory(folder, resumable_as=self.partial_folder(name, key)) as tmp:
+        with atomic_directory(folder, resumable_as=self.partial_folder(name, key) if resumable else None) as tmp:
             summary = build(tmp)
             seconds = time.perf_counter() - t0
             atomic_write_json(tmp / "stage.json", {"stage": name, "key": key, "payload": payload,
@@ -350,12 +353,13 @@ class Demo:
             self._threads = choice.threads
 
     # -- stages -------------------------------------------------------------------------------------
-    def _stage(self, name: str, payload: dict[str, Any], build: Callable[[Path], dict[str, Any]]) -> StageRecord:
+    def _stage(self, name: str, payload: dict[str, Any], build: Callable[[Path], dict[str, Any]],
+               resumable: bool = False) -> StageRecord:
         print(f"\n== {name} ==", flush=True)
         if self.cfg.threads == 0 and not self.cache.is_built(name, payload):
             self._set_threads()  # the machine's load may have changed since the last stage
         try:
-            record = self.cache.get_or_build(name, payload, build)
+            record = self.cache.get_or_build(name, payload, build, resumable=resumable)
         except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: the command's line names the stage
             exc.demo_stage = name
             raise
@@ -423,7 +427,7 @@ class Demo:
                 batch_size=template.eval_batch_size)
             return summary
 
-        return self._stage("spm", payload, build)
+        return self._stage("spm", payload, build, resumable=True)
 
     def spo_stage(self, name: str, base_key: str, judge_clip: Path, judge_key: str, spm_path: Path, spm_key: str,
                   method: str, extra: dict[str, Any] | None = None) -> StageRecord:
@@ -461,7 +465,7 @@ class Demo:
             metrics = run_train_spo(config)
             return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
 
-        return self._stage(name, payload, build)
+        return self._stage(name, payload, build, resumable=True)
 
     # -- the whole chain ------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:

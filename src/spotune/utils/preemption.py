@@ -190,3 +190,14 @@ def signals_held() -> Iterator[None]:
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """A DataLoader ``worker_init_fn``: the worker ignores Ctrl-C, SIGTERM and SIGUSR1.
+
+    A scheduler (or a terminal) may signal the whole process group. A worker killed by it would make the
+    training's next batch fail before the loop reaches its safe point; the main process decides instead, and
+    ends its workers itself when it stops.
+    """
+    for s in (signal.SIGINT, *PREEMPT_SIGNALS):
+        signal.signal(s, signal.SIG_IGN)

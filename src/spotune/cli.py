@@ -77,17 +77,26 @@ def debug_requested(args: argparse.Namespace) -> bool:
 
 
 def run_tool(program: str, run: Callable[[list[str]], int], argv: list[str] | None = None) -> int:
-    """The ``main`` of a ``python -m spotune...`` tool: bad input is one line on stderr and exit code 1.
+    """The ``main`` of a ``python -m spotune...`` tool: bad input is one line on stderr and exit code 1; Ctrl-C
+    (130) and SIGTERM / SIGUSR1 (143) one line too (a training inside it checkpoints first, as ``train`` does).
 
     ``--debug`` anywhere in ``argv`` (it is removed before ``run`` parses the rest) or ``SPOTUNE_DEBUG``
     gives the full traceback instead, as for ``spotune`` itself.
     """
     from spotune.errors import SpotuneError
+    from spotune.utils import preemption
 
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or debug_requested(argparse.Namespace())
+    preemption.program = program
     try:
-        return int(run([arg for arg in args if arg != "--debug"]) or 0)
+        with preemption.terminate_on_signals():  # SIGTERM / SIGUSR1 end it as Ctrl-C does, exit 143
+            return int(run([arg for arg in args if arg != "--debug"]) or 0)
+    except KeyboardInterrupt as exc:
+        if debug:
+            raise
+        print(f"{program}: {interruption_line('', exc)}", file=sys.stderr)
+        return getattr(exc, "exit_code", INTERRUPTED_EXIT)
     except SpotuneError as exc:
         if debug:
             raise

@@ -61,3 +61,21 @@ def test_pickscore_missing_clip_is_one_line(capsys, tmp_path, monkeypatch):
     monkeypatch.delenv("SPOTUNE_DEBUG", raising=False)
     assert pickscore.main([str(tmp_path / "no-clip"), str(tmp_path), str(tmp_path / "out")]) == 1
     assert "does not exist" in _one_error_line(capsys, "pickscore")
+
+
+def test_a_sigterm_ends_a_tool_with_one_line_and_exit_143(capsys, monkeypatch):
+    import os
+    import signal
+    import time
+
+    from spotune.cli import run_tool
+
+    monkeypatch.delenv("SPOTUNE_DEBUG", raising=False)
+
+    def terminated(argv):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises before this ends
+        return 0
+
+    assert run_tool("python -m spotune.toyworld.pretrain", terminated, []) == 143
+    assert capsys.readouterr().err == "python -m spotune.toyworld.pretrain: terminated by SIGTERM\n"

@@ -1,5 +1,6 @@
 """SIGTERM / SIGUSR1 as a scheduler sends them: a training run checkpoints where it stands and exits 143;
-one that cannot finish its checkpoint within preempt_grace_s keeps the previous one; the watch itself.
+one that cannot finish its checkpoint within preempt_grace_s keeps the previous one; the SLURM script
+requeues and resumes; a signal to the whole process group; the watch itself.
 
 The bit-exact resumes after a SIGTERM are tested beside each recipe's own resume tests (test_train_spo,
 test_train_sdxl, test_train_gradspo, test_train_spm) and for two processes in test_accelerate_launch.
@@ -63,25 +64,6 @@ def test_watch_defers_the_signal_to_the_loop_and_restores_the_handler():
     assert signal.getsignal(signal.SIGTERM) is before
 
 
-@pytest.mark.slow
-def test_an_external_sigterm_stops_the_cli_with_a_checkpoint_and_resume_continues(tmp_path, capsys):
-    """The real path: another process (the scheduler) sends SIGTERM to a running `spotune train`."""
-    out = tmp_path / "run"
-    proc = _spotune("train", "--config", str(CONFIG), f"output_dir={out}", *FAST, "max_iterations=18", "checkpoint_every=1")
-    _, err = _signal_after_first_checkpoint(proc, out)
-    assert proc.returncode == PREEMPTED_EXIT, err[-3000:]
-    lines = [line for line in err.splitlines() if line.startswith("spotune train:")]
-    assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
-    newest = list_checkpoints(out)[-1]
-    assert lines[0].startswith("spotune train: preempted (SIGTERM) ") and str(newest) in lines[0]
-    assert lines[0].endswith(f"continue with resume=latest output_dir={out}")
-    done = read_state(newest)["iteration"]
-    assert 1 <= done < 18
-    assert main(["train", "--config", str(CONFIG), f"output_dir={out}", *FAST, f"max_iterations={done + 1}",
-                 "checkpoint_every=1", "resume=latest"]) == 0
-    assert read_state(list_checkpoints(out)[-1])["iteration"] == done + 1
-
-
 # Writing iteration 2's LoRA takes 60 s in this process, and a SIGTERM arrives as it starts.
 SLOW_SECOND_CHECKPOINT = """
 import os, signal, time
@@ -133,9 +115,14 @@ def test_the_slurm_script_requeues_on_sigterm_and_the_next_start_resumes(tmp_pat
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     stdout, err = _signal_after_first_checkpoint(proc, out)
     assert proc.returncode == 0, stdout + err[-3000:]
-    assert "preempted; requeueing job 4242" in stdout and "spotune train: preempted (SIGTERM)" in err
+    assert "preempted; requeueing job 4242" in stdout
     assert (tmp_path / "scontrol.log").read_text() == "requeue 4242\n"
-    done = read_state(list_checkpoints(out)[-1])["iteration"]
+    newest = list_checkpoints(out)[-1]
+    done = read_state(newest)["iteration"]
+    assert 1 <= done < 18
+    (line,) = [line for line in err.splitlines() if line.startswith("spotune train:")]  # the training's one line
+    assert "Traceback" not in err and line.startswith("spotune train: preempted (SIGTERM) ") and str(newest) in line
+    assert line.endswith(f"continue with resume=latest output_dir={out}")
 
     rerun = subprocess.run(["bash", *script, f"max_iterations={done + 1}"], env=env, cwd=ROOT,
                            capture_output=True, text=True, timeout=240)
@@ -155,18 +142,16 @@ class _SlowItems(torch.utils.data.Dataset):
 
 @pytest.mark.parametrize("init, survives", [(None, False), (ignore_stop_signals, True)])
 def test_data_workers_leave_a_sigterm_to_the_main_process(init, survives):
-    """A SIGTERM to the process group reaches DataLoader workers too; one it kills fails the next batch."""
+    """A SIGTERM to the process group reaches DataLoader workers too; the training's loaders' workers survive it."""
     loader = torch.utils.data.DataLoader(_SlowItems(), batch_size=4, num_workers=1, worker_init_fn=init)
     batches = iter(loader)
     next(batches)
-    for worker in batches._workers:
-        os.kill(worker.pid, signal.SIGTERM)
-    time.sleep(0.5)
-    if survives:
+    (worker,) = batches._workers
+    os.kill(worker.pid, signal.SIGTERM)
+    worker.join(timeout=2)
+    assert worker.is_alive() == survives
+    if survives:  # and it goes on serving batches (a dead one fails the loader's next batch)
         assert sum(1 for _ in batches) == 15
-    else:
-        with pytest.raises(RuntimeError, match="exited unexpectedly"):
-            list(batches)
 
 
 @pytest.mark.slow

@@ -430,6 +430,7 @@ class SPMTrainer:
                 if done:
                     break
                 if self.preemption.stop_here(acc):
+                    bar.close()
                     stop_for_preemption(self)
             else:
                 self.epoch += 1

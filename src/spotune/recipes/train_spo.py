@@ -270,6 +270,7 @@ class SPOTrainer:
             if self.preemption.stop_here(acc):
                 # Sampling changed nothing a checkpoint holds (its noise is seeded by the iteration), so the
                 # iteration is given up here: the checkpoint of the state before it resumes bit-exactly.
+                bar.close()
                 stop_for_preemption(self, abandoned=True)
             train_stats = self.train_on_pairs(result.pairs)
             t2 = time.perf_counter()
@@ -290,6 +291,7 @@ class SPOTrainer:
             if epoch_done and cfg.validate_every_epochs and epochs_done % cfg.validate_every_epochs == 0:
                 self.validate(epochs_done)
             if not run_done and self.preemption.stop_here(acc):
+                bar.close()
                 stop_for_preemption(self)
         bar.close()
         if cfg.validate_every_epochs and self.iteration < self.iterations_per_epoch and metrics:

@@ -134,6 +134,8 @@ CASES = [
     Case("train-config-with-bom", [*TRAIN[:1], "--config", "{tmp}/bom.yaml", "--print-config"], ("seed: 7",),
          code=0, setup=bom_config),
     # train-spm
+    Case("train-output-symlink-loop", [*TRAIN, "output_dir={tmp}/loop"],
+         (f"{{tmp}}/loop {LOOP}", "output_dir=FOLDER"), absent=("Errno",), setup=symlink_loop),
     Case("train-spm-resume-latest-without-checkpoint",
          [*TRAIN_SPM, "train_data={tmp}/pairs.parquet", "output_dir={tmp}/run", "resume=latest"],
          ("resume=latest: no checkpoint was written in {tmp}/run", "overwrite=true"), setup=run_without_checkpoint),

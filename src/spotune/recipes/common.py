@@ -14,6 +14,7 @@ from spotune.checkpoint import checkpoint_name, list_checkpoints, resolve_checkp
 from spotune.config import ConfigError
 from spotune.errors import RunInterrupted, SpotuneError, Terminated
 from spotune.utils.io import remove_stale_temporaries
+from spotune.utils.paths import resolve_user_path
 from spotune.utils.preemption import DEFAULT_GRACE_S, PreemptionWatch
 from spotune.utils.run_lock import RunLock, RunLockedError
 
@@ -146,6 +147,7 @@ def open_run_folder(
     from accelerate import PartialState
 
     output_dir = Path(output_dir)
+    resolve_user_path(output_dir, "output_dir=FOLDER")  # a symbolic-link loop is one line, not the lock's OSError
     state = PartialState(cpu=not torch.cuda.is_available())
     lock, error = None, None
     if state.is_main_process:

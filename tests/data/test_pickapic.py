@@ -141,6 +141,10 @@ def test_bad_labels_and_captions_name_the_row(tmp_path):
     pq.write_table(table.set_column(0, "caption", pa.array(captions, pa.string())), tmp_path / "nocap.parquet")
     with pytest.raises(PairDataError, match=r"nocap\.parquet row 1: caption is None"):
         PickAPicPairs(tmp_path / "nocap.parquet")
+    captions[1] = "a red\x00 circle"
+    pq.write_table(table.set_column(0, "caption", pa.array(captions, pa.string())), tmp_path / "nul.parquet")
+    with pytest.raises(PairDataError, match=r"nul\.parquet row 1: caption holds a NUL character \(\\x00\) at character 6"):
+        PickAPicPairs(tmp_path / "nul.parquet")
 
 
 def test_undecodable_image_is_reported_with_file_row_and_column(tmp_path):

@@ -307,6 +307,9 @@ class PickAPicPairs(torch.utils.data.Dataset):
                 caption = cols["caption"][row]
                 if not isinstance(caption, str):
                     raise PairDataError(f"{where}: caption is {caption!r}, expected a string")
+                if "\x00" in caption:  # as in prompt files: a broken export, not a caption
+                    raise PairDataError(f"{where}: caption holds a NUL character (\\x00) at character "
+                                        f"{caption.index(chr(0)) + 1}; a caption is plain text: remove it")
                 pair = (cols["label_0"][row], cols["label_1"][row])
                 try:
                     pair = (float(pair[0]), float(pair[1]))

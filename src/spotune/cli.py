@@ -123,7 +123,7 @@ def interruption_line(command: str, exc: KeyboardInterrupt) -> str:
         return str(exc)
     note = INTERRUPTED_NOTES.get(command, "interrupted")
     if isinstance(exc, Terminated):
-        return f"{note.replace('interrupted', f'terminated by {exc.signal_name}', 1)}"
+        return note.replace("interrupted", f"terminated by {exc.signal_name}", 1)
     return note
 
 
@@ -141,7 +141,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     _quiet_third_party()
     from spotune.errors import SpotuneError
-
     from spotune.utils import preemption
 
     prefix = f"spotune {args.command}"

@@ -291,6 +291,7 @@ class Demo:
 
         self.shipped_spm = Path(config.spm_checkpoint) if config.spm_checkpoint else res / "spm" / SHIPPED_SPM_WEIGHTS
         self.records: dict[str, StageRecord] = {}
+        self._threads: int | None = None  # torch's CPU threads as last set (threads=0 chooses them per stage)
 
     # -- checks -------------------------------------------------------------------------------------
     def check(self) -> None:
@@ -347,7 +348,7 @@ class Demo:
         from spotune.utils.cpu import choose_threads
 
         choice = choose_threads(self.cfg.threads)
-        if choice.threads != getattr(self, "_threads", None):
+        if choice.threads != self._threads:
             print(f"spotune demo: {choice.reason}", flush=True)
             torch.set_num_threads(choice.threads)
             self._threads = choice.threads

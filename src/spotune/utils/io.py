@@ -255,7 +255,7 @@ def atomic_directory(path: str | Path, resumable_as: str | Path | None = None) -
     path.parent.mkdir(parents=True, exist_ok=True)
     if resumable_as is not None:
         tmp = Path(resumable_as)
-        tmp.mkdir(mode=0o777 & ~current_umask(), exist_ok=True)
+        tmp.mkdir(exist_ok=True)  # mkdir applies the umask itself
     else:
         tmp = make_temp_dir(path)
     try:

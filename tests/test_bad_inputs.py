@@ -136,6 +136,11 @@ CASES = [
     # train-spm
     Case("train-output-symlink-loop", [*TRAIN, "output_dir={tmp}/loop"],
          (f"{{tmp}}/loop {LOOP}", "output_dir=FOLDER"), absent=("Errno",), setup=symlink_loop),
+    Case("train-negative-preempt-grace", [*TRAIN, "output_dir={tmp}/run", "preempt_grace_s=-1"],
+         ("preempt_grace_s must be >= 0 (0: no limit), got preempt_grace_s=-1.0",)),
+    Case("train-spm-negative-preempt-grace",
+         [*TRAIN_SPM, "train_data={tmp}/pairs.parquet", "output_dir={tmp}/run", "preempt_grace_s=-5"],
+         ("preempt_grace_s must be >= 0 (0: no limit), got preempt_grace_s=-5.0",)),
     Case("train-spm-resume-latest-without-checkpoint",
          [*TRAIN_SPM, "train_data={tmp}/pairs.parquet", "output_dir={tmp}/run", "resume=latest"],
          ("resume=latest: no checkpoint was written in {tmp}/run", "overwrite=true"), setup=run_without_checkpoint),
@@ -172,6 +177,8 @@ CASES = [
     Case("export-lora-pickle-with-objects", export("{tmp}/lora.pt", "{tmp}/x.safetensors"),
          ("{tmp}/lora.pt", *NOT_WEIGHTS), setup=pickle_with_an_object("lora.pt"), absent=("will likely succeed",)),
     # demo
+    Case("demo-negative-threads", ["demo", "--output", "{tmp}/report", "threads=-1"],
+         ("threads must be >= 0 (0: the free cores), got threads=-1",)),
     Case("demo-negative-seed", ["demo", "--output", "{tmp}/report", "seed=-1"], ("seed must be >= 0, got seed=-1",)),
     Case("demo-output-symlink-loop", ["demo", "--output", "{tmp}/loop"], (f"{{tmp}}/loop {LOOP}", "--output"),
          setup=symlink_loop),

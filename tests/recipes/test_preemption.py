@@ -171,3 +171,10 @@ def test_a_sigterm_to_the_whole_process_group_leaves_train_spm_a_checkpoint(tmp_
     assert proc.returncode == PREEMPTED_EXIT, err[-3000:]
     assert "Traceback" not in err and "spotune train-spm: preempted (SIGTERM) at optimizer step " in err, err[-3000:]
     assert read_state(list_checkpoints(out)[-1])["optimizer_step"] >= 1
+
+
+def test_the_slurm_script_names_a_bad_process_count():
+    script = str(ROOT / "examples" / "slurm" / "train_spo.sbatch")
+    for name, value in (("NPROC", "four"), ("NPROC", "0"), ("GRACE", "1m")):
+        proc = subprocess.run(["bash", script], env={**ENV, name: value}, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2 and proc.stderr.startswith(f"train_spo.sbatch: {name}={value} is not a "), proc.stderr

@@ -20,7 +20,7 @@ import torch
 
 from spotune.checkpoint import list_checkpoints, read_state
 from spotune.cli import main
-from spotune.utils.preemption import PREEMPTED_EXIT, PreemptionWatch, ignore_stop_signals
+from spotune.utils.preemption import PREEMPTED_EXIT, PreemptionWatch, data_worker_options, ignore_stop_signals
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "configs" / "tiny_cpu.yaml"
@@ -140,18 +140,32 @@ class _SlowItems(torch.utils.data.Dataset):
         return torch.tensor([i])
 
 
-@pytest.mark.parametrize("init, survives", [(None, False), (ignore_stop_signals, True)])
-def test_data_workers_leave_a_sigterm_to_the_main_process(init, survives):
-    """A SIGTERM to the process group reaches DataLoader workers too; the training's loaders' workers survive it."""
-    loader = torch.utils.data.DataLoader(_SlowItems(), batch_size=4, num_workers=1, worker_init_fn=init)
-    batches = iter(loader)
-    next(batches)
+def _slow_start(worker_id: int) -> None:
+    """The worker's own start-up takes a second before it ignores the stop signals: the window a group signal
+    can fall into."""
+    time.sleep(1.0)
+    ignore_stop_signals(worker_id)
+
+
+@pytest.mark.parametrize("held, survives", [(False, False), (True, True)])
+def test_data_workers_leave_a_sigterm_to_the_main_process_even_while_they_start(held, survives):
+    """A SIGTERM to the process group reaches DataLoader workers too, also one that is still starting. Workers made
+    with data_worker_options start with the stop signals held, so it waits and is then ignored; a worker that only
+    ignores them once its init function runs dies of it."""
+    options = data_worker_options(1) if held else {}
+    loader = torch.utils.data.DataLoader(_SlowItems(), batch_size=4, num_workers=1,
+                                         **{**options, "worker_init_fn": _slow_start})
+    batches = iter(loader)  # starts the worker
     (worker,) = batches._workers
     os.kill(worker.pid, signal.SIGTERM)
-    worker.join(timeout=2)
-    assert worker.is_alive() == survives
-    if survives:  # and it goes on serving batches (a dead one fails the loader's next batch)
-        assert sum(1 for _ in batches) == 15
+    if not survives:  # torch reports the dead worker in this process as soon as it is gone
+        with pytest.raises(RuntimeError, match="killed by signal|exited unexpectedly"):
+            worker.join(timeout=3)
+            list(batches)
+        return
+    worker.join(timeout=3)
+    assert worker.is_alive()
+    assert sum(1 for _ in batches) == 16  # and it goes on serving batches
 
 
 @pytest.mark.slow

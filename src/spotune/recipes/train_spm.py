@@ -70,7 +70,7 @@ from spotune.recipes.common import (
 from spotune.recipes.resume import check_nothing_lost, check_resume_config, override_learning_rate, write_run_config
 from spotune.utils.io import atomic_directory, atomic_save_safetensors, atomic_write_json, atomic_write_text
 from spotune.utils.lr_schedules import build_lr_scheduler
-from spotune.utils.preemption import NoPreemption, PreemptionWatch, ignore_stop_signals
+from spotune.utils.preemption import NoPreemption, PreemptionWatch, data_worker_options
 
 logger = logging.getLogger(__name__)
 
@@ -317,13 +317,13 @@ class SPMTrainer:
             train_set, batch_size=cfg.train_batch_size, sampler=BlockShuffleSampler(train_set.blocks, cfg.seed),
             collate_fn=collate_pairs,
             num_workers=cfg.num_workers, drop_last=True, pin_memory=acc.device.type == "cuda",
-            worker_init_fn=ignore_stop_signals,  # a signal to the process group is the main process's to handle
+            **data_worker_options(cfg.num_workers),  # a signal to the process group is the main process's to handle
         )
         self.eval_loader = None
         if eval_set is not None:
             self.eval_loader = torch.utils.data.DataLoader(
                 eval_set, batch_size=cfg.eval_batch_size, shuffle=False, collate_fn=collate_pairs,
-                num_workers=cfg.num_workers, worker_init_fn=ignore_stop_signals,
+                num_workers=cfg.num_workers, **data_worker_options(cfg.num_workers),
             )
 
         # -- optimizer and schedule ---------------------------------------------------------------

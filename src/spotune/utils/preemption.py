@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import multiprocessing
 import os
 import signal
 import sys
@@ -197,7 +198,39 @@ def ignore_stop_signals(worker_id: int = 0) -> None:
 
     A scheduler (or a terminal) may signal the whole process group. A worker killed by it would make the
     training's next batch fail before the loop reaches its safe point; the main process decides instead, and
-    ends its workers itself when it stops.
+    ends its workers itself when it stops. Use it through :func:`data_worker_options`, whose workers start with
+    these signals blocked, so that none arrives between the worker's start and this function.
     """
     for s in (signal.SIGINT, *PREEMPT_SIGNALS):
         signal.signal(s, signal.SIG_IGN)
+
+
+def _held_start_classes(method: str) -> tuple[type, type]:
+    """(Process, Context) of start method ``method`` whose ``start`` runs with the stop signals held.
+
+    A new process inherits the blocked set, so a signal to the process group that reaches a DataLoader worker
+    before its ``worker_init_fn`` stays pending, and :func:`ignore_stop_signals` then drops it. torch starts new
+    workers for every pass over the data, so without this the window opens at every epoch. The classes live in
+    this module's namespace, so that a spawned child can unpickle its process object.
+    """
+    name = f"_HeldStart{method.capitalize()}"
+    if name + "Context" not in globals():
+        base = type(multiprocessing.get_context(method))
+
+        def start(self) -> None:
+            with signals_held():
+                super(process, self).start()
+
+        process = type(name + "Process", (base.Process,), {"start": start, "__module__": __name__})
+        context = type(name + "Context", (base,), {"Process": process, "__module__": __name__})
+        globals()[process.__name__], globals()[context.__name__] = process, context
+    return globals()[name + "Process"], globals()[name + "Context"]
+
+
+def data_worker_options(num_workers: int) -> dict:
+    """DataLoader keyword arguments whose workers leave Ctrl-C, SIGTERM and SIGUSR1 to the main process (none
+    without workers: torch refuses a context for in-process loading)."""
+    if num_workers <= 0:
+        return {}
+    _, context = _held_start_classes(multiprocessing.get_start_method())
+    return {"worker_init_fn": ignore_stop_signals, "multiprocessing_context": context()}

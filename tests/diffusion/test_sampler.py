@@ -180,3 +180,29 @@ def test_sampling_unet_evaluations_counts_every_samplers_latent_rows(tiny_pipeli
     assert sampling_unet_evaluations("step", 1, 20, 4, 4) == 65
     with pytest.raises(ValueError, match="unknown sampler"):
         sampling_unet_evaluations("segment", 1, 20, 4, 4)
+
+
+def test_sample_micro_batch_size_splits_the_unet_rows_and_changes_no_result(tiny_pipeline, sdxl):
+    from spotune.diffusion.sampler import RowChunkedUNet
+
+    whole, *_ = _run(tiny_pipeline, RecordingJudge())
+    counting = CountingUNet(tiny_pipeline.unet)
+    split, *_ = _run(tiny_pipeline, RecordingJudge(), unet=RowChunkedUNet(counting, 5))
+    assert max(counting.batches) == 5 and 2 * 4 * 3 in [sum(counting.batches[i:i + 5]) for i in range(len(counting.batches))]
+    # The same pairs and chains; values equal up to floating-point order (smaller GEMMs sum differently).
+    assert torch.equal(split.valid, whole.valid) and torch.equal(split.choices, whole.choices)
+    torch.testing.assert_close(split.final_latents, whole.final_latents, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(split.pairs.latents, whole.pairs.latents, rtol=1e-4, atol=1e-4)
+    # SDXL's pooled embedding and time ids (added_cond_kwargs) are split with the rows.
+    unet = sdxl.unet
+    n = 6
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, unet.config.in_channels, 8, 8, generator=g)
+    t = torch.full((n,), 500)
+    hidden = torch.randn(n, 4, unet.config.cross_attention_dim, generator=g)
+    added = {"text_embeds": torch.randn(n, unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim, generator=g),
+             "time_ids": torch.randn(n, 6, generator=g)}
+    with torch.no_grad():
+        expected = unet(x, t, encoder_hidden_states=hidden, added_cond_kwargs=added).sample
+        got = RowChunkedUNet(unet, 4)(x, t, encoder_hidden_states=hidden, added_cond_kwargs=added).sample
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

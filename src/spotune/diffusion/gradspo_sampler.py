@@ -36,7 +36,14 @@ from diffusers import DDIMScheduler, UNet2DConditionModel
 from diffusers.utils.torch_utils import randn_tensor
 
 from spotune.diffusion.ddim import ddim_posterior, ddim_step_with_logprob, predict_x0_and_eps, previous_timestep
-from spotune.diffusion.sampler import SamplingResult, StepPairs, check_branching_batch, decode_latents, guided_noise_pred
+from spotune.diffusion.sampler import (
+    SamplingResult,
+    StepPairs,
+    _score_in_batches,
+    check_branching_batch,
+    decode_latents,
+    guided_noise_pred,
+)
 from spotune.models.conditioning import Conditioning
 from spotune.preference.protocol import PreferenceModel
 from spotune.preference.select import select_pair
@@ -66,6 +73,7 @@ def gradspo_sample(
     ending: Ending = "sd15",
     generator: torch.Generator | None = None,
     decode_chunk_size: int = 8,
+    judge_batch_size: int | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> SamplingResult:
     """Run GradSPO's step-wise sampling for one batch of prompts (see the module docstring).
@@ -80,6 +88,8 @@ def gradspo_sample(
         ending: ``sd15`` or ``sdxl``, the official sampler whose end of the chain is reproduced (module
             docstring, point 2). ``sdxl`` needs ``divert_start_step <= num_inference_steps - 2``.
         generator: drives all noise and the choice of the continued candidate.
+        decode_chunk_size, judge_batch_size: latents decoded and images scored at once (memory bound; the
+            judge scores all k*b at once when unset), as in :func:`spotune.diffusion.sampler.spo_sample`.
     Returns:
         A :class:`SamplingResult` whose pairs carry ``noise_delta`` [N, C, h, w] float32. ``scores`` [S, k, b]
         and ``valid`` [S, b] per judged step (S = N - divert_start_step, one fewer with the ``sdxl`` ending,
@@ -144,7 +154,7 @@ def gradspo_sample(
             else:
                 x0, _ = predict_x0_and_eps(scheduler, cand_noise, judge_t, cands)
         images = decode_latents(vae, x0, decode_chunk_size)
-        scores = judge.score(images, cand_prompts, judge_t).float().view(k, b)  # [k, b]
+        scores = _score_in_batches(judge, images, cand_prompts, judge_t, judge_batch_size).float().view(k, b)  # [k, b]
         judge_calls += 1
         indices, valid = select_pair(scores, threshold)  # [2, b], [b]
         if last:

@@ -38,7 +38,7 @@ import torch
 from spotune.checkpoint import EMA_FILE, CheckpointError, load_checkpoint_tensors
 from spotune.diffusion.ddim import predict_x0_and_eps
 from spotune.diffusion.gradspo_sampler import gradspo_sample
-from spotune.diffusion.sampler import SamplingResult, StepPairs, guided_noise_pred
+from spotune.diffusion.sampler import SamplingResult, StepPairs, guided_noise_pred, sampling_unet
 from spotune.losses import gradspo_loss
 from spotune.models.lora import adapter_disabled, load_lora_state_dict, lora_state_dict
 from spotune.recipes.common import seed_for
@@ -125,11 +125,12 @@ class GradSPOTrainer(SPOTrainer):
         latents = latents * self.scheduler.init_noise_sigma  # x_T: [b, 4, h, w]
         with acc.autocast():
             return gradspo_sample(
-                self.ema_unet, self.vae, self.scheduler, self.judge, prompts, cond, self.negative, latents,
+                sampling_unet(self.ema_unet, cfg.sample_micro_batch_size), self.vae, self.scheduler, self.judge, prompts,
+                cond, self.negative, latents,
                 num_inference_steps=cfg.num_inference_steps, eta=cfg.eta, guidance_scale=cfg.guidance_scale,
                 divert_start_step=cfg.divert_start_step, num_candidates=cfg.num_samples_per_step,
                 threshold=cfg.preference_threshold, ending=self.sampler_kind, generator=generator,
-                decode_chunk_size=cfg.decode_chunk_size,
+                decode_chunk_size=cfg.decode_chunk_size, judge_batch_size=cfg.judge_batch_size,
             )
 
     # ============================================================================================

@@ -47,6 +47,7 @@ from spotune.diffusion.sampler import (
     ddim_sample,
     decode_latents,
     guided_noise_pred,
+    sampling_unet,
     spo_sample,
     trajectory_sample,
 )
@@ -83,7 +84,7 @@ RESUMABLE_KEYS = frozenset({
     "max_iterations", "num_epochs", "checkpoint_every", "keep_checkpoints", "preempt_grace_s", "log_with", "tracker_project",
     "validate_every_epochs", "num_validation_images", "validation_prompts", "progress", "learning_rate",
     "gradient_checkpointing", "train_micro_batch_size", "decode_chunk_size", "judge_batch_size",
-    "offload_text_encoder", "compile", "compile_backend", "allow_tf32",
+    "sample_micro_batch_size", "offload_text_encoder", "compile", "compile_backend", "allow_tf32",
 })
 
 class SPOTrainer:
@@ -106,6 +107,10 @@ class SPOTrainer:
         self.saved_at: int | None = None  # the iteration of the newest checkpoint this run wrote or resumed from
         # SIGTERM / SIGUSR1 handling of the loop; run_recipe installs a PreemptionWatch around train().
         self.preemption: PreemptionWatch | NoPreemption = NoPreemption()
+        # Where offload_text_encoder parks the text encoders and the cached prompt conditioning: host memory.
+        # ``spotune plan`` points it at the meta device, so what a GPU run would move off the GPU leaves
+        # the memory it counts.
+        self.offload_device = torch.device("cpu")
 
     # ============================================================================================
     # setup
@@ -355,10 +360,10 @@ class SPOTrainer:
         distinct = list(dict.fromkeys(prompts))
         for start in range(0, len(distinct), cfg.sample_batch_size):
             chunk = distinct[start : start + cfg.sample_batch_size]
-            cond = self.conditioner.encode(chunk, acc.device).to("cpu")
+            cond = self.conditioner.encode(chunk, acc.device).to(self.offload_device)
             self._cond_cache.update((prompt, cond.select(i)) for i, prompt in enumerate(chunk))
         for encoder in self.conditioner.text_encoders:
-            encoder.to("cpu")
+            encoder.to(self.offload_device)
         if acc.device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -378,6 +383,7 @@ class SPOTrainer:
         cfg, acc = self.config, self.accelerator
         unet = acc.unwrap_model(self.unet)
         unet.eval()
+        unet = sampling_unet(unet, cfg.sample_micro_batch_size)
         generator = torch.Generator(acc.device).manual_seed(seed_for(cfg.seed, self.iteration, acc.process_index, 1))
         b = len(prompts)
         cond = self._prompt_conditioning(prompts)  # b rows

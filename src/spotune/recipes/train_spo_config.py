@@ -52,6 +52,9 @@ class TrainSPOConfig:
     resolution: int | None = help_field("Image size in pixels, a multiple of the VAE factor (8); the model's native size (SD1.5 512, SDXL 1024) when unset.", None)
     decode_chunk_size: int = help_field(
         "Images decoded by the VAE at once while judging (memory bound); 0 sizes the chunks by free CUDA memory.", 8)
+    sample_micro_batch_size: int | None = help_field(
+        "UNet input rows per call while sampling (memory bound): classifier-free guidance runs 2 rows per latent, "
+        "so the SD1.5 recipe's 40 candidates are 80 rows. Unset: all at once.", None)
     judge_batch_size: int | None = help_field(
         "Images scored by the judge at once (memory bound); unset scores all k x sample_batch_size candidates at once.", None)
     sampler: Literal["auto", "sd15", "sdxl"] = help_field(
@@ -141,6 +144,8 @@ class TrainSPOConfig:
             (self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps must be >= 1"),
             (self.train_micro_batch_size is None or self.train_micro_batch_size >= 1, "train_micro_batch_size must be >= 1 (or unset)"),
             (self.judge_batch_size is None or self.judge_batch_size >= 1, "judge_batch_size must be >= 1 (or unset)"),
+            (self.sample_micro_batch_size is None or self.sample_micro_batch_size >= 1,
+             "sample_micro_batch_size must be >= 1 (or unset)"),
             (self.decode_chunk_size >= 0,
              f"decode_chunk_size must be >= 0 (0: sized by free CUDA memory), got decode_chunk_size={self.decode_chunk_size}"),
             (self.lora_rank >= 1, "lora_rank must be >= 1"),

@@ -19,7 +19,12 @@ SDXL recipe (configs/sdxl_spo.yaml: 2 prompts, k = 2, 3 inner steps, 1024 px, Lo
 in fp16 as the fp16-fix VAE runs).
 
 Without CUDA it runs a proving mode sized for a small CPU (256 px, 1 prompt, k = 2, 4 steps, divert 2,
-bf16; flags below change each), so the full-size code paths run and their FLOPs are counted anywhere.
+bf16 where the CPU has native bf16 (AVX512-BF16 or AMX), else fp32; flags below change each), so the
+full-size code paths run and their FLOPs are counted anywhere.
+
+``--predict`` also runs ``spotune plan``'s prediction of the same config (one iteration on fake tensors)
+and puts it beside the measurement: predicted and measured peak allocated memory, predicted and measured
+seconds per iteration (on CUDA, for the card found in the plan's table by its name).
 
 Per phase (UNet sampling, VAE decode, judge, training forward, reference forward, backward, optimizer,
 other) it reports seconds, counted FLOPs (torch.utils.flop_counter, counted on the first iteration) and
@@ -131,11 +136,28 @@ def _full_overrides(args, cuda: bool) -> list[str]:
         "num_samples_per_step": pick(args.k, paper[2], cpu[2]),
         "num_inference_steps": pick(args.steps, 20, 4),
         "divert_start_step": pick(args.divert, 4, 2),
-        "mixed_precision": pick(args.dtype, "fp16", "bf16"),
+        "mixed_precision": pick(args.dtype, "fp16", cpu_mixed_precision()[0]),
         "preference_threshold": 0.0,
         "prompts": str(prompts) if prompts.is_file() else "builtin:tiny-prompts",
     }
     return [f"{k}={v}" for k, v in settings.items()]
+
+
+def cpu_mixed_precision() -> tuple[str, str]:
+    """The proving mode's precision on this CPU, and why: bf16 only where the CPU computes it natively.
+
+    Without AVX512-BF16 or AMX, bf16 matmuls are emulated and a full-size iteration takes tens of minutes
+    (an fp32 one, minutes), so fp32 (mixed_precision "no") is the default there.
+    """
+    try:
+        flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("flags")), [])
+    except OSError:
+        flags = []
+    native = [flag for flag in ("amx_bf16", "avx512_bf16") if flag in flags]
+    if native:
+        return "bf16", f"bf16: the CPU has {' and '.join(native)}"
+    return "no", "fp32: the CPU has no native bf16 (no avx512_bf16 or amx_bf16 in /proc/cpuinfo)"
 
 
 @contextmanager
@@ -158,6 +180,21 @@ def _random_full_size_models(device: torch.device, family: str = "sd15"):
     with mock.patch("spotune.recipes.train_spo.load_pipeline", load_pipeline), \
             mock.patch("spotune.preference.factory.build_judge", build_judge):
         yield
+
+
+def _predict(config, device: torch.device) -> dict:
+    """``spotune plan``'s report for ``config``, on this CUDA card when the plan's table knows it."""
+    from spotune.plan.gpus import gpu_for_device_name
+    from spotune.plan.predict import predict_iteration
+    from spotune.plan.report import PlanSettings, assess
+
+    settings = PlanSettings()
+    if device.type == "cuda":
+        settings.memory_gib = torch.cuda.get_device_properties(device).total_memory / 2**30
+        settings.gpu = gpu_for_device_name(torch.cuda.get_device_name(device), settings.memory_gib)
+    card = int(settings.memory_gib * 2**30) if settings.memory_gib else None
+    prediction = predict_iteration(config, card_memory_bytes=card)
+    return assess(prediction, settings)
 
 
 def run_full(args, mode: str) -> dict:
@@ -187,6 +224,9 @@ def run_full(args, mode: str) -> dict:
                     "judge_dtype": "fp32" if emulated else args.judge_dtype, "tf32": bool(cuda and args.tf32),
                     "compile": args.compile, "channels_last": args.channels_last, "memory_cap_gb": args.memory_cap_gb,
                     "proving_mode": not cuda and not args.paper_settings}
+    if not cuda and args.dtype is None:
+        report["cpu_precision"] = cpu_mixed_precision()[1]
+        print(f"[{mode}] CPU precision: {report['cpu_precision']} (--dtype chooses)", file=sys.stderr, flush=True)
     if emulated:
         report["note"] = ("emulation of the authors' cost structure on spotune's sampler: a deep-copied reference "
                           "UNet, four guided passes per tuple, float32 judge outside autocast; not their code")
@@ -205,6 +245,8 @@ def run_full(args, mode: str) -> dict:
             "guidance_scale", "train_batch_size", "train_micro_batch_size", "gradient_checkpointing", "mixed_precision",
             "lora_rank", "decode_chunk_size", "judge_batch_size", "offload_text_encoder", "judge_dtype", "max_grad_norm",
             "prompts")}
+        if args.predict and not emulated:
+            report["prediction"] = _predict(config, device)
         trainer = SPOTrainer(config)
         iterations: list[dict] = []
         flops: dict[str, int] = {}
@@ -285,6 +327,14 @@ def run_full(args, mode: str) -> dict:
         report["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     if not iterations:
         return report
+    if "prediction" in report:
+        predicted = report["prediction"]
+        report["predicted_vs_measured"] = {
+            "peak_gib": {"predicted": predicted["peak_gib"], "measured_allocated": report.get("peak_allocated_gb"),
+                         "measured_reserved": report.get("peak_reserved_gb")},
+            "seconds_per_iteration": {"predicted": predicted.get("seconds_per_iteration"),
+                                      "measured": statistics.median(r["seconds"] for r in iterations)},
+        }
 
     median = lambda key: statistics.median(r[key] for r in iterations)  # noqa: E731
     seconds_it = median("seconds")
@@ -373,7 +423,7 @@ def main(argv: list[str] | None = None) -> dict:
     full.add_argument("--memory-cap-gb", type=float, default=None, help="behave like a card with this much memory (CUDA)")
     full.add_argument("--compile", action="store_true", help="torch.compile the UNet, VAE decoder and judge after the FLOP count")
     full.add_argument("--channels-last", action="store_true", help="UNet and VAE weights in channels_last memory format")
-    full.add_argument("--dtype", choices=("fp16", "bf16", "no"), default=None, help="mixed precision (CUDA: fp16, CPU: bf16)")
+    full.add_argument("--dtype", choices=("fp16", "bf16", "no"), default=None, help="mixed precision (CUDA: fp16; CPU: bf16 with native bf16, else no)")
     full.add_argument("--judge-dtype", choices=tuple(DTYPES), default="fp32", help="the judge's precision (judge_dtype; it scores outside autocast)")
     full.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True, help="TF32 matmuls on CUDA")
     full.add_argument("--resolution", type=int, default=None)
@@ -381,6 +431,7 @@ def main(argv: list[str] | None = None) -> dict:
     full.add_argument("--k", type=int, default=None, help="candidates per step")
     full.add_argument("--steps", type=int, default=None, help="DDIM steps")
     full.add_argument("--divert", type=int, default=None, help="divert_start_step")
+    full.add_argument("--predict", action="store_true", help="also predict the run with spotune plan's machinery, side by side")
     full.add_argument("--paper-settings", action="store_true", help="the paper's settings even without CUDA")
     full.add_argument("--peak-tflops", type=float, default=None, help="the chip's peak, when not in the built-in table")
     parser.add_argument("overrides", nargs="*", help="key=value train config overrides")

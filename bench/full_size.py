@@ -13,26 +13,10 @@ import time
 from collections import defaultdict
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Callable, Iterator
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
-
-# PickScore_v1 / CLIP-ViT-H-14-laion2B (the judge SPO's step-aware model wraps): its published config.
-VIT_H_14 = {
-    "projection_dim": 1024,
-    "logit_scale_init_value": 2.6592,
-    "text_config": {
-        "vocab_size": 49408, "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
-        "num_attention_heads": 16, "max_position_embeddings": 77, "hidden_act": "gelu", "layer_norm_eps": 1e-5,
-        "projection_dim": 1024, "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 1,
-    },
-    "vision_config": {
-        "hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32, "num_attention_heads": 16,
-        "image_size": 224, "patch_size": 14, "hidden_act": "gelu", "layer_norm_eps": 1e-5, "projection_dim": 1024,
-    },
-}
+from torch.utils.flop_counter import FlopCounterMode
 
 # Dense tensor-core peaks (TFLOP/s) from the vendors' data sheets, by a substring of the device name.
 # fp16/bf16 with fp32 accumulation; tf32; plain fp32 (CUDA cores).
@@ -45,95 +29,46 @@ CHIP_PEAKS = {
 
 
 # -- FLOP counting -----------------------------------------------------------------------------------
-def _cpu_sdpa(query, key, value, *args, out_shape=None, **kwargs) -> int:
-    return sdpa_flop_count(query, key, value)
-
-
-def _cpu_sdpa_backward(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
-    return sdpa_backward_flop_count(grad_out, query, key, value)
-
-
 def flop_counter() -> FlopCounterMode:
-    """torch's FlopCounterMode, plus the CPU flash-attention kernels its registry lacks.
+    """torch's FlopCounterMode with spotune's formulas (the CPU flash-attention kernels its registry lacks).
 
     Without them attention would count as zero FLOPs on a CPU (the CUDA kernels are registered).
     """
-    mapping: dict[Any, Callable] = {}
-    aten = torch.ops.aten
-    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
-        mapping[aten._scaled_dot_product_flash_attention_for_cpu] = _cpu_sdpa
-    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward"):
-        mapping[aten._scaled_dot_product_flash_attention_for_cpu_backward] = _cpu_sdpa_backward
-    return FlopCounterMode(display=False, custom_mapping=mapping)
+    from spotune.plan.recorder import flop_formulas
+
+    return FlopCounterMode(display=False, custom_mapping=flop_formulas())
 
 
-# -- models --------------------------------------------------------------------------------------------
-def build_sd15_random(dtype: torch.dtype, device: torch.device | str) -> SimpleNamespace:
-    """SD1.5's UNet, VAE and text encoder from the configs spotune ships, random weights, DDIM scheduler.
+# -- models (the planner's builders, with random weights on a real device) --------------------------------
+def build_sd15_random(dtype: torch.dtype, device: torch.device | str):
+    """SD1.5's pipeline (UNet, VAE, text encoder, DDIM) from the configs spotune ships, random weights."""
+    from spotune.plan.architectures import architecture_source, build_pipeline
 
-    Returns an object with the attributes the recipe reads from a loaded pipeline (``tokenizer``,
-    ``scheduler``, ``vae``, ``text_encoder``, ``unet``).
-    """
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from spotune.models.single_file import build_sd15_tokenizer, load_component_configs, sd15_resources
-
-    configs = load_component_configs(sd15_resources())
     torch.manual_seed(0)
     with torch.device(device):  # initialise where the weights will live (fast on a GPU)
-        unet = UNet2DConditionModel.from_config(configs["unet"]).to(dtype)
-        vae = AutoencoderKL.from_config(configs["vae"]).to(dtype)
-        text_encoder = CLIPTextModel(CLIPTextConfig(**configs["text_encoder"])).to(dtype)
-    return SimpleNamespace(
-        tokenizer=build_sd15_tokenizer(),
-        scheduler=DDIMScheduler.from_config(configs["scheduler"]),
-        unet=unet, vae=vae, text_encoder=text_encoder,
-    )
+        return build_pipeline(architecture_source("sd15", "sd15"), dtype)
 
 
 def build_sdxl_random(dtype: torch.dtype, device: torch.device | str):
-    """SDXL base 1.0's UNet, VAE and both text encoders from the configs spotune ships, random weights, DDIM.
+    """SDXL base 1.0's pipeline from the configs spotune ships, random weights, DDIM.
 
-    A real :class:`StableDiffusionXLPipeline` (the recipe reads its config's ``force_zeros_for_empty_prompt``).
     The VAE is kept in ``dtype`` as the fp16-fix VAE is (the authors' setup); SDXL's own VAE would stay fp32.
     """
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from spotune.plan.architectures import architecture_source, build_pipeline
 
-    from spotune.models.single_file_sdxl import sdxl_resources
-
-    folder = sdxl_resources()
-    read = lambda name, file="config.json": json.loads((folder / name / file).read_text())  # noqa: E731
     torch.manual_seed(0)
-    with torch.device(device):  # initialise where the weights will live (fast on a GPU)
-        unet = UNet2DConditionModel.from_config(read("unet")).to(dtype)
-        vae = AutoencoderKL.from_config(read("vae")).to(dtype)
-        text_encoder = CLIPTextModel(CLIPTextConfig.from_dict(read("text_encoder"))).to(dtype)
-        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig.from_dict(read("text_encoder_2"))).to(dtype)
-    tokenizers = [CLIPTokenizer.from_pretrained(str(folder / name), local_files_only=True) for name in ("tokenizer", "tokenizer_2")]
-    pipe = StableDiffusionXLPipeline(
-        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizers[0],
-        tokenizer_2=tokenizers[1], unet=unet, scheduler=DDIMScheduler.from_config(read("scheduler", "scheduler_config.json")),
-        force_zeros_for_empty_prompt=True, add_watermarker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    with torch.device(device):
+        return build_pipeline(architecture_source("sdxl", "sdxl"), dtype, vae="fp16-fix")
 
 
 def build_vit_h_judge(dtype: torch.dtype, device: torch.device | str):
     """The step-aware preference model over a ViT-H/14 CLIP (PickScore's architecture), random weights."""
-    from transformers import CLIPConfig, CLIPModel
-
-    from spotune.models.single_file import build_sd15_tokenizer
-    from spotune.preference.step_aware import StepAwarePreferenceModel
+    from spotune.plan.architectures import VIT_H_14, build_clip_judge
 
     torch.manual_seed(1)
     with torch.device(device):
-        model = CLIPModel(CLIPConfig(**copy.deepcopy(VIT_H_14)))
-    # PickScore's tokenizer is CLIP's BPE vocabulary, the one SD1.5's tokenizer is built from.
-    judge = StepAwarePreferenceModel(model, build_sd15_tokenizer(), 224)
-    return judge.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        judge = build_clip_judge("spm", copy.deepcopy(VIT_H_14), torch.float32)
+    return judge.to(device=device, dtype=dtype)
 
 
 # -- the per-phase clock -------------------------------------------------------------------------------
@@ -343,6 +278,6 @@ def finite_or_none(value: float) -> float | None:
 
 
 __all__ = [
-    "CHIP_PEAKS", "VIT_H_14", "PhaseClock", "build_sd15_random", "build_vit_h_judge", "chip_peaks",
+    "CHIP_PEAKS", "PhaseClock", "build_sd15_random", "build_vit_h_judge", "chip_peaks",
     "count_unit_flops", "emulate_reference_training", "flop_counter", "iteration_flops", "json", "write_json",
 ]

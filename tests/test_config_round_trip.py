@@ -33,6 +33,7 @@ SHIPPED = {
     "tiny_sdxl.yaml": (TrainSPOConfig, []),
     "sdxl_spo.yaml": (TrainSPOConfig, []),
     "sdxl_gradspo.yaml": (TrainSPOConfig, []),
+    "sdxl_spo_24gb.yaml": (TrainSPOConfig, []),
     "toyworld_spo.yaml": (TrainSPOConfig, []),
     "sd15_spm.yaml": (TrainSPMConfig, ["clip_path=PATH", "processor_path=PATH", "train_data=PATH"]),
     "sdxl_spm.yaml": (TrainSPMConfig, ["vae=PATH", "clip_path=PATH", "processor_path=PATH", "train_data=PATH"]),

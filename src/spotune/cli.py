@@ -37,6 +37,7 @@ COMMAND_MODULES = [
     "spotune.commands.train_spm",
     "spotune.commands.eval_spm",
     "spotune.commands.demo",
+    "spotune.commands.plan",
 ]
 
 

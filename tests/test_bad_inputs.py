@@ -144,6 +144,13 @@ CASES = [
     Case("train-spm-resume-latest-without-checkpoint",
          [*TRAIN_SPM, "train_data={tmp}/pairs.parquet", "output_dir={tmp}/run", "resume=latest"],
          ("resume=latest: no checkpoint was written in {tmp}/run", "overwrite=true"), setup=run_without_checkpoint),
+    # plan (each refused before anything is predicted)
+    Case("plan-unknown-gpu", ["plan", "--config", str(ROOT / "configs" / "tiny_cpu.yaml"), "--gpu", "GTX-480"],
+         ("--gpu GTX-480: unknown GPU; known: H200, H100", "RTX-4090", "T4", "give --memory-gb N")),
+    Case("plan-zero-processes", ["plan", "--config", str(ROOT / "configs" / "tiny_cpu.yaml"), "--processes", "0"],
+         ("--processes takes a whole number >= 1, got 0",)),
+    Case("plan-negative-seed", ["plan", "--config", str(ROOT / "configs" / "tiny_cpu.yaml"), "seed=-1"],
+         ("command line: seed must be >= 0, got seed=-1",)),
     # generate
     Case("generate-negative-seed", generate("--prompt", "a", "--out", "{tmp}/gens") + ["seed=-1"],
          ("command line: seed must be >= 0, got seed=-1",)),

@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 COMMAND_CONFIGS = {
     "train": TrainSPOConfig, "train-spm": TrainSPMConfig, "eval-spm": EvalSPMConfig, "generate": GenerateConfig,
     "eval": EvalConfig, "demo": DemoConfig, "export": ExportConfig,
+    "plan": TrainSPOConfig,  # plans a train config
     # not a `spotune` subcommand: `python -m spotune.toyworld.pretrain CONFIG key=value ...`
     "toyworld-pretrain": PretrainConfig,
 }

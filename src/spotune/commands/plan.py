@@ -3,32 +3,24 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 DOES_NOT_FIT_EXIT = 3  # the plan was made, and the recipe does not fit the card
 
 
-def _positive_float(flag: str):
+def _number(unit: str = "", *, zero_allowed: bool = False, most: float | None = None):
+    """An argparse type: a finite number > 0 (>= 0 with ``zero_allowed``), at most ``most`` (argparse names the flag)."""
+
     def parse(text: str) -> float:
         try:
             value = float(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag} takes a number (GiB), got {text!r}") from None
-        if not value > 0 or value != value or value == float("inf"):
-            raise argparse.ArgumentTypeError(f"{flag} takes a positive number, got {text!r}")
-        return value
-
-    return parse
-
-
-def _fraction(flag: str):
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag} takes a number, got {text!r}") from None
-        if not 0 <= value <= 1:
-            raise argparse.ArgumentTypeError(f"{flag} takes a number from 0 to 1, got {text!r}")
+            raise argparse.ArgumentTypeError(f"expected a number{unit}, got {text!r}") from None
+        low_ok = value >= 0 if zero_allowed else value > 0
+        if not (math.isfinite(value) and low_ok and (most is None or value <= most)):
+            wanted = f"{'>= 0' if zero_allowed else '> 0'}" + (f" and <= {most:g}" if most is not None else "")
+            raise argparse.ArgumentTypeError(f"expected a number {wanted}, got {text!r}")
         return value
 
     return parse
@@ -51,12 +43,12 @@ def register(subparsers) -> None:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="train settings that override the file")
     card = parser.add_mutually_exclusive_group()
     card.add_argument("--gpu", help="the card: " + ", ".join(_gpu_names()) + " (memory, and the time estimate)")
-    card.add_argument("--memory-gb", type=_positive_float("--memory-gb"), help="the card's memory in GiB (no time estimate)")
-    parser.add_argument("--margin-gb", type=_positive_float("--margin-gb"), default=None,
+    card.add_argument("--memory-gb", type=_number(" (GiB)"), help="the card's memory in GiB (no time estimate)")
+    parser.add_argument("--margin-gb", type=_number(" (GiB)", zero_allowed=True), default=None,
                         help="memory kept for the CUDA context and workspaces, GiB (default 1.0)")
-    parser.add_argument("--margin-fraction", type=_fraction("--margin-fraction"), default=None,
+    parser.add_argument("--margin-fraction", type=_number(zero_allowed=True, most=1), default=None,
                         help="memory kept for allocator fragmentation, as a fraction of the peak (default 0.10)")
-    parser.add_argument("--efficiency", type=_fraction("--efficiency"), default=None,
+    parser.add_argument("--efficiency", type=_number(most=1), default=None,
                         help="assumed fraction of the card's peak FLOP/s reached (default 0.45)")
     parser.add_argument("--processes", type=int, default=1, help="GPUs sharing each round (accelerate launch --num_processes)")
     parser.add_argument("--no-search", action="store_true", help="do not search for memory settings that would fit")

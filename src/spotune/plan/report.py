@@ -113,8 +113,9 @@ def assess(prediction: Prediction, settings: PlanSettings) -> dict:
         report["seconds_per_iteration"] = seconds_total
         report["run_hours"] = seconds_total * total_iterations / 3600
         if settings.processes > 1:
-            report["notes"].append(f"{settings.processes} processes: each runs this iteration on its share; "
-                                   "gradient all-reduce time is not included")
+            report["notes"].append(f"{settings.processes} processes: each runs this iteration on its share; the "
+                                   "gradient all-reduce's time and DDP's gradient buckets (about the trained "
+                                   "weights' size again) are not included")
         if gpu.bf16 is None and cfg.mixed_precision == "bf16":
             report["notes"].append(f"{gpu.name} has no bf16: use mixed_precision=fp16")
     return report

@@ -3,6 +3,7 @@
     python bench/plan_table.py                       # every recipe below (about 15 minutes on 2 CPU cores)
     python bench/plan_table.py configs/sd15_spo.yaml # one
     python bench/plan_table.py --json plans.json
+    python bench/plan_table.py --from-json plans.json   # the table again from saved rows, predicting nothing
 
 One prediction per config (one iteration on fake tensors, every pair kept), then the fit verdict for each
 card size (peak x 1.1 + 1 GiB <= the card's memory, the plan's default margin) and the time on an RTX 4090
@@ -36,7 +37,7 @@ def plan_row(config_path: str) -> dict:
     settings = PlanSettings()
     row = {"config": config_path, "peak_gib": prediction.peak / 2**30, "peak_phase": prediction.peak_phase,
            "needed_gib": settings.needed_gib(prediction.peak), "tuples": prediction.tuples,
-           "fits": {size: settings.needed_gib(prediction.peak) <= size for size in CARD_SIZES_GIB}}
+           "fits": {str(size): settings.needed_gib(prediction.peak) <= size for size in CARD_SIZES_GIB}}
     for name in TIMED_GPUS:
         report = assess(prediction, PlanSettings(gpu=find_gpu(name)))
         row[name] = {"seconds_per_iteration": report["seconds_per_iteration"], "run_hours": report["run_hours"],
@@ -45,13 +46,15 @@ def plan_row(config_path: str) -> dict:
 
 
 def markdown(rows: list[dict]) -> str:
+    from spotune.plan.predict import PHASE_TITLES
+
     head = ("| recipe | peak GiB (phase) | " + " | ".join(f"{s} GB" for s in CARD_SIZES_GIB)
             + " | s/it RTX 4090 | s/it H100 | 10 epochs on one H100 |")
     lines = [head, "|" + " --- |" * (3 + len(CARD_SIZES_GIB) + 2)]
     for r in rows:
-        fits = " | ".join("yes" if r["fits"][s] else "no" for s in CARD_SIZES_GIB)
+        fits = " | ".join("yes" if r["fits"][str(s)] else "no" for s in CARD_SIZES_GIB)
         h100 = r["H100"]
-        lines.append(f"| `{r['config']}` | {r['peak_gib']:.1f} ({r['peak_phase']}) | {fits} | "
+        lines.append(f"| `{r['config']}` | {r['peak_gib']:.1f} ({PHASE_TITLES[r['peak_phase']]}) | {fits} | "
                      f"{r['RTX-4090']['seconds_per_iteration']:.0f} | {h100['seconds_per_iteration']:.1f} | "
                      f"{h100['run_hours']:.0f} h ({h100['total_iterations']} iterations) |")
     return "\n".join(lines)
@@ -61,8 +64,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("configs", nargs="*", default=CONFIGS)
     parser.add_argument("--json", help="also write the rows as JSON")
+    parser.add_argument("--from-json", help="print the table of rows a --json run saved, predicting nothing")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(ROOT / "src"))
+    if args.from_json:
+        print(markdown(json.loads(Path(args.from_json).read_text())["rows"]))
+        return 0
     rows = []
     for config in args.configs:
         rows.append(plan_row(config))

@@ -34,9 +34,9 @@ def flop_counter() -> FlopCounterMode:
 
     Without them attention would count as zero FLOPs on a CPU (the CUDA kernels are registered).
     """
-    from spotune.plan.recorder import flop_formulas
+    from spotune.plan.recorder import cpu_attention_flop_formulas
 
-    return FlopCounterMode(display=False, custom_mapping=flop_formulas())
+    return FlopCounterMode(display=False, custom_mapping=cpu_attention_flop_formulas())
 
 
 # -- models (the planner's builders, with random weights on a real device) --------------------------------

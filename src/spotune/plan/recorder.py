@@ -56,28 +56,36 @@ def rounded(nbytes: int) -> int:
     return -(-nbytes // ALLOCATION_ROUNDING) * ALLOCATION_ROUNDING
 
 
-def flop_formulas() -> dict[Any, Callable[..., int]]:
-    """torch's FLOP formulas by op packet, plus the CPU flash-attention kernels its registry lacks.
+def cpu_attention_flop_formulas() -> dict[Any, Callable[..., int]]:
+    """FLOP formulas (on shapes, as ``FlopCounterMode(custom_mapping=...)`` takes them) for the CPU
+    flash-attention kernels torch's registry lacks.
 
     On a CPU, ``scaled_dot_product_attention`` runs ``_scaled_dot_product_flash_attention_for_cpu``, which
     stands in for CUDA's flash kernel (same FLOPs, no attention matrix in memory); without these entries
     attention would count as zero FLOPs.
     """
-    from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count
+    from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
 
-    formulas: dict[Any, Callable[..., int]] = dict(flop_registry)
+    def cpu_sdpa(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_flop_count(query_shape, key_shape, value_shape)
 
-    def cpu_sdpa(query, key, value, *args, out_val=None, **kwargs) -> int:
-        return sdpa_flop_count(query.shape, key.shape, value.shape)
+    def cpu_sdpa_backward(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
 
-    def cpu_sdpa_backward(grad_out, query, key, value, *args, out_val=None, **kwargs) -> int:
-        return sdpa_backward_flop_count(grad_out.shape, query.shape, key.shape, value.shape)
-
+    formulas: dict[Any, Callable[..., int]] = {}
     if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
         formulas[aten._scaled_dot_product_flash_attention_for_cpu] = cpu_sdpa
     if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward"):
         formulas[aten._scaled_dot_product_flash_attention_for_cpu_backward] = cpu_sdpa_backward
     return formulas
+
+
+def flop_formulas() -> dict[Any, Callable[..., int]]:
+    """torch's FLOP formulas by op packet plus :func:`cpu_attention_flop_formulas`, each called with the op's
+    tensors (``formula(*args, **kwargs, out_val=out)``)."""
+    from torch.utils.flop_counter import flop_registry, shape_wrapper
+
+    return {**flop_registry, **{op: shape_wrapper(f) for op, f in cpu_attention_flop_formulas().items()}}
 
 
 # Precision classes of an op's FLOPs: what the GPU's peak for it is ("tc-fp32": float32 on tensor cores
@@ -293,4 +301,5 @@ def _every_index(mask: torch.Tensor) -> torch.Tensor:
     return torch.stack(grids, dim=-1).reshape(-1, mask.dim())
 
 
-__all__ = ["ALLOCATION_ROUNDING", "PRECISIONS", "ExecutionRecorder", "PhaseRecord", "flop_formulas", "rounded"]
+__all__ = ["ALLOCATION_ROUNDING", "PRECISIONS", "ExecutionRecorder", "PhaseRecord", "cpu_attention_flop_formulas",
+           "flop_formulas", "rounded"]

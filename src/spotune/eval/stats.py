@@ -1,10 +1,8 @@
 """Summary statistics of scores: mean, spread, 95% confidence intervals, pairwise win rates.
 
-Everything here is plain Python on lists of floats, so the maths can be checked on hand-made numbers
-and nothing depends on scipy. The confidence interval of a mean uses Student's t distribution with
-n - 1 degrees of freedom (exact for normal scores, and close to the normal 1.96 rule once n is a
-few dozen); its quantile comes from the regularised incomplete beta function, evaluated with the
-classic continued fraction and inverted by bisection.
+The confidence interval of a mean uses Student's t distribution with n - 1 degrees of freedom (exact for
+normal scores, and close to the normal 1.96 rule once n is a few dozen), from ``scipy.stats.t``. The
+rest is plain Python on lists of floats, so the maths can be checked on hand-made numbers.
 """
 
 from __future__ import annotations
@@ -23,74 +21,24 @@ class StatsError(SpotuneError, ValueError):
 # -- Student's t distribution --------------------------------------------------------------------
 
 
-def _betacf(a: float, b: float, x: float) -> float:
-    """Continued fraction of the incomplete beta function (modified Lentz's method)."""
-    tiny = 1e-300
-    qab, qap, qam = a + b, a + 1.0, a - 1.0
-    c, d = 1.0, 1.0 - qab * x / qap
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    h = d
-    for m in range(1, 400):
-        m2 = 2 * m
-        aa = m * (b - m) * x / ((qam + m2) * (a + m2))
-        d = 1.0 + aa * d
-        d = 1.0 / (d if abs(d) > tiny else tiny)
-        c = 1.0 + aa / c
-        c = c if abs(c) > tiny else tiny
-        h *= d * c
-        aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))
-        d = 1.0 + aa * d
-        d = 1.0 / (d if abs(d) > tiny else tiny)
-        c = 1.0 + aa / c
-        c = c if abs(c) > tiny else tiny
-        delta = d * c
-        h *= delta
-        if abs(delta - 1.0) < 1e-15:
-            break
-    return h
-
-
-def regularized_incomplete_beta(a: float, b: float, x: float) -> float:
-    """I_x(a, b), the CDF of a Beta(a, b) variable at ``x`` in [0, 1]."""
-    if x <= 0.0:
-        return 0.0
-    if x >= 1.0:
-        return 1.0
-    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
-    front = math.exp(log_front)
-    # The continued fraction converges fast only on one side of the mean; use the symmetry otherwise.
-    if x < (a + 1.0) / (a + b + 2.0):
-        return front * _betacf(a, b, x) / a
-    return 1.0 - front * _betacf(b, a, 1.0 - x) / b
-
-
 def student_t_cdf(t: float, df: float) -> float:
     """P(T <= t) for Student's t with ``df`` degrees of freedom."""
+    from scipy.stats import t as student_t
+
     if df <= 0:
         raise StatsError(f"degrees of freedom must be positive, got {df}")
-    x = df / (df + t * t)
-    tail = 0.5 * regularized_incomplete_beta(df / 2.0, 0.5, x)  # P(T > |t|)
-    return 1.0 - tail if t >= 0 else tail
+    return float(student_t.cdf(t, df))
 
 
 def student_t_quantile(p: float, df: float) -> float:
     """The t with P(T <= t) = p (for example p = 0.975 gives the two-sided 95% critical value)."""
+    from scipy.stats import t as student_t
+
     if not 0.0 < p < 1.0:
         raise StatsError(f"a quantile needs 0 < p < 1, got {p}")
-    if p < 0.5:
-        return -student_t_quantile(1.0 - p, df)
-    lo, hi = 0.0, 1.0
-    while student_t_cdf(hi, df) < p:  # df = 1 at p = 0.9995 needs hi ~ 637
-        hi *= 2.0
-    for _ in range(200):
-        mid = 0.5 * (lo + hi)
-        if student_t_cdf(mid, df) < p:
-            lo = mid
-        else:
-            hi = mid
-        if hi - lo < 1e-12 * max(1.0, hi):
-            break
-    return 0.5 * (lo + hi)
+    if df <= 0:
+        raise StatsError(f"degrees of freedom must be positive, got {df}")
+    return float(student_t.ppf(p, df))
 
 
 # -- summaries ------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(config_to_yaml(config), end="")
         return 0
-    from spotune.recipes.train_spo import run_train_spo
+    from spotune.recipes.trainers import run_train_spo
 
     metrics = run_train_spo(config)
     if os.environ.get("RANK", "0") != "0":  # one summary per run, not per process

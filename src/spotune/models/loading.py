@@ -16,8 +16,6 @@ another VAE folder (SDXL: the fp16-fix VAE, so the VAE can run in fp16 too).
 
 from __future__ import annotations
 
-from spotune.errors import SpotuneError, one_line
-
 import json
 import logging
 import os
@@ -26,6 +24,8 @@ from pathlib import Path
 import torch
 from diffusers import DDIMScheduler, DiffusionPipeline
 
+from spotune.errors import one_line
+from spotune.models.errors import ModelLoadError  # raised here and by the single-file loaders
 from spotune.models.family import (
     SD15,
     SDXL,
@@ -52,10 +52,6 @@ SD15_SINGLE_FILE_PREFIX = "cond_stage_model.transformer."
 _SDXL_PIPELINE_CLASSES = frozenset({
     "StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline",
 })
-
-
-class ModelLoadError(SpotuneError, RuntimeError):
-    """A model source that does not exist, is incomplete, or cannot be read."""
 
 
 def _looks_like_hub_id(source: str) -> bool:

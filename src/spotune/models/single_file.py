@@ -34,7 +34,7 @@ from spotune.export.original_layout import (
     from_original,
     original_key_maps,
 )
-from spotune.models.loading import ModelLoadError
+from spotune.models.errors import ModelLoadError
 from spotune.utils.pickles import UnsafePickleError, load_weights_only
 
 CLIP_BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"

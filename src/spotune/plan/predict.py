@@ -112,17 +112,6 @@ def _models_from_configs(notes: dict[str, str]) -> Iterator[None]:
         yield
 
 
-def trainer_class(config):
-    """The trainer ``spotune train`` would run for ``config``."""
-    if config.algorithm == "gradspo":
-        from spotune.recipes.train_gradspo import GradSPOTrainer
-
-        return GradSPOTrainer
-    from spotune.recipes.train_spo import SPOTrainer
-
-    return SPOTrainer
-
-
 def _hook_phases(trainer, recorder: ExecutionRecorder, stage: list[str]) -> None:
     """Attribute the models' calls to phases; ``stage[0]`` is "sampling" or "training" as the loop goes."""
     acc = trainer.accelerator
@@ -259,6 +248,8 @@ def _record_iteration(config, planning, recorder: ExecutionRecorder, notes: dict
     """Set the recipe up and run one iteration under ``recorder``; the shared body of predict and measure."""
     import shutil
 
+    from spotune.recipes.trainers import trainer_class
+
     started = time.perf_counter()
     trainer = trainer_class(planning)(planning)
     stage = ["setup"]
@@ -309,4 +300,4 @@ def _record_iteration(config, planning, recorder: ExecutionRecorder, notes: dict
     )
 
 
-__all__ = ["PHASES", "PHASE_TITLES", "Prediction", "measure_iteration", "predict_iteration", "trainer_class"]
+__all__ = ["PHASES", "PHASE_TITLES", "Prediction", "measure_iteration", "predict_iteration"]

@@ -19,7 +19,7 @@ import torch
 
 from spotune.errors import SpotuneError
 from spotune.hints import key
-from spotune.preference.clip_judge import CLIP_MEAN, CLIP_STD
+from spotune.utils.clip_pixels import CLIP_MEAN, CLIP_STD
 
 BUILTIN_TINY_CLIP = "builtin:tiny-clip"
 WEIGHT_FILES = (

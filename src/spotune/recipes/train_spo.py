@@ -65,7 +65,6 @@ from spotune.recipes.common import (
     open_run_folder,
     planned_iterations,
     release_run_folder,
-    run_recipe,
     seed_for,
     stop_for_preemption,
 )
@@ -792,12 +791,3 @@ class SPOTrainer:
 
     def _save_extra_weights(self, folder: Path) -> None:
         """Write further weights into a checkpoint's temporary folder (main process, before state.json)."""
-
-
-def run_train_spo(config: TrainSPOConfig) -> dict[str, float]:
-    """Set up, train and clean up; returns the final iteration's metrics."""
-    if config.algorithm == "gradspo":
-        from spotune.recipes.train_gradspo import GradSPOTrainer
-
-        return run_recipe(GradSPOTrainer(config))
-    return run_recipe(SPOTrainer(config))

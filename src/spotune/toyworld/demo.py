@@ -40,17 +40,16 @@ import json
 import logging
 import os
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Literal
 
 import torch
 
-from spotune.config import ConfigError, config_to_dict, load_config
+from spotune.config import ConfigError, config_to_dict
 from spotune.errors import SpotuneError
+from spotune.toyworld.resources import resource_dir
 from spotune.utils.io import atomic_directory, atomic_write_json, atomic_write_text, remove_stale_temporaries
 
 logger = logging.getLogger(__name__)
@@ -76,11 +75,6 @@ def _help(text: str, default):
     if isinstance(default, list):  # a fresh list per config
         return field(default_factory=lambda: list(default), metadata={"help": text})
     return field(default=default, metadata={"help": text})
-
-
-def resource_dir() -> Path:
-    """The package's ``resources/toyworld`` folder (shipped base model, CLIP and stage configs)."""
-    return Path(str(resources.files("spotune") / "resources" / "toyworld"))
 
 
 STUDY_CHOICE = "study_choice.json"  # under resources/toyworld/configs, written by bench/study_world.py --write-choice
@@ -437,7 +431,7 @@ class Demo:
         ``extra`` holds more train settings as values (the study's learning rate and checkpoints); they
         enter the stage key through the config like every other setting, and the demo passes none.
         """
-        from spotune.recipes.train_spo import run_train_spo
+        from spotune.recipes.trainers import run_train_spo
         from spotune.recipes.train_spo_config import TrainSPOConfig
         from spotune.toyworld.world import prompt_split
 

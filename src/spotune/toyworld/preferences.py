@@ -344,7 +344,7 @@ def _main(argv: list[str]) -> int:
     _refuse_foreign_output(Path(args.folder), args.overwrite)
     torch.set_num_threads(args.threads)
     if args.base_model is None:
-        from spotune.toyworld.demo import resource_dir
+        from spotune.toyworld.resources import resource_dir
 
         args.base_model = resource_dir() / "base"
     summary = write_dataset(args.folder, args.base_model, args.train_pairs, args.eval_pairs, args.seed)

@@ -343,7 +343,7 @@ def remeasure_shipped_spm(data: str | Path, spm_folder: str | Path, base_model: 
     import json
     import tempfile
 
-    from spotune.toyworld.shipping import SHIPPED_SPM_INFO, SHIPPED_SPM_WEIGHTS
+    from spotune.toyworld.resources import SHIPPED_SPM_INFO, SHIPPED_SPM_WEIGHTS
     from spotune.utils.io import atomic_write_json
 
     spm_folder, data = Path(spm_folder), Path(data)
@@ -392,7 +392,7 @@ def _main(argv: list[str]) -> int:
     import json
     import sys
 
-    from spotune.toyworld.demo import resource_dir
+    from spotune.toyworld.resources import resource_dir
 
     parser = argparse.ArgumentParser(description="Measure a shipped SPM's accuracy by labels and what its views show, "
                                                  "on a preference-data folder's eval.parquet.")

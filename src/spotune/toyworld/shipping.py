@@ -25,10 +25,9 @@ from spotune.checkpoint import read_state, resolve_checkpoint
 from spotune.errors import SpotuneError
 from spotune.preference.spm_eval import SPM_EVAL_TIMESTEPS
 from spotune.preference.step_aware import SPM_WEIGHTS_NAME, read_spm_state_dict
+from spotune.toyworld.resources import SHIPPED_SPM_INFO, SHIPPED_SPM_WEIGHTS, resource_dir
 from spotune.utils.io import atomic_save_safetensors, atomic_write_json
 
-SHIPPED_SPM_WEIGHTS = "spm.safetensors"
-SHIPPED_SPM_INFO = "spm.json"
 
 
 def accuracy_by_step(state: dict[str, Any]) -> dict[int, dict[str, float]]:
@@ -111,8 +110,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base-model", default=None, help="base model folder (default: the shipped resources/toyworld/base)")
     parser.add_argument("--pickscore", default=None, help="PickScore folder (default: the shipped resources/toyworld/pickscore)")
     args = parser.parse_args(argv)
-    from spotune.toyworld.demo import resource_dir
-
     base = args.base_model or resource_dir() / "base"
     pickscore = args.pickscore or resource_dir() / "pickscore"
     for what, folder, marker in (("--base-model", Path(base), "model_index.json"), ("--pickscore", Path(pickscore), "config.json")):

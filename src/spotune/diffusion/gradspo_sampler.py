@@ -23,8 +23,10 @@ GradSPO (official code: JoshuaTTJ/GradSPO, built on SPO's) samples exactly as SP
 
 The candidates are drawn from the same generator in the same order as :func:`spo_sample` draws them,
 so with the same seed both samplers visit the same states up to the end; the two endings draw alike
-up to the t_{N-2} branch. The model passed in is the one that samples: for GradSPO, the EMA copy of the
-trained model.
+up to the t_{N-2} branch. Both run the one branching loop, :func:`spotune.diffusion.sampler.branching_sample`,
+whose ``ending`` holds the two changes above; this module checks the arguments and documents GradSPO's
+reading of the official code. The model passed in is the one that samples: for GradSPO, the EMA copy of
+the trained model.
 """
 
 from __future__ import annotations
@@ -33,21 +35,10 @@ from typing import Callable, Literal
 
 import torch
 from diffusers import DDIMScheduler, UNet2DConditionModel
-from diffusers.utils.torch_utils import randn_tensor
 
-from spotune.diffusion.ddim import ddim_posterior, ddim_step_with_logprob, predict_x0_and_eps, previous_timestep
-from spotune.diffusion.sampler import (
-    SamplingResult,
-    StepPairs,
-    _score_in_batches,
-    check_branching_batch,
-    decode_latents,
-    guided_noise_pred,
-)
+from spotune.diffusion.sampler import SamplingResult, branching_sample
 from spotune.models.conditioning import Conditioning
 from spotune.preference.protocol import PreferenceModel
-from spotune.preference.select import select_pair
-
 
 Ending = Literal["sd15", "sdxl"]
 ENDINGS: tuple[str, ...] = ("sd15", "sdxl")
@@ -105,106 +96,9 @@ def gradspo_sample(
         raise ValueError(
             f"divert_start_step must be in [0, {last_branch + 1}) for the {ending} ending, got {divert_start_step}"
         )
-    b, k = check_branching_batch(latents, prompts, cond, num_candidates)
-    device = latents.device
-    scheduler.set_timesteps(num_inference_steps, device=device)
-    timesteps = scheduler.timesteps
-    x = latents
-    noise_pred: torch.Tensor | None = None  # guided output at (x, t_i), when already known
-    kept: list[StepPairs] = []
-    all_scores, all_valid, all_choices = [], [], []
-    judge_calls = unet_calls = 0
-    cand_cond = cond.repeat(k)  # k*b rows, candidate-major: row j*b + p
-    cand_prompts = list(prompts) * k
-
-    for i, t in enumerate(timesteps):
-        t_batch = t.expand(b)
-        if noise_pred is None:
-            noise_pred = guided_noise_pred(unet, x, t_batch, cond, negative, guidance_scale)
-            unet_calls += 1
-        if i < divert_start_step:
-            x, _ = ddim_step_with_logprob(scheduler, noise_pred, t_batch, x, eta, generator=generator)
-            noise_pred = None
-            if progress:
-                progress(1)
-            continue
-
-        # Branch: k candidates from the shared x_{t_i}, drawn as ddim_step_with_logprob draws them,
-        # but with the standard-normal z kept: the loss needs it.
-        mean, std = ddim_posterior(scheduler, noise_pred.repeat(k, 1, 1, 1), t.expand(k * b), x.repeat(k, 1, 1, 1), eta)
-        z = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)  # [k*b, C, h, w]
-        cands = (mean + std * z).to(x.dtype)
-        last = i == len(timesteps) - 1  # the sd15 ending only: the sdxl one stops after its last branch
-        final = ending == "sdxl" and i == last_branch
-        if last:
-            # GradSPO's SD1.5 sampler judges the final images at the last step's own timestep and keeps every pair.
-            x0 = cands.float()
-            judge_t = t.expand(k * b).long()
-            cand_noise = None
-        else:
-            judge_t = previous_timestep(scheduler, t.expand(k * b))
-            cand_noise = guided_noise_pred(unet, cands, judge_t, cand_cond, negative, guidance_scale)
-            unet_calls += 1
-            if final:
-                # GradSPO's SDXL sampler: no judging at t_{N-1}; each chain takes its own last step (one draw
-                # each, in the same [k*b] layout) and the x0s are judged at t = 0.
-                ends, _ = ddim_step_with_logprob(scheduler, cand_noise, judge_t, cands, eta, generator=generator)
-                x0 = ends.float()
-                judge_t = torch.zeros(k * b, dtype=torch.long, device=device)
-            else:
-                x0, _ = predict_x0_and_eps(scheduler, cand_noise, judge_t, cands)
-        images = decode_latents(vae, x0, decode_chunk_size)
-        scores = _score_in_batches(judge, images, cand_prompts, judge_t, judge_batch_size).float().view(k, b)  # [k, b]
-        judge_calls += 1
-        indices, valid = select_pair(scores, threshold)  # [2, b], [b]
-        if last:
-            valid = torch.ones_like(valid)
-
-        cands_kb = cands.view(k, b, *cands.shape[1:])  # [k, b, C, h, w]
-        z_kb = z.view(k, b, *z.shape[1:])
-        rows = torch.arange(b, device=device)
-        keep = valid.nonzero().squeeze(1)
-        if keep.numel():
-            best, worst = indices[0, keep], indices[1, keep]
-            kept.append(
-                StepPairs(
-                    latents=x[keep],
-                    win=cands_kb[best, keep],
-                    lose=cands_kb[worst, keep],
-                    timesteps=t_batch[keep].long(),
-                    cond=cond.select(keep),
-                    prompt_index=keep,
-                    step_index=torch.full_like(keep, i),
-                    # The pair's own draws, also for the sdxl ending's final pair (module docstring).
-                    noise_delta=(z_kb[best, keep] - z_kb[worst, keep]) / 2,
-                )
-            )
-        all_scores.append(scores)
-        all_valid.append(valid)
-        if final:
-            x = ends  # [k*b, C, h, w]: every chain's x0; no chain is continued
-            if progress:
-                progress(2)  # this branch and the last step
-            break
-        # Continue from a uniformly random candidate, and reuse its already computed UNet output.
-        choice = torch.randint(0, k, (b,), generator=generator, device=generator.device if generator else "cpu").to(device)
-        x = cands_kb[choice, rows]
-        noise_pred = None if cand_noise is None else cand_noise.view(k, b, *cand_noise.shape[1:])[choice, rows]
-        all_choices.append(choice)
-        if progress:
-            progress(1)
-
-    if kept:
-        pairs = StepPairs.cat(kept)
-    else:
-        empty = StepPairs.empty_like(latents, cond)
-        pairs = StepPairs.from_tensors({**empty.tensors(), "noise_delta": latents[:0].float()})
-    return SamplingResult(
-        pairs=pairs,
-        final_latents=x,
-        scores=torch.stack(all_scores),
-        valid=torch.stack(all_valid),
-        choices=torch.stack(all_choices) if all_choices else torch.zeros(0, b, dtype=torch.long, device=device),
-        judge_calls=judge_calls,
-        unet_calls=unet_calls,
+    return branching_sample(
+        unet, vae, scheduler, judge, prompts, cond, negative, latents, ending=f"gradspo-{ending}",
+        num_inference_steps=num_inference_steps, eta=eta, guidance_scale=guidance_scale,
+        divert_start_step=divert_start_step, num_candidates=num_candidates, threshold=threshold, generator=generator,
+        decode_chunk_size=decode_chunk_size, judge_batch_size=judge_batch_size, progress=progress,
     )

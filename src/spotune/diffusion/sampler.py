@@ -11,17 +11,21 @@ Per batch of b prompts and a DDIM schedule t_0 > t_1 > ... > t_{N-1} (SD1.5: 951
 3. ``select_pair`` keeps (x_{t_i}, best, worst, t_i, prompt) when the judge is decisive;
 4. the chain continues from a candidate drawn uniformly at random (not the winner), so later steps
    see states from the model's own distribution rather than a judge-steered one.
+
+The loop is :func:`branching_sample`, which GradSPO's sampler (``spotune.diffusion.gradspo_sampler``)
+shares: its ``ending`` adds what GradSPO changes (each pair's noise offset, and its two ends of the chain).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
 from diffusers import DDIMScheduler, UNet2DConditionModel
+from diffusers.utils.torch_utils import randn_tensor
 
-from spotune.diffusion.ddim import ddim_step_with_logprob, predict_x0_and_eps, previous_timestep
+from spotune.diffusion.ddim import ddim_posterior, ddim_step_with_logprob, predict_x0_and_eps, previous_timestep
 from spotune.models.conditioning import Conditioning
 from spotune.models.family import vae_scale_factor
 from spotune.preference.protocol import PreferenceModel
@@ -292,16 +296,79 @@ def spo_sample(
     """
     if not 0 <= divert_start_step < num_inference_steps:
         raise ValueError(f"divert_start_step must be in [0, {num_inference_steps}), got {divert_start_step}")
+    return branching_sample(
+        unet, vae, scheduler, judge, prompts, cond, negative, latents, ending="spo",
+        num_inference_steps=num_inference_steps, eta=eta, guidance_scale=guidance_scale,
+        divert_start_step=divert_start_step, num_candidates=num_candidates, threshold=threshold, generator=generator,
+        decode_chunk_size=decode_chunk_size, judge_batch_size=judge_batch_size, progress=progress,
+    )
+
+
+def _score_in_batches(
+    judge: PreferenceModel, images: torch.Tensor, prompts: list[str], timesteps: torch.Tensor, batch_size: int | None
+) -> torch.Tensor:
+    """``judge.score`` on [B, 3, H, W] images, at most ``batch_size`` at a time (all at once when unset); [B]."""
+    if not batch_size or batch_size >= images.shape[0]:
+        return judge.score(images, prompts, timesteps)
+    parts = [
+        judge.score(images[i : i + batch_size], prompts[i : i + batch_size], timesteps[i : i + batch_size])
+        for i in range(0, images.shape[0], batch_size)
+    ]
+    return torch.cat(parts)
+
+
+# How a branching chain ends: SPO's SD1.5 sampler, or GradSPO's two samplers
+# (spotune.diffusion.gradspo_sampler explains theirs).
+BranchEnding = Literal["spo", "gradspo-sd15", "gradspo-sdxl"]
+
+
+def branching_sample(
+    unet: UNet2DConditionModel,
+    vae,
+    scheduler: DDIMScheduler,
+    judge: PreferenceModel,
+    prompts: list[str],
+    cond: Conditioning,
+    negative: Conditioning,
+    latents: torch.Tensor,
+    *,
+    ending: BranchEnding,
+    num_inference_steps: int,
+    eta: float,
+    guidance_scale: float,
+    divert_start_step: int,
+    num_candidates: int,
+    threshold: float,
+    generator: torch.Generator | None,
+    decode_chunk_size: int,
+    judge_batch_size: int | None,
+    progress: Callable[[int], None] | None,
+) -> SamplingResult:
+    """The branching loop SPO's and GradSPO's step-wise samplers share (arguments checked by the callers).
+
+    At each step from ``divert_start_step`` on, k candidates are drawn from the shared x_t (mean + s_t z,
+    z drawn as :func:`ddim_step_with_logprob` draws it), judged, and the chain continues from a random
+    one. ``ending`` says what differs: GradSPO's samplers keep each pair's ``noise_delta`` ((z_win -
+    z_lose) / 2) and end the chain their own way (``gradspo-sd15``: the final candidates judged at the
+    last step's timestep, every final pair kept; ``gradspo-sdxl``: the t_{N-2} branch's chains each take
+    their last step and their x0s are judged at t = 0, no chain continued); SPO judges the final
+    candidates at t = 0 and keeps what the threshold keeps.
+    """
+    gradspo = ending != "spo"
+    last_branch = num_inference_steps - 2 if ending == "gradspo-sdxl" else num_inference_steps - 1
     b, k = check_branching_batch(latents, prompts, cond, num_candidates)
     device = latents.device
     scheduler.set_timesteps(num_inference_steps, device=device)
     timesteps = scheduler.timesteps
     x = latents
     noise_pred: torch.Tensor | None = None  # guided output at (x, t_i), when already known
-    steps_x: list[torch.Tensor] = []  # per branching step: [b, C, h, w] x_{t_i}
+    # Per branching step, every prompt's pair; the decisive ones are picked once after the loop, so no
+    # step waits on the device to learn how many pairs it kept.
+    steps_x: list[torch.Tensor] = []  # [b, C, h, w] x_{t_i}
     steps_win: list[torch.Tensor] = []  # [b, C, h, w] best candidate
     steps_lose: list[torch.Tensor] = []  # [b, C, h, w] worst candidate
     steps_t: list[torch.Tensor] = []  # [b] t_i
+    steps_delta: list[torch.Tensor] = []  # [b, C, h, w] (z_best - z_worst) / 2 (GradSPO)
     all_scores, all_valid, all_choices = [], [], []
     judge_calls = unet_calls = 0
     cand_cond = cond.repeat(k)  # k*b rows, candidate-major: row j*b + p
@@ -319,40 +386,56 @@ def spo_sample(
                 progress(1)
             continue
 
-        # Branch: k candidates x_{t_{i+1}} from the shared x_{t_i}, same mean, independent noise.
-        x_rep = x.repeat(k, 1, 1, 1)  # [k*b, C, h, w]
-        cands, _ = ddim_step_with_logprob(
-            scheduler, noise_pred.repeat(k, 1, 1, 1), t.expand(k * b), x_rep, eta, generator=generator
-        )
+        # Branch: k candidates x_{t_{i+1}} from the shared x_{t_i}, same mean, independent noise z.
+        mean, std = ddim_posterior(scheduler, noise_pred.repeat(k, 1, 1, 1), t.expand(k * b), x.repeat(k, 1, 1, 1), eta)
+        z = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)  # [k*b, C, h, w]
+        cands = (mean + std * z).to(x.dtype)
         last = i == len(timesteps) - 1
+        final = ending == "gradspo-sdxl" and i == last_branch
         if last:
             x0 = cands.float()  # the candidates are final latents
-            judge_t = torch.zeros(k * b, dtype=torch.long, device=device)
+            # GradSPO's SD1.5 sampler judges them at the last step's own timestep; SPO at 0.
+            judge_t = t.expand(k * b).long() if ending == "gradspo-sd15" else torch.zeros(k * b, dtype=torch.long, device=device)
             cand_noise = None
         else:
             judge_t = previous_timestep(scheduler, t.expand(k * b))
             cand_noise = guided_noise_pred(unet, cands, judge_t, cand_cond, negative, guidance_scale)
             unet_calls += 1
-            x0, _ = predict_x0_and_eps(scheduler, cand_noise, judge_t, cands)
+            if final:
+                # No judging at t_{N-1}: each chain takes its own last step (one draw each, in the same
+                # [k*b] layout) and the x0s are judged at t = 0.
+                ends, _ = ddim_step_with_logprob(scheduler, cand_noise, judge_t, cands, eta, generator=generator)
+                x0 = ends.float()
+                judge_t = torch.zeros(k * b, dtype=torch.long, device=device)
+            else:
+                x0, _ = predict_x0_and_eps(scheduler, cand_noise, judge_t, cands)
         images = decode_latents(vae, x0, decode_chunk_size)
         scores = _score_in_batches(judge, images, cand_prompts, judge_t, judge_batch_size).float().view(k, b)  # [k, b]
         judge_calls += 1
         indices, valid = select_pair(scores, threshold)  # [2, b], [b]
+        if last and ending == "gradspo-sd15":
+            valid = torch.ones_like(valid)  # every final pair is kept, whatever the threshold
 
         cands_kb = cands.view(k, b, *cands.shape[1:])  # [k, b, C, h, w]
         rows = torch.arange(b, device=device)
-        # Every prompt's candidate pair is kept on the device; the decisive ones are picked once after the
-        # loop, so no step waits on the device to learn how many pairs it kept.
         steps_x.append(x)
         steps_win.append(cands_kb[indices[0], rows])
         steps_lose.append(cands_kb[indices[1], rows])
         steps_t.append(t_batch.long())
+        if gradspo:
+            z_kb = z.view(k, b, *z.shape[1:])
+            steps_delta.append((z_kb[indices[0], rows] - z_kb[indices[1], rows]) / 2)
+        all_scores.append(scores)
+        all_valid.append(valid)
+        if final:
+            x = ends  # [k*b, C, h, w]: every chain's x0; no chain is continued
+            if progress:
+                progress(2)  # this branch and the last step
+            break
         # Continue from a uniformly random candidate, and reuse its already computed UNet output.
         choice = torch.randint(0, k, (b,), generator=generator, device=generator.device if generator else "cpu").to(device)
         x = cands_kb[choice, rows]
         noise_pred = None if cand_noise is None else cand_noise.view(k, b, *cand_noise.shape[1:])[choice, rows]
-        all_scores.append(scores)
-        all_valid.append(valid)
         all_choices.append(choice)
         if progress:
             progress(1)
@@ -360,6 +443,7 @@ def spo_sample(
     valid_sb = torch.stack(all_valid)  # [S, b]
     step_of, prompt_of = valid_sb.nonzero(as_tuple=True)  # decisive pairs, step-major then prompt order
     flat = step_of * b + prompt_of
+    extra = {"noise_delta": torch.cat(steps_delta)[flat]} if gradspo else {}
     pairs = StepPairs(
         latents=torch.cat(steps_x)[flat],
         win=torch.cat(steps_win)[flat],
@@ -368,29 +452,17 @@ def spo_sample(
         cond=cond.select(prompt_of),
         prompt_index=prompt_of,
         step_index=step_of + divert_start_step,
+        **extra,
     )
     return SamplingResult(
         pairs=pairs,
         final_latents=x,
         scores=torch.stack(all_scores),
         valid=valid_sb,
-        choices=torch.stack(all_choices),
+        choices=torch.stack(all_choices) if all_choices else torch.zeros(0, b, dtype=torch.long, device=device),
         judge_calls=judge_calls,
         unet_calls=unet_calls,
     )
-
-
-def _score_in_batches(
-    judge: PreferenceModel, images: torch.Tensor, prompts: list[str], timesteps: torch.Tensor, batch_size: int | None
-) -> torch.Tensor:
-    """``judge.score`` on [B, 3, H, W] images, at most ``batch_size`` at a time (all at once when unset); [B]."""
-    if not batch_size or batch_size >= images.shape[0]:
-        return judge.score(images, prompts, timesteps)
-    parts = [
-        judge.score(images[i : i + batch_size], prompts[i : i + batch_size], timesteps[i : i + batch_size])
-        for i in range(0, images.shape[0], batch_size)
-    ]
-    return torch.cat(parts)
 
 
 @torch.no_grad()

@@ -58,6 +58,17 @@ def test_fake_and_real_runs_of_the_same_recipe_have_the_same_peak_and_flops(fp32
         assert predicted.phases[name].total_flops > 0, name
 
 
+def test_a_model_folder_is_planned_from_its_configs_alone(fp32_runs, tmp_path):
+    # The tiny model saved as a diffusers folder: the plan reads its configs (no weights) and predicts
+    # what it predicts for the model built in code.
+    from spotune.models.tiny import build_tiny_sd15_pipeline
+
+    build_tiny_sd15_pipeline().save_pretrained(tmp_path / "model")
+    from_folder = predict_iteration(tiny_config(f"pretrained_model={tmp_path / 'model'}"), progress=None)
+    assert from_folder.architecture == f"the configs in {tmp_path / 'model'}"
+    assert from_folder.peak == fp32_runs[1].peak and from_folder.tuples == fp32_runs[1].tuples
+
+
 def test_prediction_of_a_mixed_precision_run_is_within_ten_percent_of_its_measured_peak():
     # bf16 autocast with gradient checkpointing and micro-batches: the prediction follows CUDA's autocast
     # (norms in fp32), the real CPU run CPU autocast's, so they differ a little but must stay close.

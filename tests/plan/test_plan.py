@@ -69,6 +69,14 @@ def test_a_model_folder_is_planned_from_its_configs_alone(fp32_runs, tmp_path):
     assert from_folder.peak == fp32_runs[1].peak and from_folder.tuples == fp32_runs[1].tuples
 
 
+def test_decode_chunks_sized_by_free_memory_follow_the_planned_card(fp32_runs):
+    # decode_chunk_size=0 sizes the VAE's chunks by free CUDA memory: on a planned card with almost
+    # nothing free, one image at a time (4 decodes per judged step, not the 1 of the default chunk of 8).
+    tight = predict_iteration(tiny_config("decode_chunk_size=0"), card_memory_bytes=1, progress=None)
+    judged_steps = fp32_runs[1].phases["vae_decode"].calls
+    assert tight.phases["vae_decode"].calls == 2 * 2 * judged_steps
+
+
 def test_prediction_of_a_mixed_precision_run_is_within_ten_percent_of_its_measured_peak():
     # bf16 autocast with gradient checkpointing and micro-batches: the prediction follows CUDA's autocast
     # (norms in fp32), the real CPU run CPU autocast's, so they differ a little but must stay close.
@@ -133,7 +141,7 @@ def _stub_prediction(config, peak_gib: float, phase: str) -> Prediction:
     record = PhaseRecord(phase, peak=int(peak_gib * 2**30))
     return Prediction(config=config, family="sd15", sampler="sd15", architecture="", judge_architecture="",
                       phases={phase: record}, peak=record.peak, after_setup=0, weights={}, trainable_parameters=0,
-                      tuples=0, prompt_count=10, iterations_per_epoch=1, total_iterations=1, sdpa_kernels=[],
+                      tuples=0, prompt_count=10, sdpa_kernels=[],
                       seconds_to_predict=0.0)
 
 

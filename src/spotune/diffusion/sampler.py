@@ -107,6 +107,17 @@ def sampling_unet(unet, micro_batch_rows: int | None):
     return RowChunkedUNet(unet, micro_batch_rows) if micro_batch_rows else unet
 
 
+def free_device_memory(device: torch.device) -> int | None:
+    """Free bytes on ``device`` for :func:`auto_decode_chunk_size`: CUDA's figure, ``None`` off CUDA.
+
+    ``spotune plan`` replaces it with the planned card's memory less what is live.
+    """
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return free
+
+
 def auto_decode_chunk_size(vae, latents: torch.Tensor, fraction: float = 0.5) -> int:
     """How many latents to decode at once so the decoder's activations fit in free CUDA memory.
 
@@ -121,9 +132,9 @@ def auto_decode_chunk_size(vae, latents: torch.Tensor, fraction: float = 0.5) ->
         a chunk size in [1, B].
     """
     batch = latents.shape[0]
-    if latents.device.type != "cuda" or batch == 0:
+    free = free_device_memory(latents.device) if batch else None
+    if free is None:
         return max(batch, 1)
-    free, _ = torch.cuda.mem_get_info(latents.device)
     factor = vae_scale_factor(vae)
     height, width = latents.shape[-2] * factor, latents.shape[-1] * factor
     width_channels = vae.config.block_out_channels[0]

@@ -61,9 +61,7 @@ class Prediction:
     weights: dict[str, int]
     trainable_parameters: int
     tuples: int
-    prompt_count: int
-    iterations_per_epoch: int
-    total_iterations: int
+    prompt_count: int  # the run's length follows from it (spotune.plan.report, for any number of processes)
     sdpa_kernels: list[str]
     seconds_to_predict: float
     notes: list[str] = field(default_factory=list)
@@ -215,21 +213,15 @@ def predict_iteration(config, *, card_memory_bytes: int | None = None, progress=
     from spotune.plan.fake_world import fake_world
 
     recorder = ExecutionRecorder(stand_ins=True)
-    real_auto_chunk = sampler_module.auto_decode_chunk_size
 
-    def auto_chunk(vae, latents, fraction: float = 0.5) -> int:
-        """The sampler's chunk sizing by free CUDA memory, with the card's memory less what is live."""
-        if card_memory_bytes is None:
-            return real_auto_chunk(vae, latents, fraction)
-        free = max(0, card_memory_bytes - recorder.current)
-        factor = 2 ** (len(vae.config.block_out_channels) - 1)
-        per_image = 6 * vae.config.block_out_channels[0] * latents.shape[-2] * factor * latents.shape[-1] * factor * vae.dtype.itemsize
-        return int(max(1, min(latents.shape[0], (free * fraction) // per_image)))
+    def free_device_memory(device: torch.device) -> int | None:
+        """The planned card's free memory: its size less what is live (None: no card, the whole batch)."""
+        return None if card_memory_bytes is None else max(0, card_memory_bytes - recorder.current)
 
     notes: dict[str, str] = {}
     with ExitStack() as stack:
         stack.enter_context(_models_from_configs(notes))
-        stack.enter_context(mock.patch.object(sampler_module, "auto_decode_chunk_size", auto_chunk))
+        stack.enter_context(mock.patch.object(sampler_module, "free_device_memory", free_device_memory))
         stack.enter_context(fake_world())
         return _record_iteration(config, _planning_config(config), recorder, notes, progress, fake=True)
 
@@ -294,8 +286,7 @@ def _record_iteration(config, planning, recorder: ExecutionRecorder, notes: dict
         config=config, family=trainer.family.name, sampler=trainer.sampler_kind,
         architecture=notes.get("architecture", config.pretrained_model), judge_architecture=notes.get("judge", config.judge),
         phases=phases, peak=recorder.peak, after_setup=after_setup, weights=weights, trainable_parameters=trainable,
-        tuples=tuples, prompt_count=len(trainer.prompts), iterations_per_epoch=trainer.iterations_per_epoch,
-        total_iterations=trainer.total_iterations, sdpa_kernels=sorted(recorder.sdpa_kernels), seconds_to_predict=elapsed,
+        tuples=tuples, prompt_count=len(trainer.prompts), sdpa_kernels=sorted(recorder.sdpa_kernels), seconds_to_predict=elapsed,
         notes=extra,
     )
 

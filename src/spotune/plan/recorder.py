@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils._pytree import tree_flatten
 
@@ -234,8 +235,6 @@ class ExecutionRecorder(TorchDispatchMode):
             return func(*args, **kwargs)
         flat_in = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
         if self.stand_ins:
-            from torch._subclasses.fake_tensor import FakeTensor
-
             fake_in = [a for a in flat_in if isinstance(a, FakeTensor)]
             # Real inputs only (the scheduler's tables, time ids built from Python numbers): real outputs.
             # Real meta tensors (what the planner offloads) go on to the fake mode, which makes them fake.
@@ -282,7 +281,7 @@ class ExecutionRecorder(TorchDispatchMode):
             phase.flops[precision] += flops
         if self.keep_ops and kernel:
             phase.op_flops.append(flops)
-            phase.op_bytes.append(_distinct_bytes(flat_in) + _distinct_bytes(flat_out))
+            phase.op_bytes.append(_bytes_touched(flat_in) + _bytes_touched(flat_out))
             phase.op_precision.append(PRECISIONS.index(precision))
 
     @property
@@ -290,8 +289,9 @@ class ExecutionRecorder(TorchDispatchMode):
         return sum(p.total_flops for p in self.phases.values())
 
 
-def _distinct_bytes(tensors: list[torch.Tensor]) -> int:
-    """Bytes an op reads or writes in ``tensors``: each tensor's own elements (a view's, not its base's)."""
+def _bytes_touched(tensors: list[torch.Tensor]) -> int:
+    """Bytes an op reads or writes in ``tensors``: each tensor's own elements (a view's, not its base's;
+    a tensor passed twice counts twice, as a kernel reading it twice would)."""
     return sum(t.numel() * t.element_size() for t in tensors)
 
 

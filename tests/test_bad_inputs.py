@@ -149,6 +149,11 @@ CASES = [
          ("--gpu GTX-480: unknown GPU; known: H200, H100", "RTX-4090", "T4", "give --memory-gb N")),
     Case("plan-zero-processes", ["plan", "--config", str(ROOT / "configs" / "tiny_cpu.yaml"), "--processes", "0"],
          ("--processes takes a whole number >= 1, got 0",)),
+    Case("plan-json-onto-a-users-file", ["plan", "--config", str(ROOT / "configs" / "tiny_cpu.yaml"), "--json", "{tmp}/notes.json"],
+         ("--json {tmp}/notes.json: the file exists and is not a spotune plan report, so it is not replaced",),
+         setup=text_file("notes.json", '{"mine": 1}\n')),
+    Case("plan-json-into-a-missing-folder", ["plan", "--config", str(ROOT / "configs" / "tiny_cpu.yaml"), "--json", "{tmp}/no/plan.json"],
+         ("--json {tmp}/no/plan.json: its folder {tmp}/no does not exist",)),
     Case("plan-negative-seed", ["plan", "--config", str(ROOT / "configs" / "tiny_cpu.yaml"), "seed=-1"],
          ("command line: seed must be >= 0, got seed=-1",)),
     # generate

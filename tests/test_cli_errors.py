@@ -54,6 +54,7 @@ def one_line_error(capsys, *needles: str) -> str:
     ("beta=-1", "beta must be > 0, got beta=-1.0"),
     ("eps=1", "eps must be in (0, 1), got eps=1.0"),
     ("decode_chunk_size=-1", "decode_chunk_size must be >= 0 (0: sized by free CUDA memory), got decode_chunk_size=-1"),
+    ("sample_micro_batch_size=0", "sample_micro_batch_size must be >= 1 (or unset), got sample_micro_batch_size=0"),
     ("keep_checkpoints=0", "keep_checkpoints must be >= 1 when set"),
     ("checkpoint_every=-1", "checkpoint_every must be >= 0"),
     ("lora_init=pissa", "lora_init must be one of gaussian, true, kaiming, default, got lora_init=pissa"),

@@ -234,3 +234,11 @@ def test_plan_memory_size_must_be_a_number(capsys):
         main(["plan", "--config", TINY, "--memory-gb", "lots"])
     assert exit_info.value.code == 2
     assert "argument --memory-gb: expected a number (GiB), got 'lots'" in capsys.readouterr().err
+
+
+def test_plan_json_never_replaces_a_file_it_did_not_write(tmp_path, capsys):
+    mine = tmp_path / "notes.json"
+    mine.write_text('{"mine": 1}\n')
+    code, _, err = _plan(capsys, "--config", TINY, "--json", str(mine))
+    assert code == 1 and "is not a spotune plan report, so it is not replaced" in err
+    assert mine.read_text() == '{"mine": 1}\n'

@@ -57,6 +57,26 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
+def _check_report_path(path) -> None:
+    """Refuse a ``--json`` path that cannot be written, or whose file spotune plan did not write."""
+    import json
+
+    from spotune.errors import SpotuneError
+
+    if path.is_dir():
+        raise SpotuneError(f"--json {path}: is a folder; give a file path such as {path / 'plan.json'}")
+    if not path.parent.is_dir():
+        raise SpotuneError(f"--json {path}: its folder {path.parent} does not exist; create it or give another path")
+    if path.exists():
+        try:
+            report = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            report = None
+        if not (isinstance(report, dict) and report.get("predicted") is True and "fits" in report and "phases" in report):
+            raise SpotuneError(f"--json {path}: the file exists and is not a spotune plan report, so it is not "
+                               "replaced; give another path or remove it")
+
+
 def _gpu_names() -> list[str]:
     from spotune.plan.gpus import GPUS
 
@@ -85,6 +105,8 @@ def run(args: argparse.Namespace) -> int:
     if args.efficiency is not None:
         settings.compute_efficiency = args.efficiency
     config = load_config(TrainSPOConfig, args.config, args.overrides)
+    if args.json:
+        _check_report_path(Path(args.json))  # before minutes of predicting, not after
     if args.print_config:
         from spotune.config import config_to_yaml
 

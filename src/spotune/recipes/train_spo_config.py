@@ -145,7 +145,7 @@ class TrainSPOConfig:
             (self.train_micro_batch_size is None or self.train_micro_batch_size >= 1, "train_micro_batch_size must be >= 1 (or unset)"),
             (self.judge_batch_size is None or self.judge_batch_size >= 1, "judge_batch_size must be >= 1 (or unset)"),
             (self.sample_micro_batch_size is None or self.sample_micro_batch_size >= 1,
-             "sample_micro_batch_size must be >= 1 (or unset)"),
+             f"sample_micro_batch_size must be >= 1 (or unset), got sample_micro_batch_size={self.sample_micro_batch_size}"),
             (self.decode_chunk_size >= 0,
              f"decode_chunk_size must be >= 0 (0: sized by free CUDA memory), got decode_chunk_size={self.decode_chunk_size}"),
             (self.lora_rank >= 1, "lora_rank must be >= 1"),

@@ -146,8 +146,8 @@ def _full_overrides(args, cuda: bool) -> list[str]:
 def cpu_mixed_precision() -> tuple[str, str]:
     """The proving mode's precision on this CPU, and why: bf16 only where the CPU computes it natively.
 
-    Without AVX512-BF16 or AMX, bf16 matmuls are emulated and a full-size iteration takes tens of minutes
-    (an fp32 one, minutes), so fp32 (mixed_precision "no") is the default there.
+    Without AVX512-BF16 or AMX, bf16 matmuls are emulated: on one such CPU a full-size bf16 iteration had not
+    finished after 25 minutes where fp32 took 89 s, so fp32 (mixed_precision "no") is the default there.
     """
     try:
         flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
@@ -182,16 +182,18 @@ def _random_full_size_models(device: torch.device, family: str = "sd15"):
         yield
 
 
-def _predict(config, device: torch.device) -> dict:
-    """``spotune plan``'s report for ``config``, on this CUDA card when the plan's table knows it."""
+def _predict(config, device: torch.device, memory_cap_gb: float | None) -> dict:
+    """``spotune plan``'s report for ``config``, on this CUDA card (its memory, or the cap when one is set)
+    when the plan's table knows it."""
     from spotune.plan.gpus import gpu_for_device_name
     from spotune.plan.predict import predict_iteration
     from spotune.plan.report import PlanSettings, assess
 
     settings = PlanSettings()
     if device.type == "cuda":
-        settings.memory_gib = torch.cuda.get_device_properties(device).total_memory / 2**30
-        settings.gpu = gpu_for_device_name(torch.cuda.get_device_name(device), settings.memory_gib)
+        total_gib = torch.cuda.get_device_properties(device).total_memory / 2**30
+        settings.gpu = gpu_for_device_name(torch.cuda.get_device_name(device), total_gib)
+        settings.memory_gib = min(total_gib, memory_cap_gb) if memory_cap_gb else total_gib
     card = int(settings.memory_gib * 2**30) if settings.memory_gib else None
     prediction = predict_iteration(config, card_memory_bytes=card)
     return assess(prediction, settings)
@@ -246,7 +248,7 @@ def run_full(args, mode: str) -> dict:
             "lora_rank", "decode_chunk_size", "judge_batch_size", "offload_text_encoder", "judge_dtype", "max_grad_norm",
             "prompts")}
         if args.predict and not emulated:
-            report["prediction"] = _predict(config, device)
+            report["prediction"] = _predict(config, device, args.memory_cap_gb)
         trainer = SPOTrainer(config)
         iterations: list[dict] = []
         flops: dict[str, int] = {}

@@ -1,4 +1,4 @@
-"""The README's table of predicted memory and time for the shipped full-size recipes (``spotune plan``'s machinery).
+"""The table of predicted memory and time in docs/plan.md, for the shipped full-size recipes (``spotune plan``'s machinery).
 
     python bench/plan_table.py                       # every recipe below (about 15 minutes on 2 CPU cores)
     python bench/plan_table.py configs/sd15_spo.yaml # one

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The full-size benchmark on one CUDA GPU, every variant the README's table needs, JSON per run in $OUT.
+# The full-size benchmark on one CUDA GPU, every variant docs/benchmark.md's GPU section needs, JSON per run in $OUT.
 #   OUT=results bash bench/run_full_gpu.sh
 # Each run: one FLOP-count iteration, one warm-up, three measured (about 1-2 minutes each on an H100/H200).
 set -u

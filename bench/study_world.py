@@ -33,7 +33,7 @@ from typing import Any
 
 from spotune.toyworld.metrics import AESTHETIC_COMPONENTS
 
-# The demo's stage times measured on 2 CPU cores (README, "The demo"): 30 iterations of the shipped
+# The demo's stage times measured on 2 CPU cores (docs/demo-and-world.md, "Measured"): 30 iterations of the shipped
 # toyworld_spo.yaml per method, and the evaluation of 3 models x 192 images in 55 s. The run-time
 # estimate scales these; it is an estimate, not a measurement of the study.
 MEASURED_SECONDS_PER_ITERATION = {"spo": 186.0 / 30, "trajectory": 223.0 / 30, "gradspo": 262.0 / 30}
@@ -371,7 +371,7 @@ def interval(rows: list[list[float]], args: argparse.Namespace, missing: bool = 
 
 
 def select(grid: list[dict[str, Any]]) -> dict[str, Any]:
-    """The README's rule: the highest validation win rate; ties to fewer iterations, then the smaller learning rate."""
+    """The protocol's rule (the world's README): the highest validation win rate; ties to fewer iterations, then the smaller learning rate."""
     return sorted(grid, key=lambda g: (-round(g["win_rate"], 12), g["iterations"], g["learning_rate"]))[0]
 
 

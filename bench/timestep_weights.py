@@ -1,6 +1,6 @@
 """How SPO's and GradSPO's losses weight the timesteps of SD1.5's 20-step DDIM schedule.
 
-    python bench/timestep_weights.py            # the Markdown table of the README, and its autograd check
+    python bench/timestep_weights.py            # the Markdown table of docs/gradspo.md, and its autograd check
 
 At the start of training (policy = reference = the sampling model, and for GradSPO = the EMA model too),
 both losses push the policy's noise prediction eps along -delta, delta = (z_w - z_l) / 2 the half-difference

@@ -156,6 +156,13 @@ CASES = [
          ("--json {tmp}/no/plan.json: its folder {tmp}/no does not exist",)),
     Case("plan-negative-seed", ["plan", "--config", str(ROOT / "configs" / "tiny_cpu.yaml"), "seed=-1"],
          ("command line: seed must be >= 0, got seed=-1",)),
+    # view
+    Case("view-missing-run", ["view", "{tmp}/no-run"], ("{tmp}/no-run: no such run folder",)),
+    Case("view-not-a-run", ["view", "{tmp}"], ("{tmp}: not a spotune run folder (no config.yaml, no checkpoints/)",)),
+    Case("view-run-symlink-loop", ["view", "{tmp}/loop"], (f"{{tmp}}/loop {LOOP}", "RUN"), setup=symlink_loop),
+    Case("view-output-onto-a-users-file", ["view", "{tmp}/run", "--output", "{tmp}/notes.html"],
+         ("{tmp}/notes.html: exists and was not written by spotune view",), setup=lambda tmp, _: (
+             (tmp / "run").mkdir(), (tmp / "run" / "config.yaml").write_text("seed: 1\n"), (tmp / "notes.html").write_text("mine"))),
     # generate
     Case("generate-negative-seed", generate("--prompt", "a", "--out", "{tmp}/gens") + ["seed=-1"],
          ("command line: seed must be >= 0, got seed=-1",)),

@@ -210,7 +210,7 @@ def test_debug_flag_and_environment_keep_the_traceback(tmp_path, monkeypatch, ca
 def test_a_run_shorter_than_an_epoch_writes_one_grid_and_prints_the_export_command(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", "--config", str(CONFIG), f"output_dir={out}", *FAST[:-1], "max_iterations=1"]) == 0
-    assert [p.name for p in (out / "samples").iterdir()] == ["iter-00000001.png"]
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["base.png", "iter-00000001.png"]  # and the base model's
     printed = capsys.readouterr().out
     (line,) = [line for line in printed.splitlines() if line.startswith("next: spotune export")]
     # The printed command works as printed.

@@ -1,11 +1,12 @@
-"""Every `spotune ...` command in README.md runs as written, so the README cannot drift from the code.
+"""Every `spotune ...` command in README.md and docs/*.md runs as written, so the docs cannot drift from the code.
 
-The commands come from the README's fenced shell blocks (and inline code spans that give a command
-with arguments). Each is run through the real CLI, in-process, in a scratch folder that sees the
-repository's ``configs/``:
+The commands come from the pages' fenced shell blocks (and inline code spans that give a command
+with arguments). A command that several pages give runs once. Each is run through the real CLI,
+in-process, in a scratch folder that sees the repository's ``configs/``:
 
-* commands that need no external weights run for real: the tiny CPU training, the exports of that
-  run (the README's ``runs/sd15_spo`` swapped for the ``runs/tiny`` it trains just above), the tiny
+* commands that need no external weights run for real: the tiny CPU trainings, the exports (and run pages) of those
+  runs (the pages' ``runs/sd15_spo`` and ``runs/sdxl_spo`` swapped for the ``runs/tiny`` and
+  ``runs/tiny_sdxl`` that docs/training.md trains without weights; those trainings run first), the tiny
   generate/eval configs, ``--list-keys`` and ``--help``;
 * commands that need real weights (``/models/...``, ``PATH`` placeholders, the ``sd15_*`` and ``sdxl_*`` configs)
   and the demo (8 minutes; ``tests/toyworld/test_demo.py`` runs it shrunk) are checked by a dry run,
@@ -28,9 +29,11 @@ from spotune.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+# The pages whose commands run: the README, then docs/ in name order.
+PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
 
-# The README's placeholder run folder and the tiny run it trains without weights.
-EXPORT_SWAPS = {"runs/sd15_spo": "runs/tiny"}
+# The pages' placeholder run folders and the tiny runs they train without weights.
+EXPORT_SWAPS = {"runs/sd15_spo": "runs/tiny", "runs/sdxl_spo": "runs/tiny_sdxl"}
 # Arguments that point at weights this checkout does not have; a command holding one is only parsed.
 NEEDS_WEIGHTS = re.compile(r"(^|[=/])(models/|PATH$|DIR$|file\.safetensors$)|configs/sd(15|xl)_")
 
@@ -52,6 +55,29 @@ def readme_commands(text: str) -> list[str]:
     return commands
 
 
+def page_name(page: Path) -> str:
+    return page.relative_to(ROOT).as_posix()
+
+
+def documented_commands() -> dict[str, list[str]]:
+    """Each distinct command of the pages (the first spelling met; spacing aside, one command once), with the
+    pages that give it, in page order then each page's order."""
+    found: dict[tuple[str, ...], tuple[str, list[str]]] = {}
+    for page in PAGES:
+        for command in readme_commands(page.read_text(encoding="utf-8")):
+            _, pages = found.setdefault(tuple(shlex.split(command)), (command, []))
+            if page_name(page) not in pages:
+                pages.append(page_name(page))
+    return dict(found.values())
+
+
+def _trains_a_swapped_run(command: str) -> bool:
+    """A training that writes one of the runs the exports are pointed at."""
+    argv = shlex.split(command)[1:]
+    return argv[0] == "train" and "--list-keys" not in argv and any(
+        f"output_dir={run}" in argv for run in EXPORT_SWAPS.values())
+
+
 def _run(argv: list[str]) -> tuple[int, str, str]:
     """Run ``spotune ARGV`` in this process; (exit code, stdout, stderr)."""
     out, err = io.StringIO(), io.StringIO()
@@ -68,7 +94,7 @@ def _plan(command: str) -> tuple[str, list[str]]:
     argv = shlex.split(command)[1:]
     if "--help" in argv or "-h" in argv or "--list-keys" in argv:
         return "run", argv
-    if argv[0] == "export":
+    if argv[0] in ("export", "view"):  # they read a trained run: the tiny one trained in its place
         return "run", [EXPORT_SWAPS.get(a, a) for a in argv]
     if argv[0] == "demo" or any(NEEDS_WEIGHTS.search(a) for a in argv):
         return "dry-run", [*argv, "--print-config"]
@@ -78,6 +104,7 @@ def _plan(command: str) -> tuple[str, list[str]]:
 @dataclasses.dataclass
 class Outcome:
     command: str
+    pages: list[str]
     mode: str
     argv: list[str]
     code: int
@@ -87,44 +114,55 @@ class Outcome:
 
 @pytest.fixture(scope="module")
 def readme_run(tmp_path_factory) -> tuple[Path, list[Outcome]]:
-    """Every README command, run once in a scratch folder laid out like the repository root."""
+    """Every command of the pages, run once in a scratch folder laid out like the repository root."""
     tmp = tmp_path_factory.mktemp("readme")
     work = tmp / "repo"
     work.mkdir()
     (work / "configs").symlink_to(ROOT / "configs")
     if (ROOT.parent / "shared").is_dir():
         (tmp / "shared").symlink_to(ROOT.parent / "shared")
-    commands = readme_commands(README.read_text())
-    # The run the exports use comes first; the rest keep the README's order.
-    commands.sort(key=lambda c: 0 if "configs/tiny_cpu.yaml" in c and "--list-keys" not in c else 1)
+    commands = documented_commands()
+    # The runs the exports use come first; the rest keep the pages' order.
+    order = sorted(commands, key=lambda c: 0 if _trains_a_swapped_run(c) else 1)
     outcomes = []
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(work)
         mp.setenv("SPOTUNE_CACHE", str(tmp / "cache"))
-        for command in commands:
+        for command in order:
             mode, argv = _plan(command)
-            outcomes.append(Outcome(command, mode, argv, *_run(argv)))
+            outcomes.append(Outcome(command, commands[command], mode, argv, *_run(argv)))
     return work, outcomes
 
 
-def test_readme_lists_the_commands_this_test_checks():
-    commands = readme_commands(README.read_text())
+def test_the_pages_list_the_commands_this_test_checks():
+    commands = documented_commands()
     names = {shlex.split(c)[1] for c in commands}
-    assert {"demo", "train", "train-spm", "eval-spm", "export", "generate", "eval"} <= names, names
+    assert {"demo", "train", "train-spm", "eval-spm", "export", "generate", "eval", "plan", "view"} <= names, names
     for needed in ("configs/tiny_cpu.yaml", "configs/tiny_generate.yaml", "configs/tiny_eval.yaml", "--list-keys"):
         assert any(needed in c for c in commands), needed
+    assert all(any(_trains_a_swapped_run(c) for c in commands if f"output_dir={run}" in c) for run in EXPORT_SWAPS.values())
+    readme = [c for c, pages in commands.items() if page_name(README) in pages]
+    assert any(c.startswith("spotune export runs/sd15_spo --format webui") for c in readme), readme
 
 
-def test_every_readme_command_runs_as_written(readme_run):
-    work, outcomes = readme_run
+@pytest.mark.parametrize("page", PAGES, ids=page_name)
+def test_every_command_of_the_page_runs_as_written(readme_run, page):
+    _, outcomes = readme_run
     for o in outcomes:
+        if page_name(page) not in o.pages:
+            continue
         last = o.err.strip().splitlines()[-1:] if o.err.strip() else o.out[-300:]
-        assert o.code == 0, f"`{o.command}` exited {o.code}: {last}"
+        assert o.code == 0, f"`{o.command}` ({', '.join(o.pages)}) exited {o.code}: {last}"
+
+
+def test_the_commands_without_weights_ran_for_real(readme_run):
+    work, outcomes = readme_run
     ran = [o.command for o in outcomes if o.mode == "run"]
     assert any(c.startswith("spotune export") for c in ran)
-    assert all(any(t in c for c in ran) for t in ("tiny_cpu.yaml", "tiny_generate.yaml", "tiny_eval.yaml"))
+    assert all(any(t in c for c in ran) for t in ("tiny_cpu.yaml", "tiny_sdxl.yaml", "tiny_generate.yaml", "tiny_eval.yaml"))
     for written in ("runs/tiny/config.yaml", "SPO-SD-v1-5_LoRA_webui.safetensors", "spo-lora/pytorch_lora_weights.safetensors",
-                    "sd15-spo-merged/model_index.json", "sd15-spo.safetensors", "gens/tiny/grid.png", "reports/tiny/report.html"):
+                    "sd15-spo-merged/model_index.json", "sd15-spo.safetensors", "SPO-SDXL_LoRA_webui.safetensors",
+                    "gens/tiny/grid.png", "reports/tiny/report.html"):
         assert (work / written).exists(), written
 
 
@@ -140,7 +178,7 @@ def test_commands_needing_weights_resolve_every_key_they_type(readme_run):
 
 
 def test_the_readme_run_config_reads_back_as_the_same_config(readme_run):
-    """config.yaml written by the README's tiny run, given back with --config, is the config of that run."""
+    """config.yaml written by the documented tiny run, given back with --config, is the config of that run."""
     from spotune.recipes.train_spo_config import TrainSPOConfig
 
     work, _ = readme_run
@@ -152,23 +190,8 @@ def test_the_readme_run_config_reads_back_as_the_same_config(readme_run):
 
 
 @pytest.mark.parametrize("command", ["--help", "train --help", "train-spm --help", "eval-spm --help", "export --help",
-                                     "generate --help", "eval --help", "demo --help"])
+                                     "generate --help", "eval --help", "demo --help", "plan --help"])
 def test_help_of_every_command(command):
     code, out, _ = _run(command.split())
     assert code == 0 and out.startswith("usage: spotune")
 
-
-def test_configuration_reference_names_only_real_keys_with_their_defaults():
-    """The README's `spotune train` key table: every key exists and shows the code's default."""
-    from spotune.config import describe_config
-    from spotune.recipes.train_spo_config import TrainSPOConfig
-
-    text = README.read_text()
-    section = text[text.index("## Configuration reference"):]
-    rows = dict(re.findall(r"^\| `(\w+)` \| (`[^|]*`) \|", section, re.M))
-    code_rows = dict(re.findall(r"^\| `(\w+)` \| (`[^|]*`) \|", describe_config(TrainSPOConfig), re.M))
-    assert rows, "no key table found"
-    unknown = sorted(set(rows) - {f.name for f in dataclasses.fields(TrainSPOConfig)})
-    assert not unknown, f"README names keys that do not exist: {unknown}"
-    stale = {k: (v, code_rows[k]) for k, v in rows.items() if v != code_rows[k]}
-    assert not stale, f"README defaults differ from the code (README, code): {stale}"

@@ -38,6 +38,7 @@ COMMAND_MODULES = [
     "spotune.commands.eval_spm",
     "spotune.commands.demo",
     "spotune.commands.plan",
+    "spotune.commands.view",
 ]
 
 

@@ -51,7 +51,8 @@ def clipped_ratio_dpo(
     Args:
         log_ratio_win, log_ratio_lose: [B] policy-minus-reference log-likelihoods of winner and loser.
     Returns:
-        (loss, stats) with detached [B] ``ratio_win``, ``ratio_lose`` and the scalar ``accuracy``.
+        (loss, stats) with detached [B] ``ratio_win``, ``ratio_lose`` (clipped), ``log_ratio_win``,
+        ``log_ratio_lose`` (as given) and the scalar ``accuracy``.
     """
     ratio_win = torch.clamp(torch.exp(log_ratio_win), 1 - eps, 1 + eps)
     ratio_lose = torch.clamp(torch.exp(log_ratio_lose), 1 - eps, 1 + eps)
@@ -61,6 +62,9 @@ def clipped_ratio_dpo(
         "ratio_win": ratio_win.detach(),
         "ratio_lose": ratio_lose.detach(),
         "accuracy": (ratio_win > ratio_lose).float().mean().detach(),
+        # Unclipped, per tuple: the per-step statistics average them by step (recipes/step_stats.py).
+        "log_ratio_win": log_ratio_win.detach(),
+        "log_ratio_lose": log_ratio_lose.detach(),
     }
     return loss, stats
 

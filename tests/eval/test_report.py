@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import re
 import shutil
-import subprocess
 
 import numpy as np
 import pytest
@@ -16,6 +14,8 @@ from PIL import Image
 from spotune.eval.records import ImageItem
 from spotune.eval.report import markdown_report, write_report
 from spotune.eval.tables import build_tables
+
+from browser import find_chromium, run_chromium
 
 MODELS = ("base", "spo <new>")  # a name with HTML special characters must be escaped, not break the page
 CATEGORIES = ("Animals", "Vehicles")
@@ -67,32 +67,11 @@ def test_report_files_hold_the_numbers(report):
     assert "spo &lt;new&gt;" in html and "<new>" not in html and "prompt 0 &amp; &lt;b&gt;" in html
 
 
-def _chromium() -> str:
-    """Debian's chromium; a machine that could install it but did not is a setup failure, not a skip."""
-    found = shutil.which("chromium") or shutil.which("chromium-browser")
-    if found:
-        return found
-    if hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("apt-get"):
-        pytest.fail("chromium is missing although this machine can install it: run ./dev setup (it apt-get installs chromium)")
-    reason = "browser test skipped: chromium is not installed and cannot be installed here (needs root and apt-get: apt-get install chromium)"
-    print(reason)
-    pytest.skip(reason)
-
-
-def _run_chromium(chromium: str, profile, *args: str) -> subprocess.CompletedProcess:
-    flags = [
-        "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync", "--hide-scrollbars",
-        f"--user-data-dir={profile}", "--window-size=1200,2400", "--virtual-time-budget=10000",
-    ]
-    return subprocess.run([chromium, *flags, *args], capture_output=True, text=True, timeout=120)
-
-
 def test_html_report_renders_in_a_headless_browser(report, tmp_path):
-    chromium = _chromium()
+    chromium = find_chromium()
     out, page, tables = report
     url = page.resolve().as_uri()
-    dom = _run_chromium(chromium, tmp_path / "profile-dom", "--dump-dom", url)
+    dom = run_chromium(chromium, tmp_path / "profile-dom", "--dump-dom", url)
     assert dom.returncode == 0, dom.stderr[-2000:]
     html = dom.stdout
     # The summary table rendered with one row per model and one column per scorer.
@@ -108,7 +87,7 @@ def test_html_report_renders_in_a_headless_browser(report, tmp_path):
     assert 'class="broken"' not in html
 
     shot = tmp_path / "report.png"
-    run = _run_chromium(chromium, tmp_path / "profile-shot", f"--screenshot={shot}", url)
+    run = run_chromium(chromium, tmp_path / "profile-shot", f"--screenshot={shot}", url)
     assert run.returncode == 0 and shot.is_file(), run.stderr[-2000:]
     with Image.open(shot) as im:
         pixels = np.asarray(im.convert("RGB"), dtype=np.int16)
@@ -118,11 +97,11 @@ def test_html_report_renders_in_a_headless_browser(report, tmp_path):
 
 
 def test_browser_shows_broken_images_when_the_report_loses_files(report, tmp_path):
-    chromium = _chromium()
+    chromium = find_chromium()
     out, _, _ = report
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
     shutil.rmtree(copy / "thumbs")
-    dom = _run_chromium(chromium, tmp_path / "profile", "--dump-dom", (copy / "report.html").resolve().as_uri())
+    dom = run_chromium(chromium, tmp_path / "profile", "--dump-dom", (copy / "report.html").resolve().as_uri())
     status = re.search(r'<p id="image-status"[^>]*>([^<]*)</p>', dom.stdout).group(1)
     assert status == f"{4 * len(MODELS)} of {4 + 4 * len(MODELS)} images failed to load"

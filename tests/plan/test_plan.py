@@ -2,7 +2,7 @@
 knobs, the CLI and its errors.
 
 The real runs use the tiny recipe shrunk to a few steps (a second or two of compute each, recorded op by op);
-full-size predictions take a minute or more each and live in the README's table and ``bench/bench_spo.py
+full-size predictions take a minute or more each and live in docs/plan.md's table and ``bench/bench_spo.py
 --predict``.
 """
 

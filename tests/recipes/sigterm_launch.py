@@ -19,10 +19,10 @@ if __name__ == "__main__":
     rank, iteration, argv = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
     original = SPOTrainer.sample
 
-    def sample(self, prompts):
+    def sample(self, prompts, tree_row=None):
         if self.accelerator.process_index == rank and self.iteration == iteration:
             os.kill(os.getpid(), signal.SIGTERM)
-        return original(self, prompts)
+        return original(self, prompts, tree_row=tree_row)
 
     SPOTrainer.sample = sample
     sys.exit(main(argv))

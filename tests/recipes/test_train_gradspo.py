@@ -5,12 +5,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
 from spotune.checkpoint import list_checkpoints, read_state
 from spotune.cli import main
+
+from run_checks import check_trees_and_log
+
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny_cpu.yaml"
 FAST = [
@@ -38,6 +40,7 @@ def test_two_iterations_change_every_lora_parameter_and_keep_the_ema(tmp_path):
     (ckpt,) = list_checkpoints(tmp_path / "run")
     state = read_state(ckpt)
     assert state["config"]["algorithm"] == "gradspo" and state["ema"] == {"file": "ema.safetensors", "decay": 0.9}
+    check_trees_and_log(tmp_path / "run", "gradspo-sd15", 2)
     assert state["optimizer_step"] >= 2
     trained = load_file(str(ckpt / "lora.safetensors"))
     ema = load_file(str(ckpt / "ema.safetensors"))

@@ -15,6 +15,8 @@ from spotune.config import load_config
 from spotune.recipes.train_gradspo import GradSPOTrainer
 from spotune.recipes.train_spo_config import TrainSPOConfig
 
+from run_checks import check_trees_and_log
+
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "configs" / "tiny_sdxl.yaml"
 QUIET = ["log_with=none", "progress=false", "validate_every_epochs=0"]
@@ -38,6 +40,7 @@ def test_two_iterations_through_the_cli_change_every_lora_parameter(tmp_path):
     (ckpt,) = list_checkpoints(out)
     state = read_state(ckpt)
     assert state["config"]["algorithm"] == "gradspo" and state["config"]["sampler"] == "sdxl"
+    check_trees_and_log(out, "gradspo-sdxl", 2)
     assert state["iteration"] == 2 and state["optimizer_step"] >= 2
     trained = load_file(str(ckpt / "lora.safetensors"))
     ema = load_file(str(ckpt / "ema.safetensors"))

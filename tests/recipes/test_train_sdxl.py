@@ -15,6 +15,8 @@ from spotune.config import load_config
 from spotune.recipes.train_spo import SPOTrainer
 from spotune.recipes.train_spo_config import TrainSPOConfig
 
+from run_checks import check_trees_and_log
+
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "configs" / "tiny_sdxl.yaml"
 # 8 DDIM steps, divert 4, 1 inner step: branch at 4 and 6, judge at 6 and (the x0s) at 7; every segment kept.
@@ -41,6 +43,7 @@ def test_tiny_sdxl_config_changes_every_lora_parameter(tmp_path):
     state = read_state(ckpt)
     assert state["iteration"] == 2 and state["optimizer_step"] >= 2
     assert state["config"]["sampler"] == "sdxl" and state["config"]["num_inner_steps"] == 3
+    check_trees_and_log(out, "sdxl", 2)
     trained = load_file(str(ckpt / "lora.safetensors"))
     unet = build_tiny_sdxl_unet(seed=2)  # the seed builtin:tiny-sdxl uses for its UNet
     torch.manual_seed(42)

@@ -12,6 +12,9 @@ from safetensors.torch import load_file
 
 from spotune.checkpoint import list_checkpoints, read_state
 from spotune.cli import main
+from spotune.recipes.run_log import read_metrics
+
+from run_checks import check_trees_and_log
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny_cpu.yaml"
 # Small and fast: 8 DDIM steps, 2 prompts per round, every pair kept (threshold 0).
@@ -49,6 +52,7 @@ def test_two_iterations_change_every_lora_parameter(tmp_path):
     assert saved.max_iterations == 2 and saved.output_dir == str(tmp_path / "run") and saved.preference_threshold == 0.0
     for name in ("optimizer.safetensors", "optimizer.json", "scheduler.json", "rng_rank0.safetensors", "rng_rank0.json"):
         assert (ckpt / name).is_file()
+    check_trees_and_log(tmp_path / "run", "spo", 2)
 
 
 def test_a_sigterm_mid_epoch_checkpoints_and_the_resume_is_bit_exact(tmp_path, capsys, sigterm_during):
@@ -77,6 +81,11 @@ def test_a_sigterm_mid_epoch_checkpoints_and_the_resume_is_bit_exact(tmp_path, c
     assert all(torch.equal(oa[k], ob[k]) for k in oa)
     assert json.loads((a / "scheduler.json").read_text()) == json.loads((b / "scheduler.json").read_text())
     assert read_state(a)["optimizer_step"] == read_state(b)["optimizer_step"]
+    # The log of the resumed run reads as the uninterrupted run's: iteration 3, abandoned and redone, once.
+    def logged(run):
+        return [{k: v for k, v in r.items() if k != "time" and not k.startswith("seconds_")} for r in read_metrics(run)]
+    assert logged(tmp_path / "split") == logged(tmp_path / "straight")
+    assert [r["iteration"] for r in read_metrics(tmp_path / "split")] == [1, 2, 3, 4]
 
 
 def test_full_finetune_runs_and_saves_the_unet(tmp_path):
@@ -85,15 +94,6 @@ def test_full_finetune_runs_and_saves_the_unet(tmp_path):
     assert read_state(ckpt)["finetune"] == "full"
     weights = load_file(str(ckpt / "unet.safetensors"))
     assert "conv_in.weight" in weights and not any("lora" in k for k in weights)
-
-
-def test_validation_images_each_epoch(tmp_path):
-    out = tmp_path / "val"
-    assert main(["train", "--config", str(CONFIG), f"output_dir={out}", *FAST[:-3],
-                 "prompts=" + str(_prompt_file(tmp_path, 4)), "num_epochs=2", "validate_every_epochs=1",
-                 "checkpoint_every=0", "max_iterations=null"]) == 0
-    assert sorted(p.name for p in (out / "samples").iterdir()) == ["epoch-0001.png", "epoch-0002.png"]
-    assert len(list_checkpoints(out)) == 2
 
 
 def _prompt_file(tmp_path: Path, n: int) -> Path:

@@ -66,6 +66,7 @@ def gradspo_sample(
     decode_chunk_size: int = 8,
     judge_batch_size: int | None = None,
     progress: Callable[[int], None] | None = None,
+    tree_row: int | None = None,
 ) -> SamplingResult:
     """Run GradSPO's step-wise sampling for one batch of prompts (see the module docstring).
 
@@ -81,6 +82,7 @@ def gradspo_sample(
         generator: drives all noise and the choice of the continued candidate.
         decode_chunk_size, judge_batch_size: latents decoded and images scored at once (memory bound; the
             judge scores all k*b at once when unset), as in :func:`spotune.diffusion.sampler.spo_sample`.
+        tree_row: record the sampling tree of this prompt in ``result.tree``.
     Returns:
         A :class:`SamplingResult` whose pairs carry ``noise_delta`` [N, C, h, w] float32. ``scores`` [S, k, b]
         and ``valid`` [S, b] per judged step (S = N - divert_start_step, one fewer with the ``sdxl`` ending,
@@ -100,5 +102,5 @@ def gradspo_sample(
         unet, vae, scheduler, judge, prompts, cond, negative, latents, ending=f"gradspo-{ending}",
         num_inference_steps=num_inference_steps, eta=eta, guidance_scale=guidance_scale,
         divert_start_step=divert_start_step, num_candidates=num_candidates, threshold=threshold, generator=generator,
-        decode_chunk_size=decode_chunk_size, judge_batch_size=judge_batch_size, progress=progress,
+        decode_chunk_size=decode_chunk_size, judge_batch_size=judge_batch_size, progress=progress, tree_row=tree_row,
     )

@@ -26,6 +26,7 @@ from diffusers import DDIMScheduler, UNet2DConditionModel
 from diffusers.utils.torch_utils import randn_tensor
 
 from spotune.diffusion.ddim import ddim_posterior, ddim_step_with_logprob, predict_x0_and_eps, previous_timestep
+from spotune.diffusion.tree import SamplingTree
 from spotune.models.conditioning import Conditioning
 from spotune.models.family import vae_scale_factor
 from spotune.preference.protocol import PreferenceModel
@@ -245,6 +246,9 @@ class SamplingResult:
             judged step that branches again).
         judge_calls: number of calls to ``judge.score``.
         unet_calls: number of guided UNet passes (each on a batch of b or k*b latents).
+        judged_steps: S step indices, the denoising step i each row of ``scores`` belongs to (the step whose
+            candidates were judged; the SDXL sampler: the evaluation step that closed the segment).
+        tree: the recorded prompt's sampling tree when the sampler was given ``tree_row``; else ``None``.
     """
 
     pairs: StepPairs
@@ -254,6 +258,8 @@ class SamplingResult:
     choices: torch.Tensor
     judge_calls: int
     unet_calls: int
+    judged_steps: list[int]
+    tree: SamplingTree | None = None
 
 
 def check_branching_batch(latents: torch.Tensor, prompts: list[str], cond: Conditioning, num_candidates: int) -> tuple[int, int]:
@@ -288,6 +294,7 @@ def spo_sample(
     decode_chunk_size: int = 8,
     judge_batch_size: int | None = None,
     progress: Callable[[int], None] | None = None,
+    tree_row: int | None = None,
 ) -> SamplingResult:
     """Run SPO's step-wise sampling for one batch of prompts (see the module docstring).
 
@@ -304,6 +311,7 @@ def spo_sample(
         decode_chunk_size: latents decoded by the VAE at once (0: sized by free CUDA memory).
         judge_batch_size: images scored by the judge at once (memory bound); all k*b at once when unset.
         progress: called with 1 after each denoising step.
+        tree_row: record the sampling tree of this prompt (its index in ``prompts``) in ``result.tree``.
     """
     if not 0 <= divert_start_step < num_inference_steps:
         raise ValueError(f"divert_start_step must be in [0, {num_inference_steps}), got {divert_start_step}")
@@ -311,7 +319,7 @@ def spo_sample(
         unet, vae, scheduler, judge, prompts, cond, negative, latents, ending="spo",
         num_inference_steps=num_inference_steps, eta=eta, guidance_scale=guidance_scale,
         divert_start_step=divert_start_step, num_candidates=num_candidates, threshold=threshold, generator=generator,
-        decode_chunk_size=decode_chunk_size, judge_batch_size=judge_batch_size, progress=progress,
+        decode_chunk_size=decode_chunk_size, judge_batch_size=judge_batch_size, progress=progress, tree_row=tree_row,
     )
 
 
@@ -354,6 +362,7 @@ def branching_sample(
     decode_chunk_size: int,
     judge_batch_size: int | None,
     progress: Callable[[int], None] | None,
+    tree_row: int | None = None,
 ) -> SamplingResult:
     """The branching loop SPO's and GradSPO's step-wise samplers share (arguments checked by the callers).
 
@@ -363,7 +372,8 @@ def branching_sample(
     z_lose) / 2) and end the chain their own way (``gradspo-sd15``: the final candidates judged at the
     last step's timestep, every final pair kept; ``gradspo-sdxl``: the t_{N-2} branch's chains each take
     their last step and their x0s are judged at t = 0, no chain continued); SPO judges the final
-    candidates at t = 0 and keeps what the threshold keeps.
+    candidates at t = 0 and keeps what the threshold keeps. ``tree_row`` records that prompt's tree
+    (:mod:`spotune.diffusion.tree`) from the images and scores the loop has anyway.
     """
     gradspo = ending != "spo"
     last_branch = num_inference_steps - 2 if ending == "gradspo-sdxl" else num_inference_steps - 1
@@ -380,10 +390,11 @@ def branching_sample(
     steps_lose: list[torch.Tensor] = []  # [b, C, h, w] worst candidate
     steps_t: list[torch.Tensor] = []  # [b] t_i
     steps_delta: list[torch.Tensor] = []  # [b, C, h, w] (z_best - z_worst) / 2 (GradSPO)
-    all_scores, all_valid, all_choices = [], [], []
+    all_scores, all_valid, all_choices, judged = [], [], [], []
     judge_calls = unet_calls = 0
     cand_cond = cond.repeat(k)  # k*b rows, candidate-major: row j*b + p
     cand_prompts = list(prompts) * k
+    tree = None if tree_row is None else SamplingTree(tree_row, ending)
 
     for i, t in enumerate(timesteps):
         t_batch = t.expand(b)
@@ -424,8 +435,12 @@ def branching_sample(
         scores = _score_in_batches(judge, images, cand_prompts, judge_t, judge_batch_size).float().view(k, b)  # [k, b]
         judge_calls += 1
         indices, valid = select_pair(scores, threshold)  # [2, b], [b]
-        if last and ending == "gradspo-sd15":
+        keep_all = last and ending == "gradspo-sd15"
+        if keep_all:
             valid = torch.ones_like(valid)  # every final pair is kept, whatever the threshold
+        judged.append(i)
+        if tree is not None:
+            tree.judged(i, t, judge_t, images, scores, None if keep_all else threshold, valid)
 
         cands_kb = cands.view(k, b, *cands.shape[1:])  # [k, b, C, h, w]
         rows = torch.arange(b, device=device)
@@ -448,6 +463,8 @@ def branching_sample(
         x = cands_kb[choice, rows]
         noise_pred = None if cand_noise is None else cand_noise.view(k, b, *cand_noise.shape[1:])[choice, rows]
         all_choices.append(choice)
+        if tree is not None:
+            tree.continued_from(choice)
         if progress:
             progress(1)
 
@@ -473,6 +490,8 @@ def branching_sample(
         choices=torch.stack(all_choices) if all_choices else torch.zeros(0, b, dtype=torch.long, device=device),
         judge_calls=judge_calls,
         unet_calls=unet_calls,
+        judged_steps=judged,
+        tree=tree,
     )
 
 
@@ -579,6 +598,7 @@ def trajectory_sample(
         choices=torch.zeros(1, b, dtype=torch.long, device=device),
         judge_calls=1,
         unet_calls=num_inference_steps,
+        judged_steps=[num_inference_steps - 1],
     )
 
 

@@ -38,6 +38,7 @@ import torch
 from diffusers import DDIMScheduler, UNet2DConditionModel
 
 from spotune.diffusion.ddim import ddim_step_with_logprob, predict_x0_and_eps
+from spotune.diffusion.tree import SamplingTree
 from spotune.diffusion.sampler import (
     SamplingResult,
     StepPairs,
@@ -93,6 +94,7 @@ def segment_spo_sample(
     decode_chunk_size: int = 8,
     judge_batch_size: int | None = None,
     progress: Callable[[int], None] | None = None,
+    tree_row: int | None = None,
 ) -> SamplingResult:
     """Run the SDXL sampler for one batch of prompts (see the module docstring).
 
@@ -102,6 +104,8 @@ def segment_spo_sample(
         prompts: b captions; ``cond`` their b rows of conditioning; ``negative`` 1 row.
         latents: [b, C, h, w] initial noise x_T (already scaled by ``init_noise_sigma``).
         num_candidates: k (SPO SDXL: 2). num_inner_steps: n (SPO SDXL: 3). threshold: SPO SDXL 0.4.
+        tree_row: record this prompt's tree: a row per step after the first branch, the k chains'
+            x0-predictions (decoded for the tree alone at the inner steps, which are not judged).
         others: as in :func:`spotune.diffusion.sampler.spo_sample`.
     Returns:
         A :class:`SamplingResult` whose ``pairs`` set ``latents_lose`` (x_t of the losing chain) and
@@ -132,12 +136,16 @@ def segment_spo_sample(
     segment: list[tuple[torch.Tensor, torch.Tensor, int, bool]] = []
     # Closed segments, per transition, for all b prompts; the decisive ones are picked once after the loop.
     kept: dict[str, list[torch.Tensor]] = {k_: [] for k_ in ("latents", "latents_lose", "win", "lose", "t", "step", "shared", "valid")}
-    all_scores, all_valid, all_choices = [], [], []
+    all_scores, all_valid, all_choices, judged = [], [], [], []
     judge_calls = unet_calls = 0
+    tree = None if tree_row is None else SamplingTree(tree_row, "sdxl")
 
-    def close_segment(scores: torch.Tensor) -> None:
-        """Label every transition of the open segment with the chains' [k, b] scores."""
+    def close_segment(step: int, t: torch.Tensor, judge_t: torch.Tensor, images: torch.Tensor, scores: torch.Tensor) -> None:
+        """Label every transition of the open segment with the chains' [k, b] scores (of [k*b] ``images``)."""
         indices, valid = select_pair(scores, threshold)  # [2, b], [b]
+        judged.append(step)
+        if tree is not None:
+            tree.judged(step, t, judge_t, images, scores, threshold, valid)
         win, lose = indices[0], indices[1]
         for x_from, x_to, step, shared in segment:
             kept["latents"].append(x_from[win, rows])
@@ -152,9 +160,10 @@ def segment_spo_sample(
         all_valid.append(valid)
         segment.clear()
 
-    def judge_images(x0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def judge_images(x0: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[k*b, 3, H, W] decoded images of [k*b] x0 latents and their [k, b] scores at ``t``."""
         images = decode_latents(vae, x0, decode_chunk_size)
-        return _score_in_batches(judge, images, cand_prompts, t, judge_batch_size).float().view(k, b)  # [k, b]
+        return images, _score_in_batches(judge, images, cand_prompts, t, judge_batch_size).float().view(k, b)
 
     x = latents  # [b, C, h, w] up to the first branch, [k*b, C, h, w] after it
     inner_left = 0
@@ -170,6 +179,9 @@ def segment_spo_sample(
             if branched:
                 inner_left -= 1
                 segment.append((kb(x), kb(x_next), i, False))
+                if tree is not None:  # the recorded prompt's k chains only: no judge sees these x0s
+                    x0, _ = predict_x0_and_eps(scheduler, out, t_rows, x)
+                    tree.unjudged(i, t, decode_latents(vae, kb(x0)[:, tree_row], decode_chunk_size))
             x = x_next
             if progress:
                 progress(1)
@@ -178,7 +190,8 @@ def segment_spo_sample(
         if i == last:  # no branch: each chain steps to x0, the x0s are judged at t = 0
             x_next, _ = ddim_step_with_logprob(scheduler, out, t_rows, x, eta, generator=generator)
             segment.append((kb(x), kb(x_next), i, False))
-            close_segment(judge_images(x_next.float(), torch.zeros(k * b, dtype=torch.long, device=device)))
+            zero = torch.zeros(k * b, dtype=torch.long, device=device)
+            close_segment(i, t, zero, *judge_images(x_next.float(), zero))
             judge_calls += 1
             x = x_next
             if progress:
@@ -188,10 +201,12 @@ def segment_spo_sample(
             x_from, out_from = x, out
         else:  # judge each chain's x0-prediction at t_i, close the segment, continue from a random chain
             x0, _ = predict_x0_and_eps(scheduler, out, t_rows, x)
-            close_segment(judge_images(x0, t_rows))
+            close_segment(i, t, t_rows, *judge_images(x0, t_rows))
             judge_calls += 1
             choice = torch.randint(0, k, (b,), generator=generator, device=generator.device if generator else "cpu").to(device)
             all_choices.append(choice)
+            if tree is not None:
+                tree.continued_from(choice)
             x_from, out_from = kb(x)[choice, rows], kb(out)[choice, rows]
         # Branch: k candidates x_{t_{i+1}} from the shared x_{t_i}, same mean, independent noise.
         x_rep = x_from.repeat(k, 1, 1, 1)  # [k*b, C, h, w]
@@ -223,4 +238,6 @@ def segment_spo_sample(
         choices=torch.stack(all_choices) if all_choices else torch.zeros(0, b, dtype=torch.long, device=device),
         judge_calls=judge_calls,
         unet_calls=unet_calls,
+        judged_steps=judged,
+        tree=tree,
     )

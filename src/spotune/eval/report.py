@@ -26,6 +26,7 @@ from pathlib import Path
 from PIL import Image
 
 from spotune.eval.tables import EvalTables
+from spotune.utils.html_page import IMAGE_STATUS_SCRIPT
 
 THUMB_SIZE = 256
 
@@ -228,22 +229,7 @@ img.broken { outline: 3px solid #c00; min-width: 64px; min-height: 64px; }
 #image-status { color: #555; font-size: 90%; }
 """
 
-# Marks images that failed to load (a moved or incomplete report folder) and records their natural
-# widths, so a reader - or a headless browser - can see that the report rendered whole.
-_SCRIPT = """
-window.addEventListener('load', function () {
-  var images = Array.prototype.slice.call(document.images), ok = 0;
-  images.forEach(function (im) {
-    im.setAttribute('data-natural-width', im.naturalWidth);
-    if (im.complete && im.naturalWidth > 0) { ok += 1; } else { im.classList.add('broken'); }
-  });
-  var status = document.getElementById('image-status');
-  status.setAttribute('data-loaded', ok);
-  status.setAttribute('data-total', images.length);
-  status.textContent = ok === images.length ? 'all ' + ok + ' images loaded'
-                                             : (images.length - ok) + ' of ' + images.length + ' images failed to load';
-});
-"""
+_SCRIPT = IMAGE_STATUS_SCRIPT
 
 
 def html_report(

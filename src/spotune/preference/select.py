@@ -22,9 +22,20 @@ def select_pair(scores: torch.Tensor, threshold: float) -> tuple[torch.Tensor, t
         raise ValueError(f"scores must be [k, b], got shape {tuple(scores.shape)}")
     if scores.shape[0] < 2:
         raise ValueError(f"need at least 2 candidates per prompt to form a pair, got k={scores.shape[0]}")
+    indices, gap = best_worst_gap(scores)
+    return indices, gap > threshold
+
+
+def best_worst_gap(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The best and worst of k candidates per prompt and their two-way softmax gap ``p_best - p_worst``.
+
+    Args:
+        scores: [k, b] preference scores (k >= 2).
+    Returns:
+        indices: [2, b] long, the best's and the worst's index; gap: [b] float32 in [0, 1).
+    """
     order = torch.argsort(scores, dim=0, descending=True)  # [k, b]
     best, worst = order[0], order[-1]  # [b], [b]
     pair_scores = torch.stack([scores.gather(0, best[None])[0], scores.gather(0, worst[None])[0]])  # [2, b]
     probs = torch.softmax(pair_scores.float(), dim=0)  # [2, b]
-    valid = (probs[0] - probs[1]) > threshold
-    return torch.stack([best, worst]), valid
+    return torch.stack([best, worst]), probs[0] - probs[1]

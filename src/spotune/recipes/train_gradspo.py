@@ -116,8 +116,9 @@ class GradSPOTrainer(SPOTrainer):
     #### SAMPLING ####
     # ============================================================================================
     @torch.no_grad()
-    def sample(self, prompts: list[str]) -> SamplingResult:
-        """GradSPO's step-wise sampling with the EMA model; pairs carry ``noise_delta``."""
+    def sample(self, prompts: list[str], tree_row: int | None = None) -> SamplingResult:
+        """GradSPO's step-wise sampling with the EMA model; pairs carry ``noise_delta`` (and the tree of
+        prompt ``tree_row``, when given)."""
         cfg, acc = self.config, self.accelerator
         generator = torch.Generator(acc.device).manual_seed(seed_for(cfg.seed, self.iteration, acc.process_index, 1))
         cond = self._prompt_conditioning(prompts)  # b rows (cached at start-up with offload_text_encoder)
@@ -130,7 +131,7 @@ class GradSPOTrainer(SPOTrainer):
                 num_inference_steps=cfg.num_inference_steps, eta=cfg.eta, guidance_scale=cfg.guidance_scale,
                 divert_start_step=cfg.divert_start_step, num_candidates=cfg.num_samples_per_step,
                 threshold=cfg.preference_threshold, ending=self.sampler_kind, generator=generator,
-                decode_chunk_size=cfg.decode_chunk_size, judge_batch_size=cfg.judge_batch_size,
+                decode_chunk_size=cfg.decode_chunk_size, judge_batch_size=cfg.judge_batch_size, tree_row=tree_row,
             )
 
     # ============================================================================================

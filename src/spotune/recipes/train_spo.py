@@ -69,6 +69,8 @@ from spotune.recipes.common import (
     stop_for_preemption,
 )
 from spotune.recipes.resume import check_nothing_lost, check_resume_config, override_learning_rate, write_run_config
+from spotune.recipes.run_log import log_iteration, log_resume
+from spotune.recipes.step_stats import StepStatistics, tracker_scalars
 from spotune.recipes.train_spo_config import TrainSPOConfig, sdxl_sampler_check
 from spotune.utils.io import atomic_directory, atomic_save_safetensors, atomic_write_json
 from spotune.utils.preemption import NoPreemption, PreemptionWatch
@@ -84,7 +86,22 @@ RESUMABLE_KEYS = frozenset({
     "validate_every_epochs", "num_validation_images", "validation_prompts", "progress", "learning_rate",
     "gradient_checkpointing", "train_micro_batch_size", "decode_chunk_size", "judge_batch_size",
     "sample_micro_batch_size", "offload_text_encoder", "compile", "compile_backend", "allow_tf32",
+    "tree_every", "tree_prompt",
 })
+
+class _AdapterOff:
+    """A LoRA UNet called with its adapter switched off (the base model), for the base validation grid."""
+
+    def __init__(self, unet) -> None:
+        self.unet = unet
+
+    def __getattr__(self, name: str):
+        return getattr(self.unet, name)
+
+    def __call__(self, *args, **kwargs):
+        with adapter_disabled(self.unet):
+            return self.unet(*args, **kwargs)
+
 
 class SPOTrainer:
     """The SPO recipe: ``setup()``, ``train()``, ``save_checkpoint()``, ``cleanup()``.
@@ -110,6 +127,8 @@ class SPOTrainer:
         # ``spotune plan`` points it at the meta device, so what a GPU run would move off the GPU leaves
         # the memory it counts.
         self.offload_device = torch.device("cpu")
+        # The iteration's per-step statistics, filled by sampling and train_on_pairs (None outside train()).
+        self.step_statistics: StepStatistics | None = None
 
     # ============================================================================================
     # setup
@@ -242,6 +261,8 @@ class SPOTrainer:
                 override_learning_rate(self.optimizer, self.lr_scheduler, cfg.learning_rate)
         if acc.is_main_process:
             write_run_config(self.output_dir, config_to_yaml(cfg), self.iteration if resume_from is not None else None)
+            if resume_from is not None:
+                log_resume(self.output_dir, self.iteration)
         if log_with:
             tracker_cfg = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in config_to_dict(cfg).items()}
             acc.init_trackers(cfg.tracker_project, config=tracker_cfg)
@@ -269,20 +290,29 @@ class SPOTrainer:
             prompts = self._prompts_for(epoch, index_in_epoch)
 
             t0 = time.perf_counter()
-            result = self.sample(prompts)
+            tree_row = cfg.tree_prompt if acc.is_main_process and self._records_tree(self.iteration + 1) else None
+            result = self.sample(prompts, tree_row=tree_row)
             t1 = time.perf_counter()
             if self.preemption.stop_here(acc):
                 # Sampling changed nothing a checkpoint holds (its noise is seeded by the iteration), so the
                 # iteration is given up here: the checkpoint of the state before it resumes bit-exactly.
                 bar.close()
                 stop_for_preemption(self, abandoned=True)
+            self.step_statistics = StepStatistics(cfg.num_inference_steps, cfg.divert_start_step)
+            self.step_statistics.add_sampling(result.pairs.step_index, result.judged_steps, result.scores, len(prompts))
             train_stats = self.train_on_pairs(result.pairs)
             t2 = time.perf_counter()
             pairs_kept += len(result.pairs)
 
             self.iteration += 1
             metrics = self._iteration_metrics(result, train_stats, t1 - t0, t2 - t1)
-            acc.log(metrics, step=self.iteration)
+            per_step = self.step_statistics.finish(acc)
+            self.step_statistics = None
+            acc.log({**metrics, **tracker_scalars(per_step)}, step=self.iteration)
+            if acc.is_main_process:
+                log_iteration(self.output_dir, self.iteration, metrics, per_step)
+                if result.tree is not None:
+                    self._write_tree(result.tree, prompts[result.tree.prompt_row])
             bar.update(1)
             bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4f}", pairs=int(metrics["pairs"]))
 
@@ -293,14 +323,16 @@ class SPOTrainer:
                 self.save_checkpoint()
             epochs_done = self.iteration // self.iterations_per_epoch
             if epoch_done and cfg.validate_every_epochs and epochs_done % cfg.validate_every_epochs == 0:
-                self.validate(epochs_done)
+                if self.validate(epochs_done) is not None:
+                    self._write_run_page()  # with the new grid (the checkpoint's page came before it)
             if not run_done and self.preemption.stop_here(acc):
                 bar.close()
                 stop_for_preemption(self)
         bar.close()
         if cfg.validate_every_epochs and self.iteration < self.iterations_per_epoch and metrics:
             # The run ended before its first epoch did: one grid of where it got to, so every run shows its images.
-            self.validate(0, name=f"iter-{self.iteration:08d}")
+            if self.validate(0, name=f"iter-{self.iteration:08d}") is not None:
+                self._write_run_page()
         if self.open_group_size and acc.is_main_process:
             logger.info(
                 "the last accumulation group (%d of %d micro-batches) is left unapplied, as in the authors' loop; "
@@ -320,6 +352,30 @@ class SPOTrainer:
                 "its best and worst candidate to exceed it); lower preference_threshold, or check the judge"
             )
         return metrics
+
+    def _records_tree(self, iteration: int) -> bool:
+        """Whether the sampling round of ``iteration`` (1-based) records a tree (config ``tree_every``)."""
+        cfg = self.config
+        every = cfg.tree_every
+        if every == 0 or cfg.pairing != "step":  # trajectory pairs have no branching to show
+            return False
+        if iteration == 1 or iteration == self.total_iterations:
+            return True
+        if every is not None:
+            return iteration % every == 0
+        epochs, rest = divmod(iteration, self.iterations_per_epoch)
+        return rest == 0 and bool(cfg.validate_every_epochs) and epochs % cfg.validate_every_epochs == 0
+
+    def _write_tree(self, tree, prompt: str) -> None:
+        """RUN/trees/iter-XXXXXXXX.png and .json, and the picture to TensorBoard (main process)."""
+        from spotune.recipes.trees import write_tree
+
+        _, picture = write_tree(self.output_dir, tree, prompt, self.iteration)
+        for tracker in self.accelerator.trackers:
+            if tracker.name == "tensorboard":
+                import numpy as np
+
+                tracker.writer.add_image("sampling_tree", np.asarray(picture), self.iteration, dataformats="HWC")
 
     def _resolve_sampler(self) -> str:
         """``sd15`` or ``sdxl``: the config's ``sampler``, or the model family's for ``auto`` (checked here,
@@ -377,8 +433,9 @@ class SPOTrainer:
     #### SAMPLING ####
     # ============================================================================================
     @torch.no_grad()
-    def sample(self, prompts: list[str]):
-        """Step-wise sampling with the current model; returns a :class:`SamplingResult`."""
+    def sample(self, prompts: list[str], tree_row: int | None = None):
+        """Step-wise sampling with the current model; returns a :class:`SamplingResult` (with the sampling tree
+        of prompt ``tree_row`` when given; trajectory pairs record none)."""
         cfg, acc = self.config, self.accelerator
         unet = acc.unwrap_model(self.unet)
         unet.eval()
@@ -401,7 +458,7 @@ class SPOTrainer:
                 num_inference_steps=cfg.num_inference_steps, eta=cfg.eta, guidance_scale=cfg.guidance_scale,
                 divert_start_step=cfg.divert_start_step, num_candidates=cfg.num_samples_per_step,
                 threshold=cfg.preference_threshold, generator=generator, decode_chunk_size=cfg.decode_chunk_size,
-                judge_batch_size=cfg.judge_batch_size,
+                judge_batch_size=cfg.judge_batch_size, tree_row=tree_row,
             )
             if self.sampler_kind == "sdxl":
                 return segment_spo_sample(unet, self.vae, self.scheduler, self.judge, prompts, cond, self.negative,
@@ -475,6 +532,8 @@ class SPOTrainer:
                     with nullcontext() if closes and m == len(parts) - 1 else acc.no_sync(self.unet):
                         loss, stats = self._pair_loss(part)
                         acc.backward(loss * weight / group_size)
+                    if self.step_statistics is not None:
+                        self.step_statistics.add_training(part.step_index, stats["log_ratio_win"], stats["log_ratio_lose"])
                     self.open_group_losses.append(loss.detach().reshape(-1))
                     for key, value in {"loss": loss.detach(), **stats}.items():
                         term = value.detach().float().mean().double() * weight
@@ -641,9 +700,20 @@ class SPOTrainer:
                 atomic_write_json(tmp / "state.json", self._state_dict())
             self._prune_checkpoints()
             logger.info("saved checkpoint %s", final)
+            self._write_run_page()
         acc.wait_for_everyone()
         self.saved_at = self.iteration
         return final
+
+    def _write_run_page(self) -> None:
+        """RUN/report.html (spotune.view.run_page), refreshed at each checkpoint. A page that cannot be written
+        is logged, never a reason to stop training."""
+        from spotune.view.run_page import write_run_page
+
+        try:
+            write_run_page(self.output_dir, going=True)
+        except Exception as exc:  # noqa: BLE001 - the page is a view; training goes on
+            logger.warning("run page not written (%s); `spotune view %s` writes it later", exc, self.output_dir)
 
     def _state_dict(self) -> dict[str, Any]:
         cfg = self.config
@@ -754,7 +824,22 @@ class SPOTrainer:
         if not cfg.validation_prompts or not acc.is_main_process:
             acc.wait_for_everyone()
             return None
-        unet = self._sampling_unet()
+        columns = cfg.num_validation_images * min(4, len(cfg.validation_prompts))
+        base_path = self.output_dir / "samples" / "base.png"
+        if not base_path.exists():
+            # The base model's grid, same prompts and seeds, once per run: the run page shows each grid beside it.
+            save_image_grid(self._validation_images(self._base_unet()), base_path, columns=columns)
+        path = self.output_dir / "samples" / f"{name or f'epoch-{epoch:04d}'}.png"
+        grid = save_image_grid(self._validation_images(self._sampling_unet()), path, columns=columns)
+        for tracker in acc.trackers:
+            if tracker.name == "tensorboard":
+                tracker.writer.add_image("validation", grid, self.iteration, dataformats="HWC")
+        acc.wait_for_everyone()
+        return path
+
+    def _validation_images(self, unet) -> torch.Tensor:
+        """[P*n, 3, H, W] images of the validation prompts (n each), seeded by ``seed`` alone, from ``unet``."""
+        cfg, acc = self.config, self.accelerator
         unet.eval()
         prompts = [p for p in cfg.validation_prompts for _ in range(cfg.num_validation_images)]
         generator = torch.Generator(acc.device).manual_seed(cfg.seed)
@@ -763,14 +848,13 @@ class SPOTrainer:
         with acc.autocast():
             x0 = ddim_sample(unet, self.scheduler, cond, self.negative, latents * self.scheduler.init_noise_sigma,
                              num_inference_steps=cfg.num_inference_steps, eta=0.0, guidance_scale=cfg.guidance_scale)
-            images = decode_latents(self.vae, x0, cfg.decode_chunk_size)
-        path = self.output_dir / "samples" / f"{name or f'epoch-{epoch:04d}'}.png"
-        grid = save_image_grid(images, path, columns=cfg.num_validation_images * min(4, len(cfg.validation_prompts)))
-        for tracker in acc.trackers:
-            if tracker.name == "tensorboard":
-                tracker.writer.add_image("validation", grid, self.iteration, dataformats="HWC")
-        acc.wait_for_everyone()
-        return path
+            return decode_latents(self.vae, x0, cfg.decode_chunk_size)
+
+    def _base_unet(self):
+        """The model before fine-tuning: the reference copy (full fine-tuning) or the UNet with its adapter off."""
+        if self.reference_unet is not None:
+            return self.reference_unet
+        return _AdapterOff(self.accelerator.unwrap_model(self.unet))
 
     def cleanup(self) -> None:
         try:

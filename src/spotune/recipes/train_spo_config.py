@@ -38,7 +38,7 @@ class TrainSPOConfig:
     judge_processor_path: str | None = help_field("Folder with the judge's preprocessor_config.json; defaults to judge_clip_path.", None)
     judge_dtype: Literal["fp32", "bf16", "fp16"] = help_field(
         "Precision of the judge while sampling, whatever mixed_precision says: fp32 outside autocast as SPO's "
-        "(default); bf16/fp16 are faster but flip some near-threshold pair decisions (README: the judge's precision).",
+        "(default); bf16/fp16 are faster but flip some near-threshold pair decisions (docs/judges.md: the judge's precision).",
         "fp32")
     # -- SPO sampling --------------------------------------------------------------------------------
     num_inference_steps: int = help_field("DDIM steps per chain.", 20)
@@ -60,9 +60,9 @@ class TrainSPOConfig:
     sampler: Literal["auto", "sd15", "sdxl"] = help_field(
         "Which of the authors' step-wise samplers: sd15 branches k candidates at every step from divert_start_step "
         "on and judges each branch at the next step; sdxl branches every num_inner_steps + 1 steps and labels "
-        "every transition of a segment with the scores at its end (README: the SDXL sampler). auto: the model "
+        "every transition of a segment with the scores at its end (docs/training.md: the SDXL sampler). auto: the model "
         "family's own (SD1.5 models sd15, SDXL models sdxl). With algorithm=gradspo, GradSPO's sampler of that "
-        "name: the two end the chain differently (README: GradSPO on SDXL).", "auto")
+        "name: the two end the chain differently (docs/gradspo.md: GradSPO on SDXL).", "auto")
     num_inner_steps: int = help_field(
         "sampler=sdxl: single steps of each chain between two branchings (SPO SDXL: 3); 0 for sampler=sd15.", 0)
     pairing: Literal["step", "trajectory"] = help_field(
@@ -122,11 +122,18 @@ class TrainSPOConfig:
     validate_every_epochs: int = help_field("Render validation images every N epochs (0 disables).", 1)
     num_validation_images: int = help_field("Images per validation prompt.", 1)
     progress: bool = help_field("Show progress bars.", True)
+    tree_every: int | None = help_field(
+        "Record the sampling tree of one prompt (RUN/trees/iter-N.png and .json, TensorBoard 'sampling_tree': each "
+        "step's candidates, scores, kept pair and continued candidate) every N iterations; unset: the first "
+        "iteration, each iteration that ends with validation images, and the last; 0: never.", None)
+    tree_prompt: int = help_field(
+        "Which prompt of the sampling round the tree follows: its index, 0 .. sample_batch_size-1 (of the main "
+        "process's prompts).", 0)
     # -- the algorithm -------------------------------------------------------------------------------
     algorithm: Literal["spo", "gradspo"] = help_field(
         "spo: SPO's loss on step log-densities, sampling with the trained model. gradspo: GradSPO (its official "
         "code, JoshuaTTJ/GradSPO): sampling with an EMA copy of the trained model, and a loss on noise-prediction "
-        "targets built from the pair's noise offset (see README).", "spo")
+        "targets built from the pair's noise offset (see docs/gradspo.md).", "spo")
     ema_decay: float = help_field(
         "gradspo: decay of the EMA model (GradSPO: 0.9), updated after every gradient_accumulation_steps-th "
         "training batch of a sampling round, as GradSPO's code does (accumulation 1: after every optimizer step).", 0.9)
@@ -167,6 +174,10 @@ class TrainSPOConfig:
             (not (self.resume and self.overwrite), "resume and overwrite=true contradict each other"),
             (self.judge in ("spm", "pickscore", "tiny-clip", "tiny-spm"), f"judge must be spm, pickscore, tiny-clip or tiny-spm, got {self.judge!r}"),
             (self.max_grad_norm >= 0, f"max_grad_norm must be >= 0 (0 disables clipping), got {self.max_grad_norm}"),
+            (self.tree_every is None or self.tree_every >= 0,
+             f"tree_every must be >= 0 (0: no sampling trees) or unset, got tree_every={self.tree_every}"),
+            (0 <= self.tree_prompt < self.sample_batch_size,
+             f"tree_prompt must be in [0, sample_batch_size={self.sample_batch_size}), got tree_prompt={self.tree_prompt}"),
         ]
         checks += [
             (self.algorithm in ("spo", "gradspo"), f"algorithm must be spo or gradspo, got {self.algorithm!r}"),

@@ -1,0 +1,86 @@
+"""Per-timestep statistics of one iteration: what explains a run that learns nothing.
+
+For each denoising step index i of the round:
+
+* ``pair_rate``: training tuples kept at step i per prompt sampled (SD1.5's sampler keeps at most one
+  per prompt and step; the SDXL sampler's decisive segments give one per transition);
+* ``gap``: the mean two-way softmax gap ``p_best - p_worst`` of the judged candidates at step i (the
+  number the threshold is compared with), over every prompt, kept or not;
+* ``log_ratio_win`` / ``log_ratio_lose``: the mean policy-minus-reference log-likelihood of the winners'
+  and the losers' steps among the tuples trained on at step i (unclipped; the loss clips the ratios).
+
+Counts and sums are kept per step and added across processes before the means are taken, so the
+figures are the whole round's under ``accelerate launch``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from spotune.preference.select import best_worst_gap
+
+STATISTICS: tuple[str, ...] = ("pair_rate", "gap", "log_ratio_win", "log_ratio_lose")
+
+
+class StepStatistics:
+    """Accumulates one iteration's per-step counts and sums (``add_sampling``, ``add_training``), then ``finish``.
+
+    Args:
+        num_steps: N, the sampler's denoising steps (step indices 0 .. N-1).
+        first_step: the first step index reported (``divert_start_step``: no pair exists before it).
+    """
+
+    def __init__(self, num_steps: int, first_step: int = 0) -> None:
+        self.num_steps = num_steps
+        self.first_step = first_step
+        # Rows: kept tuples, prompts, gap sum, gap count, win log-ratio sum, lose log-ratio sum, trained count.
+        self.sums = torch.zeros(7, num_steps, dtype=torch.float64)
+
+    def add_sampling(self, step_index: torch.Tensor, judged_steps: list[int], scores: torch.Tensor, num_prompts: int) -> None:
+        """A sampling round's kept tuples ([n] long ``step_index``) and its [S, k, b] ``scores`` at ``judged_steps``."""
+        kept = torch.bincount(step_index.reshape(-1).cpu(), minlength=self.num_steps)[: self.num_steps]
+        self.sums[0] += kept.double()
+        self.sums[1] += num_prompts
+        for row, step in enumerate(judged_steps):
+            _, gap = best_worst_gap(scores[row].float())  # [b]
+            self.sums[2, step] += float(gap.sum())
+            self.sums[3, step] += gap.numel()
+
+    def add_training(self, step_index: torch.Tensor, log_ratio_win: torch.Tensor, log_ratio_lose: torch.Tensor) -> None:
+        """One micro-batch's [n] step indices and [n] log-ratios of its winners' and losers' steps."""
+        index = step_index.reshape(-1).cpu()
+        self.sums[4].index_add_(0, index, log_ratio_win.detach().reshape(-1).double().cpu())
+        self.sums[5].index_add_(0, index, log_ratio_lose.detach().reshape(-1).double().cpu())
+        self.sums[6].index_add_(0, index, torch.ones_like(index, dtype=torch.float64))
+
+    def finish(self, accelerator=None) -> dict[str, list]:
+        """``{"step": [i, ...], "pair_rate": [...], "gap": [...], "log_ratio_win": [...], "log_ratio_lose": [...]}``
+        for steps ``first_step`` .. N-1; ``None`` where a step has nothing to average. Every process must call it
+        when more than one runs (the sums are added across them)."""
+        sums = self.sums
+        if accelerator is not None and accelerator.num_processes > 1:
+            sums = accelerator.reduce(sums.to(accelerator.device), reduction="sum").cpu()
+
+        def ratio(num: torch.Tensor, den: torch.Tensor) -> list[float | None]:
+            return [float(n / d) if d > 0 and math.isfinite(float(n / d)) else None for n, d in zip(num.tolist(), den.tolist())]
+
+        steps = slice(self.first_step, self.num_steps)
+        return {
+            "step": list(range(self.first_step, self.num_steps)),
+            "pair_rate": ratio(sums[0, steps], sums[1, steps]),
+            "gap": ratio(sums[2, steps], sums[3, steps]),
+            "log_ratio_win": ratio(sums[4, steps], sums[6, steps]),
+            "log_ratio_lose": ratio(sums[5, steps], sums[6, steps]),
+        }
+
+
+def tracker_scalars(per_step: dict[str, list]) -> dict[str, float]:
+    """The per-step statistics as flat tracker scalars, ``per_step/<name>/step_XX`` (missing values left out)."""
+    out = {}
+    for name in STATISTICS:
+        for step, value in zip(per_step["step"], per_step[name]):
+            if value is not None:
+                out[f"per_step/{name}/step_{step:02d}"] = value
+    return out

@@ -20,9 +20,6 @@ README = ROOT / "README.md"
 PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
 README_MAX_LINES = 250
 
-# Link targets allowed to be missing for now, repository-relative. The sampling-tree picture is made from
-# the demo by its own change; remove its entry when the image is added (a test below fails until then).
-PENDING = {"docs/images/sampling-tree.png"}
 
 FENCE = re.compile(r"^(`{3,}|~{3,}).*?^\1[ \t]*$", re.S | re.M)
 CODE_SPAN = re.compile(r"(`+)(?!`).*?(?<!`)\1(?!`)", re.S)
@@ -79,8 +76,7 @@ def broken_links(page: Path) -> list[str]:
             problems.append(f"{target}: outside the repository")
             continue
         if not file.exists():
-            if name not in PENDING:
-                problems.append(f"{target}: {name} does not exist")
+            problems.append(f"{target}: {name} does not exist")
             continue
         if anchor and file.suffix == ".md" and anchor not in anchors(file):
             problems.append(f"{target}: {name} has no heading with the anchor #{anchor}")
@@ -95,23 +91,6 @@ def test_the_configuration_reference_is_generated_from_the_code():
 @pytest.mark.parametrize("page", PAGES, ids=_rel)
 def test_every_relative_link_reaches_a_file_and_heading(page):
     assert not broken_links(page), f"{_rel(page)}: " + "; ".join(broken_links(page))
-
-
-def test_pending_link_targets_are_still_missing_and_still_linked():
-    """PENDING only excuses what is really missing: an entry whose file now exists, or that no page links
-    any more, is to be removed from it."""
-    linked = set()
-    for page in PAGES:
-        for target in relative_links(page):
-            path_part = target.partition("#")[0]
-            if path_part:
-                try:
-                    linked.add(_rel((page.parent / unquote(path_part)).resolve()))
-                except ValueError:
-                    pass
-    for name in sorted(PENDING):
-        assert not (ROOT / name).exists(), f"{name} exists now: remove it from PENDING in tests/test_docs.py"
-        assert name in linked, f"no page links {name} any more: remove it from PENDING in tests/test_docs.py"
 
 
 def test_readme_is_a_short_front_door_that_links_every_page():

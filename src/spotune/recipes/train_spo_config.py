@@ -12,7 +12,7 @@ from spotune.models.lora import LORA_INITS, SD15_LORA_TARGETS
 @dataclass
 class TrainSPOConfig:
     # -- where things are ---------------------------------------------------------------------------
-    output_dir: str = help_field("Run folder: config.yaml, checkpoints/, logs/ and samples/ are written here.", "runs/spo")
+    output_dir: str = help_field("Run folder: config.yaml, checkpoints/, logs/ (metrics.jsonl, TensorBoard), samples/, trees/ and report.html are written here.", "runs/spo")
     pretrained_model: str = help_field(
         "The model to fine-tune (SD1.5 or SDXL): a diffusers folder, a single-file .safetensors, a hub id, "
         "or builtin:tiny-sd15 / builtin:tiny-sdxl.", "builtin:tiny-sd15")

@@ -15,7 +15,7 @@ from spotune.eval.records import ImageItem
 from spotune.eval.report import markdown_report, write_report
 from spotune.eval.tables import build_tables
 
-from browser import find_chromium, run_chromium
+from browser import find_chromium, image_status, rendered_dom, screenshot_pixels
 
 MODELS = ("base", "spo <new>")  # a name with HTML special characters must be escaped, not break the page
 CATEGORIES = ("Animals", "Vehicles")
@@ -71,26 +71,18 @@ def test_html_report_renders_in_a_headless_browser(report, tmp_path):
     chromium = find_chromium()
     out, page, tables = report
     url = page.resolve().as_uri()
-    dom = run_chromium(chromium, tmp_path / "profile-dom", "--dump-dom", url)
-    assert dom.returncode == 0, dom.stderr[-2000:]
-    html = dom.stdout
+    html = rendered_dom(chromium, tmp_path / "profile-dom", url)
     # The summary table rendered with one row per model and one column per scorer.
     table = re.search(r'<table id="summary-table">(.*?)</table>', html, re.S).group(1)
     assert table.count("<tr>") == 1 + len(MODELS) and "spo &lt;new&gt;" in table and "pickscore" in table
     # The page's own script ran after load and found every image decoded (plots and grid thumbnails).
-    status = re.search(r'<p id="image-status"([^>]*)>([^<]*)</p>', html)
-    loaded = int(re.search(r'data-loaded="(\d+)"', status.group(1)).group(1))
-    total = int(re.search(r'data-total="(\d+)"', status.group(1)).group(1))
-    assert total == 4 + 4 * len(MODELS) and loaded == total, status.group(0)
+    loaded, total, status = image_status(html)
+    assert total == 4 + 4 * len(MODELS) and loaded == total, status
     widths = [int(w) for w in re.findall(r'data-natural-width="(\d+)"', html)]
     assert len(widths) == total and min(widths) > 0
     assert 'class="broken"' not in html
 
-    shot = tmp_path / "report.png"
-    run = run_chromium(chromium, tmp_path / "profile-shot", f"--screenshot={shot}", url)
-    assert run.returncode == 0 and shot.is_file(), run.stderr[-2000:]
-    with Image.open(shot) as im:
-        pixels = np.asarray(im.convert("RGB"), dtype=np.int16)
+    pixels = screenshot_pixels(chromium, tmp_path / "profile-shot", url, tmp_path / "report.png")
     assert pixels.shape[:2] == (2400, 1200)
     # Not a blank page: text, table borders, plots and thumbnails give many distinct colours.
     assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 1000
@@ -102,6 +94,7 @@ def test_browser_shows_broken_images_when_the_report_loses_files(report, tmp_pat
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
     shutil.rmtree(copy / "thumbs")
-    dom = run_chromium(chromium, tmp_path / "profile", "--dump-dom", (copy / "report.html").resolve().as_uri())
-    status = re.search(r'<p id="image-status"[^>]*>([^<]*)</p>', dom.stdout).group(1)
-    assert status == f"{4 * len(MODELS)} of {4 + 4 * len(MODELS)} images failed to load"
+    html = rendered_dom(chromium, tmp_path / "profile", (copy / "report.html").resolve().as_uri())
+    loaded, total, status = image_status(html)
+    assert (loaded, total) == (4, 4 + 4 * len(MODELS))
+    assert f">{4 * len(MODELS)} of {4 + 4 * len(MODELS)} images failed to load</p>" in status

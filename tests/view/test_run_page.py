@@ -23,7 +23,7 @@ from spotune.recipes.run_log import METRICS_FILE, read_metrics
 from spotune.utils.run_lock import RunLock
 from spotune.view.run_page import build_run_page, run_is_going
 
-from browser import find_chromium, run_chromium
+from browser import find_chromium, image_status, rendered_dom, screenshot_pixels
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny_cpu.yaml"
 STEPS, DIVERT = 8, 4
@@ -97,21 +97,13 @@ def test_the_page_holds_the_runs_numbers(run):
 def test_the_page_renders_in_a_headless_browser(run, tmp_path):
     chromium = find_chromium()
     url = (run / "report.html").resolve().as_uri()
-    dom = run_chromium(chromium, tmp_path / "profile-dom", "--dump-dom", url)
-    assert dom.returncode == 0, dom.stderr[-2000:]
-    html = dom.stdout
+    html = rendered_dom(chromium, tmp_path / "profile-dom", url)
     assert re.search(r'data-script-errors="0"', html), "the page's scripts raised errors"
-    status = re.search(r'<p id="image-status"([^>]*)>([^<]*)</p>', html)
-    loaded = int(re.search(r'data-loaded="(\d+)"', status.group(1)).group(1))
-    total = int(re.search(r'data-total="(\d+)"', status.group(1)).group(1))
+    loaded, total, status = image_status(html)
     # 2 epochs x (base + epoch grid) + 3 trees
-    assert total == 7 and loaded == total, status.group(0)
+    assert total == 7 and loaded == total, status
     assert 'class="broken"' not in html
-    shot = tmp_path / "page.png"
-    result = run_chromium(chromium, tmp_path / "profile-shot", f"--screenshot={shot}", url)
-    assert result.returncode == 0 and shot.is_file(), result.stderr[-2000:]
-    with Image.open(shot) as image:
-        pixels = np.asarray(image.convert("RGB"), dtype=np.int16)
+    pixels = screenshot_pixels(chromium, tmp_path / "profile-shot", url, tmp_path / "page.png")
     assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 500  # charts, heat maps, grids and trees drawn
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -79,7 +80,7 @@ def test_metrics_log_and_tensorboard_hold_the_per_step_statistics(run):
     assert [e.value for e in gaps] == pytest.approx([r["per_step"]["gap"][-1] for r in records])
 
 
-def test_the_page_holds_the_runs_numbers(run):
+def test_the_page_holds_the_runs_numbers(run, tmp_path, monkeypatch):
     html = (run / "report.html").read_text()
     assert 'content="spotune run page"' in html
     loss = re.search(r'<svg class="chart"[^>]*data-title="loss"[^>]*data-points="(\d+)"', html)
@@ -90,6 +91,10 @@ def test_the_page_holds_the_runs_numbers(run):
     assert f"loss: {first['loss']:.4g} at iteration 1" in html
     for checkpoint in list_checkpoints(run):
         assert f"spotune export {checkpoint.resolve()} --format webui --output run-{checkpoint.name}.safetensors" in html
+    # The first checkpoint's command works as the page prints it.
+    command = re.search(r"<code>(spotune export [^<]+)</code>", html).group(1)
+    monkeypatch.chdir(tmp_path)
+    assert main(shlex.split(command)[1:]) == 0 and (tmp_path / "run-iter-00000002.safetensors").is_file()
     assert html.count('<img class="tree"') == 3
     assert json.loads((run / "trees" / "iter-00000001.json").read_text())["prompt"] in html
 

@@ -446,7 +446,9 @@ class Demo:
             overrides["max_iterations"] = cfg.spo_iterations
         overrides.update(extra or {})
         template = _recipe_config(TrainSPOConfig, self.spo_yaml, {**overrides, "output_dir": "-"})
-        skipped = ("output_dir", "pretrained_model", "prompts", "judge_clip_path", "judge_checkpoint", "progress", "preempt_grace_s")
+        # Keys that change no result (paths, progress, preemption, what is recorded for the eye) stay out of the key.
+        skipped = ("output_dir", "pretrained_model", "prompts", "judge_clip_path", "judge_checkpoint", "progress", "preempt_grace_s",
+                   "tree_every", "tree_prompt")
         skipped += () if method == "gradspo" else _GRADSPO_KEYS
         payload = {"base": base_key, "judge_clip": judge_key, "spm": spm_key, "train_prompts": [p.caption for p in prompt_split()[0]],
                    "config": {k: v for k, v in config_to_dict(template).items() if k not in skipped}}

@@ -28,6 +28,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = {
     "sd15_spo.yaml": (TrainSPOConfig, []),
     "sd15_gradspo.yaml": (TrainSPOConfig, []),
+    "sd15_lpo.yaml": (TrainSPOConfig, []),
+    "sdxl_lpo.yaml": (TrainSPOConfig, []),
+    "tiny_lpo.yaml": (TrainSPOConfig, []),
     "sd15_spo_24gb.yaml": (TrainSPOConfig, []),
     "tiny_cpu.yaml": (TrainSPOConfig, []),
     "tiny_sdxl.yaml": (TrainSPOConfig, []),

@@ -39,7 +39,10 @@ def test_every_kind_builds_a_judge(clip_dir, tmp_path, make_images):
         "pickscore": build_judge("pickscore", clip_path=str(clip_dir)),
         "spm": build_judge("spm", clip_path=str(clip_dir), checkpoint=str(weights)),
     }
-    assert set(judges) == set(JUDGE_KINDS)
+    lrm = build_judge("lrm", checkpoint="builtin:tiny-lrm")  # the latent judge: scores [B, 4, h, w] latents
+    assert set(judges) | {"lrm"} == set(JUDGE_KINDS)
+    assert lrm.judges_latents and not lrm.training and not any(p.requires_grad for p in lrm.parameters())
+    assert lrm.score(torch.randn(2, 4, 8, 8), ["a red circle", "a blue square"], torch.tensor([1, 951])).shape == (2,)
     images, prompts, t = make_images(2), ["a red circle", "a blue square"], torch.tensor([0, 700])
     for kind, judge in judges.items():
         assert isinstance(judge, ClipStyleJudge) and isinstance(judge, PreferenceModel), kind

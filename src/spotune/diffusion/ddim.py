@@ -174,3 +174,14 @@ def ddim_posterior(
     a_prev = _per_sample(alpha_prev, x0)
     direction = (1 - a_prev - std**2).clamp(min=0).sqrt() * eps
     return a_prev.sqrt() * x0 + direction, std
+
+
+def ddim_step_std(scheduler: DDIMScheduler, timestep: int | torch.Tensor, eta: float = 1.0) -> torch.Tensor:
+    """s_t of the module docstring for the step leaving each timestep: [n] float32 for [n] (or scalar) ``timestep``.
+
+    The same arithmetic as :func:`ddim_posterior`'s ``std`` (call ``set_timesteps`` first).
+    """
+    t = torch.as_tensor(timestep).long().reshape(-1)
+    alpha_t, alpha_prev = _alphas(scheduler, t, t.device)
+    variance = (1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev)
+    return eta * variance.clamp(min=0).sqrt()

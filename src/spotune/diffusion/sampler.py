@@ -249,6 +249,8 @@ class SamplingResult:
         judged_steps: S step indices, the denoising step i each row of ``scores`` belongs to (the step whose
             candidates were judged; the SDXL sampler: the evaluation step that closed the segment).
         tree: the recorded prompt's sampling tree when the sampler was given ``tree_row``; else ``None``.
+        thresholds: S thresholds the rows were held to (``None`` where every pair is kept); ``None`` when
+            the sampler does not say (the threshold is then the one it was given).
     """
 
     pairs: StepPairs
@@ -260,6 +262,7 @@ class SamplingResult:
     unet_calls: int
     judged_steps: list[int]
     tree: SamplingTree | None = None
+    thresholds: list[float | None] | None = None
 
 
 def check_branching_batch(latents: torch.Tensor, prompts: list[str], cond: Conditioning, num_candidates: int) -> tuple[int, int]:
@@ -336,9 +339,12 @@ def _score_in_batches(
     return torch.cat(parts)
 
 
-# How a branching chain ends: SPO's SD1.5 sampler, or GradSPO's two samplers
-# (spotune.diffusion.gradspo_sampler explains theirs).
-BranchEnding = Literal["spo", "gradspo-sd15", "gradspo-sdxl"]
+# How a branching chain ends and what judges it: SPO's SD1.5 sampler, GradSPO's two samplers
+# (spotune.diffusion.gradspo_sampler explains theirs), or LPO's (spotune.diffusion.lpo_sampler).
+BranchEnding = Literal["spo", "gradspo-sd15", "gradspo-sdxl", "lpo"]
+# The timestep LPO's latent judge scores a candidate x_{t-1} at: ``authors``, the t of the step that drew it
+# (the LPO code's); ``own``, the candidate's own noise level t-1 (0 after the last step), as SPO's judge does.
+LatentJudgeTimestep = Literal["authors", "own"]
 
 
 def branching_sample(
@@ -363,6 +369,8 @@ def branching_sample(
     judge_batch_size: int | None,
     progress: Callable[[int], None] | None,
     tree_row: int | None = None,
+    step_thresholds: torch.Tensor | None = None,
+    latent_judge_timestep: LatentJudgeTimestep = "authors",
 ) -> SamplingResult:
     """The branching loop SPO's and GradSPO's step-wise samplers share (arguments checked by the callers).
 
@@ -372,10 +380,14 @@ def branching_sample(
     z_lose) / 2) and end the chain their own way (``gradspo-sd15``: the final candidates judged at the
     last step's timestep, every final pair kept; ``gradspo-sdxl``: the t_{N-2} branch's chains each take
     their last step and their x0s are judged at t = 0, no chain continued); SPO judges the final
-    candidates at t = 0 and keeps what the threshold keeps. ``tree_row`` records that prompt's tree
-    (:mod:`spotune.diffusion.tree`) from the images and scores the loop has anyway.
+    candidates at t = 0 and keeps what the threshold keeps. ``lpo``: a latent judge scores the noisy
+    candidates themselves (no UNet pass on them, no decode; the next step's UNet runs on the b continued
+    chains), at ``latent_judge_timestep``, against ``step_thresholds[i]`` ([N], one per step) rather than
+    ``threshold``; the last step is judged like the others. ``tree_row`` records that prompt's tree
+    (:mod:`spotune.diffusion.tree`) from the images and scores the loop has anyway (LPO decodes the
+    recorded prompt's candidates for the tree alone).
     """
-    gradspo = ending != "spo"
+    gradspo = ending.startswith("gradspo")
     last_branch = num_inference_steps - 2 if ending == "gradspo-sdxl" else num_inference_steps - 1
     b, k = check_branching_batch(latents, prompts, cond, num_candidates)
     device = latents.device
@@ -391,6 +403,7 @@ def branching_sample(
     steps_t: list[torch.Tensor] = []  # [b] t_i
     steps_delta: list[torch.Tensor] = []  # [b, C, h, w] (z_best - z_worst) / 2 (GradSPO)
     all_scores, all_valid, all_choices, judged = [], [], [], []
+    thresholds: list[float | None] = []
     judge_calls = unet_calls = 0
     cand_cond = cond.repeat(k)  # k*b rows, candidate-major: row j*b + p
     cand_prompts = list(prompts) * k
@@ -414,7 +427,14 @@ def branching_sample(
         cands = (mean + std * z).to(x.dtype)
         last = i == len(timesteps) - 1
         final = ending == "gradspo-sdxl" and i == last_branch
-        if last:
+        images = None  # decoded x0-predictions, when the judge needs them
+        if ending == "lpo":
+            if latent_judge_timestep == "authors":
+                judge_t = t.expand(k * b).long()
+            else:
+                judge_t = previous_timestep(scheduler, t.expand(k * b)).clamp(min=0)
+            cand_noise = None
+        elif last:
             x0 = cands.float()  # the candidates are final latents
             # GradSPO's SD1.5 sampler judges them at the last step's own timestep; SPO at 0.
             judge_t = t.expand(k * b).long() if ending == "gradspo-sd15" else torch.zeros(k * b, dtype=torch.long, device=device)
@@ -431,16 +451,25 @@ def branching_sample(
                 judge_t = torch.zeros(k * b, dtype=torch.long, device=device)
             else:
                 x0, _ = predict_x0_and_eps(scheduler, cand_noise, judge_t, cands)
-        images = decode_latents(vae, x0, decode_chunk_size)
-        scores = _score_in_batches(judge, images, cand_prompts, judge_t, judge_batch_size).float().view(k, b)  # [k, b]
+        if ending == "lpo":
+            scores = _score_in_batches(judge, cands, cand_prompts, judge_t, judge_batch_size).float().view(k, b)  # [k, b]
+        else:
+            images = decode_latents(vae, x0, decode_chunk_size)
+            scores = _score_in_batches(judge, images, cand_prompts, judge_t, judge_batch_size).float().view(k, b)  # [k, b]
         judge_calls += 1
-        indices, valid = select_pair(scores, threshold)  # [2, b], [b]
+        step_threshold = threshold if step_thresholds is None else float(step_thresholds[i])
+        indices, valid = select_pair(scores, step_threshold)  # [2, b], [b]
         keep_all = last and ending == "gradspo-sd15"
         if keep_all:
             valid = torch.ones_like(valid)  # every final pair is kept, whatever the threshold
         judged.append(i)
+        thresholds.append(None if keep_all else step_threshold)
         if tree is not None:
-            tree.judged(i, t, judge_t, images, scores, None if keep_all else threshold, valid)
+            if images is None:  # a latent judge: the recorded prompt's candidates are decoded for the tree alone
+                images = _tree_images(unet, vae, scheduler, cands.view(k, b, *cands.shape[1:])[:, tree_row], t, last,
+                                      cond.select(torch.full((k,), tree_row, device=device)), negative, guidance_scale,
+                                      decode_chunk_size)
+            tree.judged(i, t, judge_t, images, scores, None if keep_all else step_threshold, valid)
 
         cands_kb = cands.view(k, b, *cands.shape[1:])  # [k, b, C, h, w]
         rows = torch.arange(b, device=device)
@@ -492,7 +521,20 @@ def branching_sample(
         unet_calls=unet_calls,
         judged_steps=judged,
         tree=tree,
+        thresholds=thresholds,
     )
+
+
+def _tree_images(unet, vae, scheduler: DDIMScheduler, cands: torch.Tensor, t: torch.Tensor, last: bool,
+                 cond: Conditioning, negative: Conditioning, guidance_scale: float, decode_chunk_size: int) -> torch.Tensor:
+    """[k, 3, H, W] decoded x0-predictions of one prompt's k candidates [k, C, h, w] drawn at step t (the final
+    latents themselves after the last step), for a sampling tree whose judge never decodes."""
+    if last:
+        return decode_latents(vae, cands.float(), decode_chunk_size)
+    own_t = previous_timestep(scheduler, t.expand(cands.shape[0]))
+    noise = guided_noise_pred(unet, cands, own_t, cond, negative, guidance_scale)
+    x0, _ = predict_x0_and_eps(scheduler, noise, own_t, cands)
+    return decode_latents(vae, x0, decode_chunk_size)
 
 
 @torch.no_grad()

@@ -91,7 +91,8 @@ class SamplingTree:
         """Record a judged row from the whole batch's tensors and return it (``continued`` is set later).
 
         Args:
-            images: [k*b, 3, H, W] decoded x0-predictions, candidate-major (row j*b + p).
+            images: [k*b, 3, H, W] decoded x0-predictions, candidate-major (row j*b + p), or [k, 3, H, W] the
+                recorded prompt's alone.
             scores: [k, b] their scores. kept: [b] bool, the pairs that became tuples.
             timestep, judge_timestep: scalars (or [k*b], all rows alike) of the row.
         """
@@ -102,7 +103,7 @@ class SamplingTree:
             step_index=step_index,
             timestep=_scalar(timestep),
             judge_timestep=_scalar(judge_timestep),
-            images=thumbnails(images.view(k, b, *images.shape[1:])[:, p]),
+            images=thumbnails(images if images.shape[0] == k else images.view(k, b, *images.shape[1:])[:, p]),
             scores=[float(s) for s in scores[:, p].tolist()],
             gap=float(gap[0]),
             threshold=threshold,

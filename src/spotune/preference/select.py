@@ -39,3 +39,28 @@ def best_worst_gap(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     pair_scores = torch.stack([scores.gather(0, best[None])[0], scores.gather(0, worst[None])[0]])  # [2, b]
     probs = torch.softmax(pair_scores.float(), dim=0)  # [2, b]
     return torch.stack([best, worst]), probs[0] - probs[1]
+
+
+def sigma_threshold(scheduler, timesteps: torch.Tensor, low: float, high: float, eta: float = 1.0) -> torch.Tensor:
+    """LPO's timestep-dependent pair threshold: ``low + (high - low) * (s_t - s_min) / (s_max - s_min)``.
+
+    s_t is the standard deviation of the DDIM step leaving t (``eta`` 1, as LPO samples), and s_min, s_max
+    are its extremes over the scheduler's current schedule (call ``set_timesteps`` first), so the noisiest
+    step asks for ``high`` and the last for ``low``: the latent judge is less sure where the noise is large.
+    LPO's code hard-codes the values for 20 steps (SD1.5 0.35 -> 0.5); this computes them for any schedule.
+
+    Args:
+        scheduler: a DDIM scheduler with its timesteps set.
+        timesteps: [n] (or scalar) timesteps of the steps whose candidates are judged.
+        low, high: the threshold at the least and the most noisy step.
+    Returns:
+        [n] float32 thresholds.
+    """
+    from spotune.diffusion.ddim import ddim_step_std
+
+    every = ddim_step_std(scheduler, scheduler.timesteps, eta)
+    s_min, s_max = every.min(), every.max()
+    s_t = ddim_step_std(scheduler, timesteps, eta)
+    if float(s_max - s_min) <= 0:  # a one-step schedule: nothing to interpolate between
+        return torch.full_like(s_t, high)
+    return low + (high - low) * (s_t - s_min) / (s_max - s_min)

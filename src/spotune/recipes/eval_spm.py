@@ -21,7 +21,7 @@ from spotune.errors import SpotuneError
 from spotune.data.pickapic import PickAPicPairs, checked_batch, collate_pairs
 from spotune.models.family import resolve_resolution
 from spotune.models.loading import load_pipeline
-from spotune.preference.factory import JUDGE_KINDS, build_judge_from_config
+from spotune.preference.factory import PIXEL_JUDGE_KINDS, build_judge_from_config
 from spotune.preference.noisy_views import NoisyViewMaker
 from spotune.preference.relabel import DEFAULT_TIE_MARGIN, LabelCache, PickScoreRelabeller
 from spotune.preference.spm_eval import (
@@ -85,7 +85,8 @@ class EvalSPMConfig:
     def validate(self) -> None:
         checks = [
             (bool(self.data), "data must name the Pick-a-Pic-format pairs to evaluate on"),
-            (self.judge in JUDGE_KINDS, f"judge must be one of {', '.join(JUDGE_KINDS)}, got {self.judge!r}"),
+            (self.judge in PIXEL_JUDGE_KINDS, f"judge must be one of {', '.join(PIXEL_JUDGE_KINDS)}, got {self.judge!r}"
+             + (" (an LRM judges latents, not the decoded images eval-spm shows a judge)" if self.judge == "lrm" else "")),
             (self.batch_size >= 1, "batch_size must be >= 1"),
             (bool(self.timesteps) and all(0 <= t < 1000 for t in self.timesteps),
              "timesteps must be a non-empty list of timesteps in [0, 1000)"),

@@ -7,7 +7,8 @@ For each denoising step index i of the round:
 * ``gap``: the mean two-way softmax gap ``p_best - p_worst`` of the judged candidates at step i (the
   number the threshold is compared with), over every prompt, kept or not;
 * ``log_ratio_win`` / ``log_ratio_lose``: the mean policy-minus-reference log-likelihood of the winners'
-  and the losers' steps among the tuples trained on at step i (unclipped; the loss clips the ratios).
+  and the losers' steps among the tuples trained on at step i (unclipped; the loss clips the ratios);
+* ``threshold``: the gap a pair had to exceed at step i, where the sampler says (LPO's depends on the step).
 
 Counts and sums are kept per step and added across processes before the means are taken, so the
 figures are the whole round's under ``accelerate launch``.
@@ -21,7 +22,7 @@ import torch
 
 from spotune.preference.select import best_worst_gap
 
-STATISTICS: tuple[str, ...] = ("pair_rate", "gap", "log_ratio_win", "log_ratio_lose")
+STATISTICS: tuple[str, ...] = ("pair_rate", "gap", "log_ratio_win", "log_ratio_lose", "threshold")
 
 
 class StepStatistics:
@@ -37,9 +38,15 @@ class StepStatistics:
         self.first_step = first_step
         # Rows: kept tuples, prompts, gap sum, gap count, win log-ratio sum, lose log-ratio sum, trained count.
         self.sums = torch.zeros(7, num_steps, dtype=torch.float64)
+        self.thresholds: dict[int, float] = {}  # step -> the threshold its pairs were held to
 
-    def add_sampling(self, step_index: torch.Tensor, judged_steps: list[int], scores: torch.Tensor, num_prompts: int) -> None:
-        """A sampling round's kept tuples ([n] long ``step_index``) and its [S, k, b] ``scores`` at ``judged_steps``."""
+    def add_sampling(self, step_index: torch.Tensor, judged_steps: list[int], scores: torch.Tensor, num_prompts: int,
+                     thresholds: list[float | None] | None = None) -> None:
+        """A sampling round's kept tuples ([n] long ``step_index``), its [S, k, b] ``scores`` at ``judged_steps`` and,
+        when the sampler reports them, the S thresholds (the same on every process and round)."""
+        for step, value in zip(judged_steps, thresholds or []):
+            if value is not None:
+                self.thresholds[step] = float(value)
         kept = torch.bincount(step_index.reshape(-1).cpu(), minlength=self.num_steps)[: self.num_steps]
         self.sums[0] += kept.double()
         self.sums[1] += num_prompts
@@ -73,6 +80,7 @@ class StepStatistics:
             "gap": ratio(sums[2, steps], sums[3, steps]),
             "log_ratio_win": ratio(sums[4, steps], sums[6, steps]),
             "log_ratio_lose": ratio(sums[5, steps], sums[6, steps]),
+            "threshold": [self.thresholds.get(step) for step in range(self.first_step, self.num_steps)],
         }
 
 

@@ -41,7 +41,6 @@ from spotune.diffusion.gradspo_sampler import gradspo_sample
 from spotune.diffusion.sampler import SamplingResult, StepPairs, guided_noise_pred, sampling_unet
 from spotune.losses import gradspo_loss
 from spotune.models.lora import adapter_disabled, load_lora_state_dict, lora_state_dict
-from spotune.recipes.common import seed_for
 from spotune.recipes.train_spo import SPOTrainer
 from spotune.utils.io import atomic_save_safetensors
 
@@ -120,10 +119,7 @@ class GradSPOTrainer(SPOTrainer):
         """GradSPO's step-wise sampling with the EMA model; pairs carry ``noise_delta`` (and the tree of
         prompt ``tree_row``, when given)."""
         cfg, acc = self.config, self.accelerator
-        generator = torch.Generator(acc.device).manual_seed(seed_for(cfg.seed, self.iteration, acc.process_index, 1))
-        cond = self._prompt_conditioning(prompts)  # b rows (cached at start-up with offload_text_encoder)
-        latents = torch.randn((len(prompts), *self.latent_shape), generator=generator, device=acc.device, dtype=self.weight_dtype)
-        latents = latents * self.scheduler.init_noise_sigma  # x_T: [b, 4, h, w]
+        generator, cond, latents = self._round_inputs(prompts)  # x_T: [b, 4, h, w]
         with acc.autocast():
             return gradspo_sample(
                 sampling_unet(self.ema_unet, cfg.sample_micro_batch_size), self.vae, self.scheduler, self.judge, prompts,

@@ -299,7 +299,8 @@ class SPOTrainer:
                 bar.close()
                 stop_for_preemption(self, abandoned=True)
             self.step_statistics = StepStatistics(cfg.num_inference_steps, cfg.divert_start_step)
-            self.step_statistics.add_sampling(result.pairs.step_index, result.judged_steps, result.scores, len(prompts))
+            self.step_statistics.add_sampling(result.pairs.step_index, result.judged_steps, result.scores, len(prompts),
+                                              result.thresholds)
             train_stats = self.train_on_pairs(result.pairs)
             t2 = time.perf_counter()
             pairs_kept += len(result.pairs)
@@ -440,12 +441,7 @@ class SPOTrainer:
         unet = acc.unwrap_model(self.unet)
         unet.eval()
         unet = sampling_unet(unet, cfg.sample_micro_batch_size)
-        generator = torch.Generator(acc.device).manual_seed(seed_for(cfg.seed, self.iteration, acc.process_index, 1))
-        b = len(prompts)
-        cond = self._prompt_conditioning(prompts)  # b rows
-        chains = 2 * b if cfg.pairing == "trajectory" else b
-        latents = torch.randn((chains, *self.latent_shape), generator=generator, device=acc.device, dtype=self.weight_dtype)
-        latents = latents * self.scheduler.init_noise_sigma  # x_T: [b, 4, h, w] ([2b, ...] for trajectory pairs)
+        generator, cond, latents = self._round_inputs(prompts, chains_per_prompt=2 if cfg.pairing == "trajectory" else 1)
         with acc.autocast():
             if cfg.pairing == "trajectory":
                 return trajectory_sample(
@@ -464,6 +460,17 @@ class SPOTrainer:
                 return segment_spo_sample(unet, self.vae, self.scheduler, self.judge, prompts, cond, self.negative,
                                           latents, num_inner_steps=cfg.num_inner_steps, **common)
             return spo_sample(unet, self.vae, self.scheduler, self.judge, prompts, cond, self.negative, latents, **common)
+
+    def _round_inputs(self, prompts: list[str], chains_per_prompt: int = 1) -> tuple[torch.Generator, Conditioning, torch.Tensor]:
+        """What a sampling round of ``iteration`` starts from: its generator (seeded by seed, iteration and
+        process), the b prompts' conditioning, and x_T [chains_per_prompt * b, C, h, w] scaled by
+        ``init_noise_sigma`` (drawn first from that generator, as every sampler expects)."""
+        cfg, acc = self.config, self.accelerator
+        generator = torch.Generator(acc.device).manual_seed(seed_for(cfg.seed, self.iteration, acc.process_index, 1))
+        cond = self._prompt_conditioning(prompts)  # b rows
+        chains = chains_per_prompt * len(prompts)
+        latents = torch.randn((chains, *self.latent_shape), generator=generator, device=acc.device, dtype=self.weight_dtype)
+        return generator, cond, latents * self.scheduler.init_noise_sigma
 
     # ============================================================================================
     #### TRAINING ####

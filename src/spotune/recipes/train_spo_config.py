@@ -31,10 +31,12 @@ class TrainSPOConfig:
     # -- the judge -----------------------------------------------------------------------------------
     judge: str = help_field(
         "Preference model kind: spm (step-aware, the paper's), pickscore (plain, timestep-blind), tiny-clip "
-        "(random tiny CLIP built in code, for CPU runs).", "tiny-clip")
+        "(random tiny CLIP built in code, for CPU runs), lrm (LPO's latent reward model: judge_checkpoint is its "
+        "folder, or builtin:tiny-lrm / builtin:tiny-lrm-sdxl; algorithm=lpo only).", "tiny-clip")
     judge_clip_path: str | None = help_field("Local CLIPModel folder of the judge (PickScore_v1 for spm/pickscore).", None)
     judge_checkpoint: str | None = help_field(
-        "Step-aware checkpoint (.bin official, .safetensors, or a train-spm run folder); judge=spm only.", None)
+        "Step-aware checkpoint (.bin official, .safetensors, or a train-spm run folder) for judge=spm; the LRM "
+        "folder (unet/, text_encoder/, state_dict.pt as the LPO authors save it) for judge=lrm.", None)
     judge_processor_path: str | None = help_field("Folder with the judge's preprocessor_config.json; defaults to judge_clip_path.", None)
     judge_dtype: Literal["fp32", "bf16", "fp16"] = help_field(
         "Precision of the judge while sampling, whatever mixed_precision says: fp32 outside autocast as SPO's "
@@ -130,14 +132,23 @@ class TrainSPOConfig:
         "Which prompt of the sampling round the tree follows: its index, 0 .. sample_batch_size-1 (of the main "
         "process's prompts).", 0)
     # -- the algorithm -------------------------------------------------------------------------------
-    algorithm: Literal["spo", "gradspo"] = help_field(
+    algorithm: Literal["spo", "gradspo", "lpo"] = help_field(
         "spo: SPO's loss on step log-densities, sampling with the trained model. gradspo: GradSPO (its official "
         "code, JoshuaTTJ/GradSPO): sampling with an EMA copy of the trained model, and a loss on noise-prediction "
-        "targets built from the pair's noise offset (see docs/gradspo.md).", "spo")
+        "targets built from the pair's noise offset (see docs/gradspo.md). lpo: LPO (Kwai-Kolors/LPO): SPO's loss, "
+        "with the candidates judged as noisy latents by a latent reward model (judge=lrm), no decoding, against a "
+        "threshold that follows the step's noise (see docs/lpo.md).", "spo")
     ema_decay: float = help_field(
         "gradspo: decay of the EMA model (GradSPO: 0.9), updated after every gradient_accumulation_steps-th "
         "training batch of a sampling round, as GradSPO's code does (accumulation 1: after every optimizer step).", 0.9)
     grad_scale: float = help_field("gradspo: step s of the noise-prediction targets along the pair's noise offset (GradSPO: 0.5).", 0.5)
+    lpo_threshold_min: float = help_field(
+        "lpo: the pair threshold at the least noisy step (LPO SD1.5: 0.35, SDXL: 0.45); it rises with the step's DDIM "
+        "standard deviation to lpo_threshold_max at the noisiest. preference_threshold is not used by lpo.", 0.35)
+    lpo_threshold_max: float = help_field("lpo: the pair threshold at the noisiest step (LPO SD1.5: 0.5, SDXL: 0.6).", 0.5)
+    lrm_timestep: Literal["authors", "own"] = help_field(
+        "lpo: the timestep the LRM scores a candidate x_{t-1} at: authors, the t of the step that drew it (the LPO "
+        "code's); own, the candidate's own noise level t-1 (0 after the last step).", "authors")
 
     def validate(self) -> None:
         """Cross-field checks, so a bad combination fails before any model is loaded."""
@@ -172,7 +183,8 @@ class TrainSPOConfig:
             (self.num_epochs >= 1, "num_epochs must be >= 1"),
             (self.max_iterations is None or self.max_iterations >= 1, "max_iterations must be >= 1"),
             (not (self.resume and self.overwrite), "resume and overwrite=true contradict each other"),
-            (self.judge in ("spm", "pickscore", "tiny-clip", "tiny-spm"), f"judge must be spm, pickscore, tiny-clip or tiny-spm, got {self.judge!r}"),
+            (self.judge in ("spm", "pickscore", "tiny-clip", "tiny-spm", "lrm"),
+             f"judge must be spm, pickscore, tiny-clip, tiny-spm or lrm, got {self.judge!r}"),
             (self.max_grad_norm >= 0, f"max_grad_norm must be >= 0 (0 disables clipping), got {self.max_grad_norm}"),
             (self.tree_every is None or self.tree_every >= 0,
              f"tree_every must be >= 0 (0: no sampling trees) or unset, got tree_every={self.tree_every}"),
@@ -180,7 +192,18 @@ class TrainSPOConfig:
              f"tree_prompt must be in [0, sample_batch_size={self.sample_batch_size}), got tree_prompt={self.tree_prompt}"),
         ]
         checks += [
-            (self.algorithm in ("spo", "gradspo"), f"algorithm must be spo or gradspo, got {self.algorithm!r}"),
+            (self.algorithm in ("spo", "gradspo", "lpo"), f"algorithm must be spo, gradspo or lpo, got {self.algorithm!r}"),
+            (self.algorithm != "lpo" or self.judge == "lrm",
+             f"algorithm=lpo judges noisy latents and needs judge=lrm (with judge_checkpoint=LRM_FOLDER, or "
+             f"builtin:tiny-lrm for CPU runs), got judge={self.judge}"),
+            (self.judge != "lrm" or self.algorithm == "lpo",
+             f"judge=lrm scores latents, which only algorithm=lpo samples; set algorithm=lpo (got algorithm={self.algorithm})"),
+            (0 <= self.lpo_threshold_min <= self.lpo_threshold_max < 1,
+             f"lpo_threshold_min and lpo_threshold_max must satisfy 0 <= min <= max < 1, got lpo_threshold_min="
+             f"{self.lpo_threshold_min} and lpo_threshold_max={self.lpo_threshold_max}"),
+            (self.algorithm != "lpo" or self.pairing == "step", "algorithm=lpo needs pairing=step (it branches at every step)"),
+            (self.algorithm != "lpo" or self.num_inner_steps == 0,
+             f"algorithm=lpo branches at every step and has no inner steps; set num_inner_steps=0 (got {self.num_inner_steps})"),
             (0.0 <= self.ema_decay <= 1.0, f"ema_decay must be in [0, 1], got {self.ema_decay}"),
             (self.algorithm != "gradspo" or self.pairing == "step",
              "algorithm=gradspo needs pairing=step (its noise offset exists only for candidates of one x_t)"),

@@ -24,6 +24,7 @@ from spotune.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN = ["train", "--config", str(ROOT / "configs" / "tiny_cpu.yaml"), "log_with=none", "progress=false"]
+LPO = ["train", "--config", str(ROOT / "configs" / "tiny_lpo.yaml"), "progress=false"]
 TRAIN_SPM = ["train-spm", "--config", str(ROOT / "configs" / "tiny_spm.yaml")]
 LOOP = "is a symbolic-link loop (its links lead back to themselves)"
 NOT_WEIGHTS = ("holds more than tensors (pickled Python objects, e.g. test_bad_inputs.Payload)",
@@ -138,6 +139,18 @@ CASES = [
          (f"{{tmp}}/loop {LOOP}", "output_dir=FOLDER"), absent=("Errno",), setup=symlink_loop),
     Case("train-negative-preempt-grace", [*TRAIN, "output_dir={tmp}/run", "preempt_grace_s=-1"],
          ("preempt_grace_s must be >= 0 (0: no limit), got preempt_grace_s=-1.0",)),
+    # train algorithm=lpo
+    Case("lpo-with-a-pixel-judge", [*TRAIN, "output_dir={tmp}/run", "algorithm=lpo"],
+         ("algorithm=lpo judges noisy latents and needs judge=lrm", "got judge=tiny-clip"),),
+    Case("lrm-judge-for-spo", [*TRAIN, "output_dir={tmp}/run", "judge=lrm", "judge_checkpoint=builtin:tiny-lrm"],
+         ("judge=lrm scores latents, which only algorithm=lpo samples; set algorithm=lpo",)),
+    Case("lpo-threshold-min-above-max", [*LPO, "output_dir={tmp}/run", "lpo_threshold_min=0.6", "lpo_threshold_max=0.5"],
+         ("lpo_threshold_min and lpo_threshold_max must satisfy 0 <= min <= max < 1, got lpo_threshold_min=0.6",)),
+    Case("lpo-lrm-folder-without-unet", [*LPO, "output_dir={tmp}/run", "judge_checkpoint={tmp}/lrm"],
+         ("judge_checkpoint: {tmp}/lrm: not an LRM folder: unet/config.json is missing",),
+         setup=lambda tmp, _: (tmp / "lrm" / "text_encoder").mkdir(parents=True)),
+    Case("lpo-sdxl-lrm-for-an-sd15-model", [*LPO, "output_dir={tmp}/run", "judge_checkpoint=builtin:tiny-lrm-sdxl"],
+         ("judge_checkpoint=builtin:tiny-lrm-sdxl: an SDXL latent reward model cannot judge the latents of builtin:tiny-sd15",)),
     Case("train-spm-negative-preempt-grace",
          [*TRAIN_SPM, "train_data={tmp}/pairs.parquet", "output_dir={tmp}/run", "preempt_grace_s=-5"],
          ("preempt_grace_s must be >= 0 (0: no limit), got preempt_grace_s=-5.0",)),
@@ -186,6 +199,8 @@ CASES = [
     Case("eval-out-symlink-loop", ["eval", "--images", "{tmp}/images", "--out", "{tmp}/loop"],
          (f"{{tmp}}/loop {LOOP}", "--out (output_dir=)"), setup=symlink_loop),
     # eval-spm
+    Case("eval-spm-latent-judge", ["eval-spm", "data={tmp}/pairs.parquet", "judge=lrm"],
+         ("judge must be one of spm, pickscore, tiny-clip, tiny-spm, got 'lrm' (an LRM judges latents",)),
     Case("eval-spm-negative-seed", ["eval-spm", "data={tmp}/pairs.parquet", "seed=-3"],
          ("seed must be >= 0, got seed=-3",)),
     # export

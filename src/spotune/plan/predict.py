@@ -88,6 +88,7 @@ def _models_from_configs(notes: dict[str, str]) -> Iterator[None]:
     from spotune.preference import factory
 
     real_load, real_judge = loading.load_pipeline, factory.build_judge
+    model_source = []  # the diffusion model's architecture, which an LRM shares
 
     def load_pipeline(source, dtype=torch.float32, device=None, *, model_family="auto", vae=None):
         if source.startswith("builtin:"):
@@ -95,9 +96,13 @@ def _models_from_configs(notes: dict[str, str]) -> Iterator[None]:
             return real_load(source, dtype, device, model_family=model_family, vae=vae)
         where = architectures.architecture_source(source, model_family)
         notes["architecture"] = where.described
+        model_source.append(where)
         return architectures.build_pipeline(where, dtype, vae=vae)
 
     def build_judge(kind, clip_path=None, checkpoint=None, processor_path=None, device=None, dtype=None):
+        if kind == "lrm" and model_source and not str(checkpoint or "").startswith("builtin:"):
+            notes["judge"] = "lrm over the model's own UNet and text encoder configs"
+            return architectures.build_lrm_judge(model_source[-1], dtype or torch.float32)
         if kind in ("spm", "pickscore"):
             config, described = architectures.clip_config(clip_path)
             notes["judge"] = f"{kind} over {described}"

@@ -8,6 +8,7 @@
     python bench/bench_spo.py --size full --emulate-reference      # and the authors' cost structure, side by side
     python bench/bench_spo.py --size full --config configs/sd15_spo_24gb.yaml --memory-cap-gb 24
     python bench/bench_spo.py --flop-table                   # per-image TFLOP at 512 px (meta device, seconds)
+    python bench/bench_spo.py --size full --algorithm both   # SPO and LPO (configs/sd15_lpo.yaml) in one run
 
 ``--size full`` runs the real recipe (``SPOTrainer``: setup, sampling, training) on SD1.5's architecture
 from the configs spotune ships and the step-aware judge over PickScore's ViT-H/14, all with random
@@ -61,7 +62,7 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # ================================================================================================
 def run_tiny(args) -> dict:
     from spotune.config import load_config
-    from spotune.recipes.train_spo import SPOTrainer
+    from spotune.recipes.trainers import trainer_class
     from spotune.recipes.train_spo_config import TrainSPOConfig
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -71,7 +72,7 @@ def run_tiny(args) -> dict:
             [f"output_dir={tmp}/run", "log_with=none", "progress=false", "validate_every_epochs=0",
              f"max_iterations={total}", "num_epochs=1000", "checkpoint_every=0", *args.overrides],
         )
-        trainer = SPOTrainer(config)
+        trainer = trainer_class(config)(config)
         trainer.setup()
         sampling, training, pairs = [], [], []
         for i in range(total):
@@ -122,24 +123,35 @@ def _peak_memory_mb(device: torch.device) -> tuple[float, str]:
 FULL_SETTINGS = {"sd15": {"paper": (512, 10, 4), "proving": (256, 1, 2)},
                  "sdxl": {"paper": (1024, 2, 2), "proving": (256, 1, 2)}}
 FULL_CONFIGS = {"sd15": "configs/sd15_spo.yaml", "sdxl": "configs/sdxl_spo.yaml"}
+LPO_CONFIGS = {"sd15": "configs/sd15_lpo.yaml", "sdxl": "configs/sdxl_lpo.yaml"}
+# LPO's paper settings (prompts per round, k) where they differ from SPO's; its proving mode is SPO's.
+LPO_PAPER = {"sd15": (5, 4), "sdxl": (4, 4)}
 
 
-def _full_overrides(args, cuda: bool) -> list[str]:
-    """The paper's settings on CUDA, the proving mode's otherwise; each flag overrides either."""
+def _full_overrides(args, cuda: bool, algorithm: str = "spo") -> list[str]:
+    """The paper's settings on CUDA, the proving mode's otherwise; each flag overrides either.
+
+    Every pair is kept (a random judge rarely clears a real threshold): SPO's threshold 0, LPO's range 0..0.
+    """
     proving = not cuda and not args.paper_settings
     pick = lambda flag, gpu, cpu: flag if flag is not None else (gpu if not proving else cpu)  # noqa: E731
     paper, cpu = FULL_SETTINGS[args.family]["paper"], FULL_SETTINGS[args.family]["proving"]
+    if algorithm == "lpo":
+        paper = (paper[0], *LPO_PAPER[args.family])
     prompts = ROOT.parent / "shared" / "data" / "spo_4k_training_prompts.json"
     settings = {
         "resolution": pick(args.resolution, paper[0], cpu[0]),
         "sample_batch_size": pick(args.prompts, paper[1], cpu[1]),
         "num_samples_per_step": pick(args.k, paper[2], cpu[2]),
         "num_inference_steps": pick(args.steps, 20, 4),
-        "divert_start_step": pick(args.divert, 4, 2),
+        "divert_start_step": pick(args.divert, 4, 2) if algorithm == "spo" else pick(args.divert, 0, 0),
         "mixed_precision": pick(args.dtype, "fp16", cpu_mixed_precision()[0]),
-        "preference_threshold": 0.0,
         "prompts": str(prompts) if prompts.is_file() else "builtin:tiny-prompts",
     }
+    if algorithm == "lpo":
+        settings.update(lpo_threshold_min=0.0, lpo_threshold_max=0.0)
+    else:
+        settings["preference_threshold"] = 0.0
     return [f"{k}={v}" for k, v in settings.items()]
 
 
@@ -174,7 +186,9 @@ def _random_full_size_models(device: torch.device, family: str = "sd15"):
     def load_pipeline(source, dtype=torch.float32, device_=None, **kwargs):
         return build(dtype, device)
 
-    def build_judge(*args, dtype=None, **kwargs):
+    def build_judge(kind, *args, dtype=None, **kwargs):
+        if kind == "lrm":  # LPO's latent reward model over the family's own UNet and text encoders
+            return full_size.build_lrm_random(family, dtype or torch.float32, device)
         return full_size.build_vit_h_judge(dtype or torch.float32, device)
 
     with mock.patch("spotune.recipes.train_spo.load_pipeline", load_pipeline), \
@@ -200,17 +214,18 @@ def _predict(config, device: torch.device, memory_cap_gb: float | None) -> dict:
 
 
 def run_full(args, mode: str) -> dict:
-    """One full-size run of ``mode`` ("spotune" or "emulated-reference"); returns its report."""
+    """One full-size run of ``mode`` ("spotune", "spotune-lpo" or "emulated-reference"); returns its report."""
     import full_size
     from spotune.config import load_config
     from spotune.errors import SpotuneError
     from spotune.models.compiled import compile_models
-    from spotune.recipes.train_spo import SPOTrainer
+    from spotune.recipes.trainers import trainer_class
     from spotune.recipes.train_spo_config import TrainSPOConfig
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     emulated = mode == "emulated-reference"
+    algorithm = "lpo" if mode == "spotune-lpo" else "spo"
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = args.tf32
         torch.backends.cudnn.allow_tf32 = args.tf32
@@ -220,7 +235,8 @@ def run_full(args, mode: str) -> dict:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
 
-    overrides = _full_overrides(args, cuda)
+    overrides = _full_overrides(args, cuda, algorithm)
+    config_file = LPO_CONFIGS[args.family] if algorithm == "lpo" else (args.config or FULL_CONFIGS[args.family])
     report: dict = {"mode": mode, "device": torch.cuda.get_device_name(device) if cuda else "cpu",
                     "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
                     "judge_dtype": "fp32" if emulated else args.judge_dtype, "tf32": bool(cuda and args.tf32),
@@ -235,21 +251,22 @@ def run_full(args, mode: str) -> dict:
     clock = full_size.PhaseClock(device)
     with tempfile.TemporaryDirectory() as tmp:
         config = load_config(
-            TrainSPOConfig, args.config or str(ROOT / FULL_CONFIGS[args.family]),
+            TrainSPOConfig, str(ROOT / config_file) if not Path(config_file).is_absolute() else config_file,
             [f"output_dir={tmp}/run", "log_with=none", "progress=false", "validate_every_epochs=0",
              "num_epochs=1000", "checkpoint_every=0", "compile=false", f"allow_tf32={str(args.tf32).lower()}",
              f"judge_dtype={'fp32' if emulated else args.judge_dtype}", *overrides, *args.overrides],
         )
-        report["config"] = args.config or FULL_CONFIGS[args.family]
+        report["config"] = config_file
+        report["algorithm"] = algorithm
         report["family"] = args.family
         report["settings"] = {k: getattr(config, k) for k in (
             "resolution", "sample_batch_size", "num_samples_per_step", "num_inference_steps", "divert_start_step",
-            "guidance_scale", "train_batch_size", "train_micro_batch_size", "gradient_checkpointing", "mixed_precision",
+            "guidance_scale", "algorithm", "train_batch_size", "train_micro_batch_size", "gradient_checkpointing", "mixed_precision",
             "lora_rank", "decode_chunk_size", "judge_batch_size", "offload_text_encoder", "judge_dtype", "max_grad_norm",
             "prompts")}
         if args.predict and not emulated:
             report["prediction"] = _predict(config, device, args.memory_cap_gb)
-        trainer = SPOTrainer(config)
+        trainer = trainer_class(config)(config)
         iterations: list[dict] = []
         flops: dict[str, int] = {}
         t0 = time.perf_counter()
@@ -263,7 +280,7 @@ def run_full(args, mode: str) -> dict:
             report["attention"] = {
                 "unet": sorted({type(p).__name__ for p in base.attn_processors.values()}),
                 "vae": sorted({type(p).__name__ for p in trainer.vae.attn_processors.values()}),
-                "judge": trainer.judge.model.config._attn_implementation,
+                "judge": trainer.judge.model.config._attn_implementation if hasattr(trainer.judge, "model") else "lrm",
             }
             if args.channels_last:
                 base.to(memory_format=torch.channels_last)
@@ -404,8 +421,12 @@ def run_flop_table(args) -> dict:
     import full_size
 
     unit = full_size.count_unit_flops(args.resolution or 512)
+    spo, lpo = full_size.iteration_flops(unit), full_size.lpo_iteration_flops(unit)
     return {"resolution": args.resolution or 512, "tflop_per_unit": unit,
-            "paper_iteration_tflop": full_size.iteration_flops(unit),
+            "paper_iteration_tflop": spo,
+            # LPO at SPO's paper batch (10 prompts, k = 4, 20 steps), every pair kept, so the two compare.
+            "lpo_iteration_tflop": lpo,
+            "lpo_over_spo": lpo["total_spotune"] / spo["total_spotune"],
             "counted_on": "meta device (shapes only) with torch.utils.flop_counter.FlopCounterMode"}
 
 
@@ -419,6 +440,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--warmup", type=int, default=None, help="warm-up iterations (tiny: 1; full: 1 after the FLOP-count iteration on CUDA, 0 on CPU)")
     parser.add_argument("--json", help="also write the results to this JSON file")
     parser.add_argument("--flop-table", action="store_true", help="count per-image TFLOP at --resolution (512) on the meta device and exit")
+    parser.add_argument("--algorithm", choices=("spo", "lpo", "both"), default="spo",
+                        help="full size: SPO (--config or the family's SPO recipe), LPO (configs/<family>_lpo.yaml), or both in one run")
     full = parser.add_argument_group("full size")
     full.add_argument("--emulate-reference", action="store_true", help="also run the authors' cost structure, as an emulation")
     full.add_argument("--only-reference", action="store_true", help="run only the emulation")
@@ -450,7 +473,8 @@ def main(argv: list[str] | None = None) -> dict:
         cuda = torch.cuda.is_available()
         args.iterations = (3 if cuda else 1) if args.iterations is None else args.iterations
         args.warmup = (1 if cuda else 0) if args.warmup is None else args.warmup
-        modes = ["emulated-reference"] if args.only_reference else ["spotune"] + (["emulated-reference"] if args.emulate_reference else [])
+        first = {"spo": ["spotune"], "lpo": ["spotune-lpo"], "both": ["spotune", "spotune-lpo"]}[args.algorithm]
+        modes = ["emulated-reference"] if args.only_reference else first + (["emulated-reference"] if args.emulate_reference else [])
         runs = []
         for mode in modes:
             runs.append(run_full(args, mode))
@@ -458,8 +482,15 @@ def main(argv: list[str] | None = None) -> dict:
             if cuda:
                 torch.cuda.empty_cache()
         report = {"runs": runs, "table": _table(runs)}
-        if len(runs) == 2 and all("tuples_per_second" in r for r in runs):
-            report["throughput_vs_emulated_reference"] = runs[0]["tuples_per_second"] / runs[1]["tuples_per_second"]
+        by_mode = {r["mode"]: r for r in runs}
+        if "emulated-reference" in by_mode and all("tuples_per_second" in r for r in runs):
+            report["throughput_vs_emulated_reference"] = runs[0]["tuples_per_second"] / by_mode["emulated-reference"]["tuples_per_second"]
+        if all("tflop_per_iteration" in by_mode.get(m, {}) for m in ("spotune", "spotune-lpo")):
+            spo, lpo = by_mode["spotune"], by_mode["spotune-lpo"]
+            report["lpo_over_spo"] = {"tflop_per_iteration": lpo["tflop_per_iteration"] / spo["tflop_per_iteration"],
+                                      "seconds_per_iteration": lpo["seconds_per_iteration"] / spo["seconds_per_iteration"],
+                                      "seconds_per_tuple": (lpo["seconds_per_iteration"] / lpo["tuples_per_iteration"])
+                                      / (spo["seconds_per_iteration"] / spo["tuples_per_iteration"])}
         print(report["table"], file=sys.stderr)
     print(json.dumps(report, indent=2, default=str))
     if args.json:

@@ -71,6 +71,16 @@ def build_vit_h_judge(dtype: torch.dtype, device: torch.device | str):
     return judge.to(device=device, dtype=dtype)
 
 
+def build_lrm_random(family: str, dtype: torch.dtype, device: torch.device | str):
+    """LPO's latent reward model over SD1.5's (or SDXL base 1.0's) UNet and text encoders, random weights:
+    the planner's builder (an LRM is made from its base model's architecture)."""
+    from spotune.plan.architectures import architecture_source, build_lrm_judge
+
+    torch.manual_seed(2)
+    with torch.device(device):
+        return build_lrm_judge(architecture_source(family, family), dtype)
+
+
 # -- the per-phase clock -------------------------------------------------------------------------------
 class PhaseClock:
     """Wall time and counted FLOPs per phase of an SPO iteration.
@@ -225,6 +235,11 @@ def count_unit_flops(resolution: int = 512) -> dict[str, float]:
     with torch.no_grad(), flop_counter() as c:
         unet(x2, t2, encoder_hidden_states=emb2)
     out["train_reference_per_tuple"] = c.get_total_flops() / 1e12
+    # LPO's judge: the LRM on one noisy latent (its prompt's and the empty prompt's pass, text encoder included).
+    lrm = build_lrm_random("sd15", torch.float32, meta)
+    with torch.no_grad(), flop_counter() as c:
+        lrm.score(x, ["a photograph"], t)
+    out["lrm_per_latent"] = c.get_total_flops() / 1e12
     return out
 
 
@@ -252,6 +267,27 @@ def iteration_flops(unit: dict[str, float], prompts: int = 10, k: int = 4, steps
     rows["total_authors"] = rows["total_spotune"] - rows["train_spotune"] + rows["train_authors_4_passes"]
     rows["unet_image_forwards"] = unet_images
     rows["judged_images"] = judged
+    rows["tuples"] = tuples
+    return rows
+
+
+def lpo_iteration_flops(unit: dict[str, float], prompts: int = 10, k: int = 4, steps: int = 20,
+                        tuples: int | None = None) -> dict[str, float]:
+    """LPO's iteration composed from the same units: a guided pass on the b chains at every step (no pass
+    on the candidates), the LRM on the k*b noisy candidates of every step (no decode), up to ``steps * b``
+    tuples trained on as SPO's are (LPO branches from step 0 and judges the last step too)."""
+    unet_images = 2 * steps * prompts
+    judged = steps * k * prompts
+    tuples = steps * prompts if tuples is None else tuples
+    rows = {
+        "unet_sampling": unet_images * unit["unet_forward_per_image"],
+        "vae_decode": 0.0,
+        "judge": judged * unit["lrm_per_latent"],
+        "train_spotune": tuples * (unit["train_policy_fwd_bwd_per_tuple"] + unit["train_reference_per_tuple"]),
+    }
+    rows["total_spotune"] = rows["unet_sampling"] + rows["vae_decode"] + rows["judge"] + rows["train_spotune"]
+    rows["unet_image_forwards"] = unet_images
+    rows["judged_latents"] = judged
     rows["tuples"] = tuples
     return rows
 

@@ -23,6 +23,8 @@ run fp16_24gb_plain_config --dtype fp16 --memory-cap-gb 24
 run sdxl_fp16 --family sdxl --dtype fp16 --predict
 run sdxl_fp16_24gb --family sdxl --dtype fp16 --config configs/sdxl_spo_24gb.yaml --memory-cap-gb 24 --predict
 run sdxl_fp16_vs_reference --family sdxl --emulate-reference --dtype fp16
+run lpo_vs_spo_fp16 --algorithm both --dtype fp16 --predict
+run sdxl_lpo_vs_spo_fp16 --family sdxl --algorithm both --dtype fp16
 "$PY" - "$OUT" <<'PY'
 import json, sys
 from pathlib import Path

@@ -242,3 +242,18 @@ def test_plan_json_never_replaces_a_file_it_did_not_write(tmp_path, capsys):
     code, _, err = _plan(capsys, "--config", TINY, "--json", str(mine))
     assert code == 1 and "is not a spotune plan report, so it is not replaced" in err
     assert mine.read_text() == '{"mine": 1}\n'
+
+
+def test_an_lpo_recipe_is_predicted_as_it_runs():
+    """LPO through the planner: the latent judge's phase is counted, nothing is decoded, and the fake
+    iteration's peak and FLOPs are the real one's."""
+    config = load_config(TrainSPOConfig, str(ROOT / "configs" / "tiny_lpo.yaml"),
+                         ["num_inference_steps=4", "sample_batch_size=2", "num_samples_per_step=2", "train_batch_size=4",
+                          "lpo_threshold_max=0"])
+    measured, predicted = measure_iteration(config), predict_iteration(config, progress=None)
+    assert measured.tuples == predicted.tuples == 4 * 2  # LPO judges every step, the last included
+    assert predicted.peak == measured.peak
+    for name, record in predicted.phases.items():
+        assert record.total_flops == measured.phases[name].total_flops, name
+    assert predicted.phases["judge"].total_flops > 0
+    assert "vae_decode" not in predicted.phases or predicted.phases["vae_decode"].total_flops == 0

@@ -89,3 +89,13 @@ def test_recipes_hold_the_authors_values(name):
     for key, value in {**COMMON, **AUTHORS[name]}.items():
         assert getattr(config, key) == value, key
     assert config.lora_alpha == config.lora_rank  # lora_alpha = r in their script
+
+
+def test_sdxl_lpo_samples_with_the_same_loop(tmp_path):
+    """SDXL's LPO has no segments: branching at every step with the SDXL LRM, one iteration through the CLI."""
+    out = tmp_path / "sdxl"
+    assert main(["train", "--config", str(ROOT / "configs" / "tiny_sdxl.yaml"), f"output_dir={out}", "algorithm=lpo",
+                 "judge=lrm", "judge_checkpoint=builtin:tiny-lrm-sdxl", "num_inner_steps=0", "divert_start_step=0",
+                 "num_inference_steps=6", "lpo_threshold_min=0", "lpo_threshold_max=0.02", "max_iterations=1",
+                 "progress=false", "log_with=none", "validate_every_epochs=0"]) == 0
+    check_trees_and_log(out, "lpo", 1)

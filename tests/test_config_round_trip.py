@@ -41,6 +41,8 @@ SHIPPED = {
     "sd15_spm.yaml": (TrainSPMConfig, ["clip_path=PATH", "processor_path=PATH", "train_data=PATH"]),
     "sdxl_spm.yaml": (TrainSPMConfig, ["vae=PATH", "clip_path=PATH", "processor_path=PATH", "train_data=PATH"]),
     "tiny_spm.yaml": (TrainSPMConfig, ["train_data=pairs.parquet", "eval_data=pairs.parquet"]),
+    "sd15_lrm.yaml": (TrainSPMConfig, ["pretrained_model=PATH", "train_data=PATH"]),
+    "tiny_lrm.yaml": (TrainSPMConfig, ["train_data=pairs.parquet"]),
     "toyworld_spm.yaml": (TrainSPMConfig, []),
     "sd15_generate.yaml": (GenerateConfig, ["model=/models/stable-diffusion-v1-5"]),
     "tiny_generate.yaml": (GenerateConfig, []),

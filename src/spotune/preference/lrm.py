@@ -42,6 +42,9 @@ LRM_GUIDANCE_SCALE = 7.5
 # ln(1 / 0.07), CLIP's initial temperature, which the authors' LRM starts from.
 INITIAL_LOGIT_SCALE = 2.6592
 BUILTIN_TINY_LRM = "builtin:tiny-lrm"
+# What ``spotune train-spm model=lrm`` writes into each checkpoint: every weight of the LRM (the UNet's down
+# and mid path, the text encoder(s), the projections, logit_scale), beside the run's config naming its base.
+LRM_WEIGHTS_NAME = "lrm.safetensors"
 BUILTIN_TINY_LRM_SDXL = "builtin:tiny-lrm-sdxl"
 
 
@@ -183,6 +186,28 @@ class LatentRewardModel(nn.Module):
             mid = unet.mid_block(h, emb)
         return [residuals[i].mean(dim=(2, 3)) for i in self.taps], mid.mean(dim=(2, 3))
 
+    def forward(self, latents: torch.Tensor, timesteps: torch.Tensor, prompts: list[str]
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The features the score (and the training loss) are made of, with gradients when enabled.
+
+        Args:
+            latents: [N, 4, h, w] latents as the sampler holds them (scaled by the VAE's factor).
+            timesteps: [N] (or scalar) integer timesteps.
+            prompts: N captions, one per latent.
+        Returns:
+            text: [N, D] text features; image: [N, D] image features (neither normalised); logit_scale: scalar.
+        """
+        n = latents.shape[0]
+        if len(prompts) != n:
+            raise ValueError(f"{n} latents but {len(prompts)} prompts")
+        t = torch.as_tensor(timesteps, device=latents.device).long().reshape(-1).expand(n)
+        states, text, added = self.encode_text(list(prompts))
+        taps, mid = self.pooled_features(latents, t, states, added)
+        cond_mid, uncond_mid = mid[:n], mid[n:]
+        guided_mid = uncond_mid + self.guidance_scale * (cond_mid - uncond_mid)
+        image = self.visual_projection(torch.cat([tap[:n] for tap in taps] + [guided_mid], dim=-1))
+        return text, image, self.logit_scale
+
     @torch.no_grad()
     def score(self, latents: torch.Tensor, prompts: list[str], timesteps: torch.Tensor) -> torch.Tensor:
         """Score noisy latents for their prompts at their timesteps.
@@ -194,18 +219,33 @@ class LatentRewardModel(nn.Module):
         Returns:
             [B] scores in the model's dtype, higher preferred.
         """
-        n = latents.shape[0]
-        if len(prompts) != n:
-            raise ValueError(f"{n} latents but {len(prompts)} prompts")
-        t = torch.as_tensor(timesteps, device=latents.device).long().reshape(-1).expand(n)
-        states, text, added = self.encode_text(list(prompts))
-        taps, mid = self.pooled_features(latents, t, states, added)
-        cond_mid, uncond_mid = mid[:n], mid[n:]
-        guided_mid = uncond_mid + self.guidance_scale * (cond_mid - uncond_mid)
-        image = self.visual_projection(torch.cat([tap[:n] for tap in taps] + [guided_mid], dim=-1))
+        text, image, logit_scale = self.forward(latents, timesteps, prompts)
         image = image / image.norm(dim=-1, keepdim=True)
         text = text / text.norm(dim=-1, keepdim=True)
-        return self.logit_scale.exp() * (image * text).sum(dim=-1)
+        return logit_scale.exp() * (image * text).sum(dim=-1)
+
+    # -- weights ----------------------------------------------------------------------------------
+    weights_name = LRM_WEIGHTS_NAME
+
+    def save(self, path: str | Path, overwrite: bool = False) -> Path:
+        """Write every weight as safetensors (atomically); refuses to replace a file unless ``overwrite``."""
+        from spotune.utils.io import atomic_save_safetensors
+
+        path = Path(path)
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+        atomic_save_safetensors({k: v.detach().float().cpu().contiguous() for k, v in self.state_dict().items()}, path)
+        return path
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        """Load every weight from :meth:`save`'s file, strictly (a missing or unexpected key is named)."""
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise LRMLoadError(f"{path}: not this LRM's weights (missing {sorted(missing)[:3]}, unexpected "
+                               f"{sorted(unexpected)[:3]})")
 
 
 # ================================================================================================
@@ -233,7 +273,8 @@ def _projection(weight: torch.Tensor, source: str) -> nn.Linear:
 
 
 def load_lrm(path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> LatentRewardModel:
-    """An LRM from the folder the authors' code writes (or ``builtin:tiny-lrm`` / ``builtin:tiny-lrm-sdxl``).
+    """An LRM from the folder the authors' code writes, a ``spotune train-spm model=lrm`` run or checkpoint
+    (its latest checkpoint; the base model its config names), or ``builtin:tiny-lrm`` / ``builtin:tiny-lrm-sdxl``.
 
     The folder holds ``unet/`` (a diffusers UNet; its up blocks are dropped), ``text_encoder/`` (and for SDXL
     ``text_encoder_2/``), and ``state_dict.pt`` with ``visual_projection`` (and for SD1.5 ``text_projection``)
@@ -247,6 +288,8 @@ def load_lrm(path: str | Path, device: str | torch.device | None = None, dtype: 
     """
     if str(path) in (BUILTIN_TINY_LRM, BUILTIN_TINY_LRM_SDXL):
         model = build_tiny_lrm(sdxl=str(path) == BUILTIN_TINY_LRM_SDXL)
+    elif _trained_checkpoint(Path(path)) is not None:
+        model = _load_trained(_trained_checkpoint(Path(path)))
     else:
         model = _load_folder(Path(path))
     model.requires_grad_(False).eval()
@@ -292,12 +335,13 @@ def _load_folder(folder: Path) -> LatentRewardModel:
         raise LRMLoadError(f"{folder}: {exc}") from None
 
 
-def build_tiny_lrm(seed: int = 0, sdxl: bool = False) -> LatentRewardModel:
-    """An untrained LRM made from spotune's tiny SD1.5 (or SDXL) pipeline, for tests and CPU runs."""
-    from spotune.models.tiny import build_tiny_sd15_pipeline, build_tiny_sdxl_pipeline
-
-    pipe = build_tiny_sdxl_pipeline(seed) if sdxl else build_tiny_sd15_pipeline(seed)
+def lrm_from_pipeline(pipe, seed: int = 0, image_size: int | None = None) -> LatentRewardModel:
+    """A new LRM made from a diffusion pipeline's own UNet and text encoder(s) (taken, not copied), as the
+    authors build one before training: ``visual_projection`` drawn from N(0, 0.02), SD1.5's
+    ``text_projection`` too (the authors copy CLIP ViT-L/14's, which spotune does not ship), ``logit_scale``
+    ln(1 / 0.07). ``image_size``: SDXL's time ids (the model's native size when unset)."""
     unet = pipe.unet
+    sdxl = getattr(pipe, "text_encoder_2", None) is not None
     taps = feature_taps(unet)
     features = sum(unet.down_blocks[i].resnets[-1].out_channels for i in range(len(taps))) + unet.config.block_out_channels[-1]
     with torch.random.fork_rng(devices=[]):
@@ -310,7 +354,41 @@ def build_tiny_lrm(seed: int = 0, sdxl: bool = False) -> LatentRewardModel:
             width = pipe.text_encoder.config.hidden_size
             visual, text = nn.Linear(features, width, bias=False), nn.Linear(width, width, bias=False)
             encoders, tokenizers = [pipe.text_encoder], [pipe.tokenizer]
+            nn.init.normal_(text.weight, std=0.02)
         nn.init.normal_(visual.weight, std=0.02)
     factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     return LatentRewardModel(unet, encoders, tokenizers, visual, text, INITIAL_LOGIT_SCALE,
-                             image_size=unet.config.sample_size * factor)
+                             image_size=image_size or unet.config.sample_size * factor)
+
+
+def build_tiny_lrm(seed: int = 0, sdxl: bool = False) -> LatentRewardModel:
+    """An untrained LRM made from spotune's tiny SD1.5 (or SDXL) pipeline, for tests and CPU runs."""
+    from spotune.models.tiny import build_tiny_sd15_pipeline, build_tiny_sdxl_pipeline
+
+    return lrm_from_pipeline(build_tiny_sdxl_pipeline(seed) if sdxl else build_tiny_sd15_pipeline(seed), seed)
+
+
+def _trained_checkpoint(path: Path) -> Path | None:
+    """The checkpoint holding ``lrm.safetensors``: ``path`` itself, or a run folder's latest; else ``None``."""
+    if (path / LRM_WEIGHTS_NAME).is_file():
+        return path
+    if (path / "checkpoints").is_dir():
+        from spotune.checkpoint import list_checkpoints
+
+        found = [c for c in list_checkpoints(path) if (c / LRM_WEIGHTS_NAME).is_file()]
+        return found[-1] if found else None
+    return None
+
+
+def _load_trained(checkpoint: Path) -> LatentRewardModel:
+    """A train-spm ``model=lrm`` checkpoint: the base model its config names, then its weights."""
+    from spotune.checkpoint import read_state
+    from spotune.models.loading import load_pipeline
+
+    config = read_state(checkpoint).get("config") or {}
+    if not config.get("pretrained_model"):
+        raise LRMLoadError(f"{checkpoint}: its state.json names no pretrained_model to build the LRM from")
+    pipe = load_pipeline(config["pretrained_model"], dtype=torch.float32, model_family=config.get("model_family", "auto"))
+    model = lrm_from_pipeline(pipe, image_size=config.get("resolution"))
+    model.load_checkpoint(checkpoint / LRM_WEIGHTS_NAME)
+    return model

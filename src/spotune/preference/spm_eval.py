@@ -113,7 +113,7 @@ def evaluate_pair_accuracy(
         b = len(batch)
         for t in timesteps:
             ts = torch.full((b,), t, dtype=torch.long, device=views.device)
-            if t == 0:
+            if t == 0 and getattr(views, "clean_view_at_zero", True):
                 images_0, images_1 = batch.pixel_values_0, batch.pixel_values_1  # the clean images, as SPO
             else:
                 images_0, images_1 = views(batch.pixel_values_0, batch.pixel_values_1, batch.captions, ts, generator)

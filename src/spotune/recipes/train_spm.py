@@ -2,6 +2,11 @@
 #### TRAINING #### per micro-batch, with #### EVALUATION #### (pairwise accuracy per timestep) and
 checkpoints every few optimizer steps.
 
+``model=lrm`` trains LPO's latent reward model instead (:mod:`spotune.preference.lrm`), made from
+``pretrained_model``'s own UNet and text encoder, on noised latents (:mod:`spotune.preference.latent_views`):
+the same loop, loss, evaluation, checkpoints and resume; only the model and what it sees differ, as the
+LPO authors' LRM trainer changes only those in SPO's.
+
 Per micro-batch of B Pick-a-Pic pairs (caption, image 0, image 1, labels):
 
 1. draw t ~ U{0, ..., 999} per pair and one noise per pair;
@@ -27,6 +32,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from diffusers import DDIMScheduler
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
@@ -56,6 +62,8 @@ from spotune.preference.spm_eval import (
     format_accuracy_table,
 )
 from spotune.preference.spm_loss import spm_pair_loss
+from spotune.preference.latent_views import LatentViewMaker
+from spotune.preference.lrm import LRM_WEIGHTS_NAME, lrm_from_pipeline
 from spotune.preference.step_aware import SPM_WEIGHTS_NAME, StepAwarePreferenceModel
 from spotune.recipes.common import (
     MIXED_PRECISION_DTYPES,
@@ -93,6 +101,13 @@ class TrainSPMConfig:
     vae: str | None = help_field(
         "A local diffusers VAE folder replacing the model's (SDXL: madebyollin/sdxl-vae-fp16-fix, which runs in fp16; "
         "without it the SDXL VAE runs in fp32).", None)
+    model: Literal["spm", "lrm"] = help_field(
+        "What is trained: spm, SPO's step-aware model over a CLIP (clip_path), judged on decoded x0-prediction views; "
+        "lrm, LPO's latent reward model made from pretrained_model's own UNet (down and mid blocks) and text encoder, "
+        "judged on noised latents (its checkpoints load as judge=lrm judge_checkpoint=RUN).", "spm")
+    timestep_grid: int = help_field(
+        "Training timesteps: 0 draws t uniformly from 0..999 (SPO's SPM); N draws it from the N-step DDIM schedule "
+        "(the LPO authors' LRM: 20, i.e. 1, 51, ..., 951).", 0)
     clip_path: str | None = help_field(
         "The CLIP the SPM extends: a local CLIPModel folder (PickScore_v1), or builtin:tiny-clip.", BUILTIN_TINY_CLIP)
     processor_path: str | None = help_field(
@@ -196,6 +211,7 @@ class TrainSPMConfig:
             (bool(self.eval_timesteps) and all(0 <= t < 1000 for t in self.eval_timesteps),
              "eval_timesteps must be a non-empty list of timesteps in [0, 1000)"),
             (not (self.resume and self.overwrite), "resume and overwrite=true contradict each other"),
+            (self.timestep_grid >= 0, f"timestep_grid must be >= 0 (0: every timestep), got timestep_grid={self.timestep_grid}"),
             (0.0 <= self.relabel_tie_margin < 1.0,
              f"relabel_tie_margin must be in [0, 1) (a gap of softmax probabilities), got relabel_tie_margin={self.relabel_tie_margin}"),
         ]
@@ -276,15 +292,16 @@ class SPMTrainer:
             eval_set.check_images()
 
         # -- the SPM: the CLIP with identity-initialised time conditioning, all weights trained ----
-        model, tokenizer, processing = load_clip(cfg.clip_path, cfg.processor_path)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.seed)  # the timestep embedder's initial weights are part of the run's seed
-            spm = StepAwarePreferenceModel(model, tokenizer, processing.size, processing.mean, processing.std)
-        if cfg.init_checkpoint:
-            spm.load_checkpoint(cfg.init_checkpoint)
-        spm = spm.float().train().requires_grad_(True)
-        if cfg.gradient_checkpointing:
-            spm.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.model == "spm":
+            model, tokenizer, processing = load_clip(cfg.clip_path, cfg.processor_path)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(cfg.seed)  # the timestep embedder's initial weights are part of the run's seed
+                spm = StepAwarePreferenceModel(model, tokenizer, processing.size, processing.mean, processing.std)
+            if cfg.init_checkpoint:
+                spm.load_checkpoint(cfg.init_checkpoint)
+            spm = spm.float().train().requires_grad_(True)
+            if cfg.gradient_checkpointing:
+                spm.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
         # -- PickScore's labels instead of the data's (SPO's SDXL SPM), before the slow diffusion model
         if cfg.relabel_with == "pickscore":
@@ -301,13 +318,30 @@ class SPMTrainer:
 
         # -- the frozen diffusion model and the views it makes ------------------------------------
         self.views_dtype = MIXED_PRECISION_DTYPES[cfg.views_dtype] if cfg.views_dtype else self.weight_dtype
-        pipe = load_pipeline(cfg.pretrained_model, dtype=self.views_dtype, device=acc.device,
-                             model_family=cfg.model_family, vae=cfg.vae)
+        # The LRM trains the pipeline's own UNet and text encoder(s): loaded in fp32 (trained weights stay fp32
+        # under mixed precision), the frozen VAE with them.
+        pipe = load_pipeline(cfg.pretrained_model, dtype=self.views_dtype if cfg.model == "spm" else torch.float32,
+                             device=acc.device, model_family=cfg.model_family, vae=cfg.vae)
         self.resolution = resolve_resolution(cfg.resolution, pipe.unet, pipe.vae)
-        # SDXL's time ids carry the views' resolution (SPO's SDXL SPM: 1024 x 1024).
-        self.views = NoisyViewMaker(pipe, cfg.guidance_scale, cfg.negative_prompt, cfg.decode_chunk_size, self.resolution)
-        for module in (pipe.vae, pipe.unet, *self.views.conditioner.text_encoders):
-            module.requires_grad_(False).eval()
+        if cfg.model == "lrm":
+            self.views = LatentViewMaker(pipe)
+            pipe.vae.requires_grad_(False).eval()
+            spm = lrm_from_pipeline(pipe, cfg.seed, image_size=self.resolution)  # the trained model (named spm below)
+            if cfg.init_checkpoint:
+                spm.load_checkpoint(cfg.init_checkpoint)
+            spm = spm.float().train().requires_grad_(True)
+            if cfg.gradient_checkpointing:
+                spm.unet.enable_gradient_checkpointing()
+        else:
+            # SDXL's time ids carry the views' resolution (SPO's SDXL SPM: 1024 x 1024).
+            self.views = NoisyViewMaker(pipe, cfg.guidance_scale, cfg.negative_prompt, cfg.decode_chunk_size, self.resolution)
+            for module in (pipe.vae, pipe.unet, *self.views.conditioner.text_encoders):
+                module.requires_grad_(False).eval()
+        self.timestep_grid = None  # [N] the timesteps training draws from (timestep_grid=N), else any t
+        if cfg.timestep_grid:
+            grid = DDIMScheduler.from_config(pipe.scheduler.config)
+            grid.set_timesteps(cfg.timestep_grid)
+            self.timestep_grid = grid.timesteps.to(acc.device).long()
         for pairs in (train_set, eval_set):
             if pairs is not None:
                 pairs.resolution = self.resolution  # the model's own size, now that it is known
@@ -352,9 +386,9 @@ class SPMTrainer:
             tracker_cfg = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in config_to_dict(cfg).items()}
             acc.init_trackers(cfg.tracker_project, config=tracker_cfg)
         logger.info(
-            "SPM: %d training pairs (%d ties, %d unlabelled 0/0), %d eval pairs, %d micro-batches/epoch, "
+            "%s: %d training pairs (%d ties, %d unlabelled 0/0), %d eval pairs, %d micro-batches/epoch, "
             "%d optimizer steps, %d parameters, %d process(es)",
-            len(train_set), train_set.num_ties, train_set.num_without_preference,
+            cfg.model.upper(), len(train_set), train_set.num_ties, train_set.num_without_preference,
             len(self.eval_loader.dataset) if self.eval_loader else 0,
             len(self.train_loader), cfg.max_steps, sum(p.numel() for p in spm.parameters()), acc.num_processes,
         )
@@ -363,6 +397,11 @@ class SPMTrainer:
                 "labels: PickScore's on the clean images (%s), a tie within %.3g of softmax probability; the data's "
                 "own labels are not used", cfg.relabel_clip_path or cfg.clip_path, cfg.relabel_tie_margin,
             )
+
+    @property
+    def _weights_name(self) -> str:
+        """The checkpoint's weights file: ``spm.safetensors`` (the official SPM key layout) or ``lrm.safetensors``."""
+        return LRM_WEIGHTS_NAME if self.config.model == "lrm" else SPM_WEIGHTS_NAME
 
     @property
     def unwrapped(self) -> StepAwarePreferenceModel:
@@ -377,7 +416,7 @@ class SPMTrainer:
         if self.global_step == 0 and cfg.eval_at_start:
             self.evaluate()
         bar = tqdm(
-            total=cfg.max_steps, initial=self.global_step, desc="SPM steps",
+            total=cfg.max_steps, initial=self.global_step, desc=f"{cfg.model.upper()} steps",
             disable=not (cfg.progress and acc.is_local_main_process), dynamic_ncols=True,
         )
         metrics: dict[str, float] = {}
@@ -457,7 +496,8 @@ class SPMTrainer:
     def training_loss(
         self, batch: PairBatch, micro_step: int, timesteps: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The SPM loss of one micro-batch; every random draw is seeded by (seed, micro_step, process).
+        """The loss of one micro-batch (the SPM's, or the LRM's with ``model=lrm``); every random draw is seeded
+        by (seed, micro_step, process).
 
         Args:
             batch: B pairs on the accelerator's device.
@@ -466,13 +506,34 @@ class SPMTrainer:
                 (training). Fixed ones measure the loss at given noise levels.
         """
         cfg, acc = self.config, self.accelerator
-        spm = self.unwrapped
         batch = self._relabelled(batch, self.train_labels)
         b = len(batch)
         generator = torch.Generator(acc.device).manual_seed(seed_for(cfg.seed, micro_step, acc.process_index))
-        t = torch.randint(0, self.views.num_train_timesteps, (b,), generator=generator, device=acc.device)  # [B]
+        if self.timestep_grid is not None:  # one of the grid's timesteps per pair
+            t = self.timestep_grid[torch.randint(0, len(self.timestep_grid), (b,), generator=generator, device=acc.device)]
+        else:
+            t = torch.randint(0, self.views.num_train_timesteps, (b,), generator=generator, device=acc.device)  # [B]
         if timesteps is not None:
             t = timesteps.to(acc.device).long()
+        if cfg.model == "lrm":
+            with torch.no_grad():
+                latents_0, latents_1 = self.views(batch.pixel_values_0, batch.pixel_values_1, batch.captions, t, generator)
+            # [2B] rows: both images of each pair with its caption (the authors' order: [image 0; image 1]).
+            text, image, logit_scale = self.spm(torch.cat([latents_0, latents_1]), torch.cat([t, t]), list(batch.captions) * 2)
+            text = text[:b]
+        else:
+            text, image, logit_scale = self._spm_features(batch, t, generator)
+        image_0, image_1 = image.chunk(2)
+        weight_total = None
+        if acc.num_processes > 1:
+            # Normalise over the global batch: DDP averages the processes' gradients.
+            weight_total = acc.reduce((1.0 / batch.num_pairs).sum(), reduction="mean")
+        return spm_pair_loss(text, image_0, image_1, logit_scale, batch.label_0, batch.label_1, batch.num_pairs, weight_total)
+
+    def _spm_features(self, batch: PairBatch, t: torch.Tensor, generator: torch.Generator
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The SPM's (text [B, D], image [2B, D], logit_scale) on the pair's decoded x0-prediction views at ``t``."""
+        acc, spm = self.accelerator, self.unwrapped
         with torch.no_grad():
             # views_dtype set: the views in that dtype with autocast off, as SPO builds them (fp16).
             with acc.autocast() if self.config.views_dtype is None else nullcontext():
@@ -480,13 +541,7 @@ class SPMTrainer:
             # [2B, 3, S, S]: the views in SPO's training order (clamp, resize to S x S, clamp, normalise).
             pixels = spm_training_pixels(torch.cat([views_0, views_1]), spm.image_size, spm.image_mean, spm.image_std)
             input_ids = spm.tokenize(batch.captions)  # [B, 77]
-        text, image, logit_scale = self.spm(pixels, torch.cat([t, t]), input_ids)  # [B, D], [2B, D], scalar
-        image_0, image_1 = image.chunk(2)
-        weight_total = None
-        if acc.num_processes > 1:
-            # Normalise over the global batch: DDP averages the processes' gradients.
-            weight_total = acc.reduce((1.0 / batch.num_pairs).sum(), reduction="mean")
-        return spm_pair_loss(text, image_0, image_1, logit_scale, batch.label_0, batch.label_1, batch.num_pairs, weight_total)
+        return self.spm(pixels, torch.cat([t, t]), input_ids)  # [B, D], [2B, D], scalar
 
     def _relabelled(self, batch: PairBatch, cache: LabelCache | None) -> PairBatch:
         """The batch with PickScore's labels (relabel_with=pickscore), each pair's computed once; else unchanged."""
@@ -515,7 +570,8 @@ class SPMTrainer:
             return {}
         spm = self.unwrapped
         spm.eval()
-        spm.clear_text_cache()  # the weights changed since the cache was filled
+        if hasattr(spm, "clear_text_cache"):
+            spm.clear_text_cache()  # the weights changed since the cache was filled
         generator = torch.Generator(acc.device).manual_seed(seed_for(cfg.seed, -1, acc.process_index))
         # The global RNGs come out as they went in (the loader draws its base seed from them): a
         # checkpoint saved just before an evaluation then resumes exactly as the run goes on after it.
@@ -529,7 +585,8 @@ class SPMTrainer:
                 spm, self.views, batches, cfg.eval_timesteps, generator,
                 gather=acc.gather_for_metrics, progress=cfg.progress and acc.is_local_main_process,
             )
-        spm.clear_text_cache()
+        if hasattr(spm, "clear_text_cache"):
+            spm.clear_text_cache()
         self.eval_history = [(s, r) for s, r in self.eval_history if s != self.global_step]
         self.eval_history += [(self.global_step, r) for r in rows]
         metrics = {f"eval/accuracy_t{r.timestep}": r.accuracy for r in rows}
@@ -542,7 +599,7 @@ class SPMTrainer:
                 metrics[f"eval/{name}"] = sum(finite) / len(finite)
         if acc.is_main_process:
             atomic_write_text(self.output_dir / "eval" / "accuracy.csv", accuracy_csv(self.eval_history))
-            logger.info("SPM pairwise accuracy at step %d:\n%s", self.global_step, format_accuracy_table(rows))
+            logger.info("%s pairwise accuracy at step %d:\n%s", cfg.model.upper(), self.global_step, format_accuracy_table(rows))
         acc.log(metrics, step=self.global_step)
         return metrics
 
@@ -565,7 +622,7 @@ class SPMTrainer:
             if final.exists():  # a re-run of the same step (e.g. after a failed later save)
                 shutil.rmtree(final)
             with atomic_directory(final) as tmp:
-                self.unwrapped.save(tmp / SPM_WEIGHTS_NAME)
+                self.unwrapped.save(tmp / self._weights_name)
                 inner = self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer
                 opt_tensors, opt_meta = optimizer_to_files(inner)
                 atomic_save_safetensors(opt_tensors, tmp / "optimizer.safetensors")
@@ -615,7 +672,7 @@ class SPMTrainer:
         cfg, spm = self.config, self.unwrapped
         return {
             "format": CHECKPOINT_FORMAT,
-            "kind": "spm",
+            "kind": cfg.model,
             "iteration": self.global_step,
             "optimizer_step": self.global_step,
             "micro_step": self.micro_step,
@@ -623,7 +680,7 @@ class SPMTrainer:
             "batch_in_epoch": self.batch_in_epoch,
             "clip_path": cfg.clip_path,
             "processor_path": cfg.processor_path,
-            "image_size": spm.image_size,
+            "image_size": getattr(spm, "image_size", None),  # the SPM's judge pixels; None for an LRM
             "num_processes": self.accelerator.num_processes,
             "eval": [{"step": s, "timestep": r.timestep, "correct": r.correct, "total": r.total, "ties": r.ties,
                       "ties_apart": r.ties_apart} for s, r in self.eval_history],
@@ -634,14 +691,15 @@ class SPMTrainer:
         """Restore weights, optimizer, lr schedule, counters, evaluation history and RNG."""
         acc = self.accelerator
         state = read_state(checkpoint)
-        if state.get("kind") != "spm":
-            raise SpotuneError(f"{checkpoint}: not a train-spm checkpoint (kind={state.get('kind')!r})")
+        if state.get("kind") != self.config.model:
+            raise SpotuneError(f"{checkpoint}: not a train-spm model={self.config.model} checkpoint (kind={state.get('kind')!r}); "
+                               f"set model={state.get('kind')} to resume it")
         if state.get("num_processes") != acc.num_processes:
             logger.warning(
                 "%s was written by %s process(es), resuming with %d: the data order will differ from an "
                 "uninterrupted run", checkpoint, state.get("num_processes"), acc.num_processes,
             )
-        self.unwrapped.load_checkpoint(checkpoint / SPM_WEIGHTS_NAME)
+        self.unwrapped.load_checkpoint(checkpoint / self._weights_name)
         if self.train_labels is not None and (checkpoint / RELABEL_FILE).is_file():
             # The labels computed before the interruption, so a pair seen again is judged as it was then.
             saved = load_file(str(checkpoint / RELABEL_FILE))["labels"]

@@ -89,6 +89,10 @@ RESUMABLE_KEYS = frozenset({
     "tree_every", "tree_prompt",
 })
 
+# How logs and progress bars name each algorithm.
+ALGORITHM_NAMES = {"spo": "SPO", "gradspo": "GradSPO", "lpo": "LPO"}
+
+
 class _AdapterOff:
     """A LoRA UNet called with its adapter switched off (the base model), for the base validation grid."""
 
@@ -268,8 +272,8 @@ class SPOTrainer:
             acc.init_trackers(cfg.tracker_project, config=tracker_cfg)
         if acc.is_main_process:
             logger.info(
-                "SPO: %d prompts, %d iterations/epoch, %d iterations in total, %d trainable parameters, %d process(es)",
-                len(self.prompts), self.iterations_per_epoch, self.total_iterations,
+                "%s: %d prompts, %d iterations/epoch, %d iterations in total, %d trainable parameters, %d process(es)",
+                ALGORITHM_NAMES[cfg.algorithm], len(self.prompts), self.iterations_per_epoch, self.total_iterations,
                 sum(p.numel() for p in params), acc.num_processes,
             )
 
@@ -280,7 +284,7 @@ class SPOTrainer:
         """Run iterations until ``total_iterations``; return the last iteration's metrics."""
         cfg, acc = self.config, self.accelerator
         bar = tqdm(
-            total=self.total_iterations, initial=self.iteration, desc="SPO iterations",
+            total=self.total_iterations, initial=self.iteration, desc=f"{ALGORITHM_NAMES[cfg.algorithm]} iterations",
             disable=not (cfg.progress and acc.is_local_main_process), dynamic_ncols=True,
         )
         metrics: dict[str, float] = {}

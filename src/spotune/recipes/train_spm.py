@@ -115,7 +115,7 @@ class TrainSPMConfig:
         "PickScore); defaults to clip_path.", None)
     init_checkpoint: str | None = help_field(
         "Start from these SPM weights (official .bin, .safetensors, or a train-spm run) instead of the identity "
-        "extension of clip_path.", None)
+        "extension of clip_path; model=lrm: an lrm.safetensors a model=lrm run wrote.", None)
     train_data: str | None = help_field(
         "Pick-a-Pic-format pairs: a .parquet/.arrow file, a folder of them, or a datasets save_to_disk folder.", None)
     train_split: str | None = help_field("Split to read from a DatasetDict or hub-style parquet folder (train when unset).", None)

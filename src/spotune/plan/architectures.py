@@ -150,22 +150,9 @@ def build_lrm_judge(source: ArchitectureSource, dtype: torch.dtype):
     """LPO's latent reward model over the diffusion model's own UNet and text encoder configs (an LRM is made
     from its base model), with the authors' projection widths: SD1.5 the text encoder's width, SDXL
     ``text_encoder_2``'s projection."""
-    from torch import nn
+    from spotune.preference.lrm import lrm_from_pipeline
 
-    from spotune.preference.lrm import INITIAL_LOGIT_SCALE, LatentRewardModel, feature_taps
-
-    pipe = build_pipeline(source, dtype)
-    unet = pipe.unet
-    taps = feature_taps(unet)
-    features = sum(unet.down_blocks[i].resnets[-1].out_channels for i in range(len(taps))) + unet.config.block_out_channels[-1]
-    if source.family == "sdxl":
-        width = pipe.text_encoder_2.config.projection_dim
-        encoders, tokenizers, text = [pipe.text_encoder, pipe.text_encoder_2], [pipe.tokenizer, pipe.tokenizer_2], None
-    else:
-        width = pipe.text_encoder.config.hidden_size
-        encoders, tokenizers, text = [pipe.text_encoder], [pipe.tokenizer], nn.Linear(width, width, bias=False)
-    model = LatentRewardModel(unet, encoders, tokenizers, nn.Linear(features, width, bias=False), text, INITIAL_LOGIT_SCALE,
-                              image_size=unet.config.sample_size * 8)
+    model = lrm_from_pipeline(build_pipeline(source, dtype))
     return model.to(dtype=dtype).eval().requires_grad_(False)
 
 

@@ -302,7 +302,7 @@ class SPOTrainer:
                 # iteration is given up here: the checkpoint of the state before it resumes bit-exactly.
                 bar.close()
                 stop_for_preemption(self, abandoned=True)
-            self.step_statistics = StepStatistics(cfg.num_inference_steps, cfg.divert_start_step)
+            self.step_statistics = StepStatistics(cfg.num_inference_steps, cfg.divert_start_step, acc.device)
             self.step_statistics.add_sampling(result.pairs.step_index, result.judged_steps, result.scores, len(prompts),
                                               result.thresholds)
             train_stats = self.train_on_pairs(result.pairs)

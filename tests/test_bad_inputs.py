@@ -76,6 +76,13 @@ def pickle_with_an_object(name: str) -> Callable[[Path, pytest.MonkeyPatch], Non
     return make
 
 
+def tiny_pairs(tmp: Path, _=None) -> None:
+    """``tmp/pairs.parquet``: eight synthetic Pick-a-Pic-format pairs of 32 px images."""
+    from spotune.data.pickapic import synthetic_pairs, write_pairs_parquet
+
+    write_pairs_parquet(tmp / "pairs.parquet", *synthetic_pairs(8, 32, seed=0))
+
+
 def text_file(name: str, text: str) -> Callable[[Path, pytest.MonkeyPatch], None]:
     def make(tmp: Path, _=None) -> None:
         (tmp / name).write_text(text, encoding="utf-8")
@@ -154,6 +161,12 @@ CASES = [
     Case("train-spm-negative-preempt-grace",
          [*TRAIN_SPM, "train_data={tmp}/pairs.parquet", "output_dir={tmp}/run", "preempt_grace_s=-5"],
          ("preempt_grace_s must be >= 0 (0: no limit), got preempt_grace_s=-5.0",)),
+    Case("train-spm-lrm-timestep-grid-too-fine", [*TRAIN_SPM, "train_data={tmp}/pairs.parquet", "model=lrm", "timestep_grid=5000"],
+         ("timestep_grid must be in [0, 1000] (0: every timestep; N: the N-step DDIM grid), got timestep_grid=5000",)),
+    Case("train-spm-lrm-init-from-a-folder",
+         ["train-spm", "--config", str(ROOT / "configs" / "tiny_lrm.yaml"), "train_data={tmp}/pairs.parquet",
+          "output_dir={tmp}/run", "init_checkpoint={tmp}", "progress=false"],
+         ("{tmp}: no such file; expected the lrm.safetensors a train-spm model=lrm checkpoint holds",), setup=tiny_pairs),
     Case("train-spm-resume-latest-without-checkpoint",
          [*TRAIN_SPM, "train_data={tmp}/pairs.parquet", "output_dir={tmp}/run", "resume=latest"],
          ("resume=latest: no checkpoint was written in {tmp}/run", "overwrite=true"), setup=run_without_checkpoint),
@@ -171,6 +184,8 @@ CASES = [
          ("command line: seed must be >= 0, got seed=-1",)),
     # view
     Case("view-missing-run", ["view", "{tmp}/no-run"], ("{tmp}/no-run: no such run folder",)),
+    Case("view-a-file", ["view", "{tmp}/notes.txt"], ("{tmp}/notes.txt: is a file, not a run folder",),
+         setup=text_file("notes.txt", "mine")),
     Case("view-not-a-run", ["view", "{tmp}"], ("{tmp}: not a spotune run folder (no config.yaml, no checkpoints/)",)),
     Case("view-run-symlink-loop", ["view", "{tmp}/loop"], (f"{{tmp}}/loop {LOOP}", "RUN"), setup=symlink_loop),
     Case("view-output-onto-a-users-file", ["view", "{tmp}/run", "--output", "{tmp}/notes.html"],

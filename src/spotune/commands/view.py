@@ -29,8 +29,10 @@ def run(args: argparse.Namespace) -> int:
     from spotune.view.run_page import RunPageError, write_run_page
 
     folder = resolve_user_path(args.run, "RUN") if args.run else None
-    if folder is None or not folder.is_dir():
+    if folder is None or not folder.exists():
         raise RunPageError(f"{args.run}: no such run folder; pass the output_dir of a spotune train run")
+    if not folder.is_dir():
+        raise RunPageError(f"{args.run}: is a file, not a run folder; pass the output_dir of a spotune train run")
     path = write_run_page(folder, args.output)
     print(f"run page: {path}  (open {path.resolve().as_uri()})")
     return 0

@@ -241,7 +241,12 @@ class LatentRewardModel(nn.Module):
         """Load every weight from :meth:`save`'s file, strictly (a missing or unexpected key is named)."""
         from safetensors.torch import load_file
 
-        state = load_file(str(path))
+        if not Path(path).is_file():
+            raise LRMLoadError(f"{path}: no such file; expected the lrm.safetensors a train-spm model=lrm checkpoint holds")
+        try:
+            state = load_file(str(path))
+        except Exception as exc:  # safetensors' own errors say little about which file
+            raise LRMLoadError(f"{path}: not a safetensors file ({exc})") from None
         missing, unexpected = self.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise LRMLoadError(f"{path}: not this LRM's weights (missing {sorted(missing)[:3]}, unexpected "
@@ -286,10 +291,11 @@ def load_lrm(path: str | Path, device: str | torch.device | None = None, dtype: 
     Raises:
         LRMLoadError: a missing path or part, or weights that do not fit (each named).
     """
+    trained = None if str(path).startswith("builtin:") else _trained_checkpoint(Path(path))
     if str(path) in (BUILTIN_TINY_LRM, BUILTIN_TINY_LRM_SDXL):
         model = build_tiny_lrm(sdxl=str(path) == BUILTIN_TINY_LRM_SDXL)
-    elif _trained_checkpoint(Path(path)) is not None:
-        model = _load_trained(_trained_checkpoint(Path(path)))
+    elif trained is not None:
+        model = _load_trained(trained)
     else:
         model = _load_folder(Path(path))
     model.requires_grad_(False).eval()

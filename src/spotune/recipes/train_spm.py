@@ -211,7 +211,8 @@ class TrainSPMConfig:
             (bool(self.eval_timesteps) and all(0 <= t < 1000 for t in self.eval_timesteps),
              "eval_timesteps must be a non-empty list of timesteps in [0, 1000)"),
             (not (self.resume and self.overwrite), "resume and overwrite=true contradict each other"),
-            (self.timestep_grid >= 0, f"timestep_grid must be >= 0 (0: every timestep), got timestep_grid={self.timestep_grid}"),
+            (0 <= self.timestep_grid <= 1000,
+             f"timestep_grid must be in [0, 1000] (0: every timestep; N: the N-step DDIM grid), got timestep_grid={self.timestep_grid}"),
             (0.0 <= self.relabel_tie_margin < 1.0,
              f"relabel_tie_margin must be in [0, 1) (a gap of softmax probabilities), got relabel_tie_margin={self.relabel_tie_margin}"),
         ]

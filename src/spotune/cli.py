@@ -42,6 +42,13 @@ COMMAND_MODULES = [
 ]
 
 
+def say(line: str) -> None:
+    """Write one line to stderr in a single write: the processes of a multi-process run end at once, and
+    print's separate write of the newline let their lines run into one another."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="spotune",
@@ -97,12 +104,12 @@ def run_tool(program: str, run: Callable[[list[str]], int], argv: list[str] | No
     except KeyboardInterrupt as exc:
         if debug:
             raise
-        print(f"{program}: {interruption_line('', exc)}", file=sys.stderr)
+        say(f"{program}: {interruption_line('', exc)}")
         return getattr(exc, "exit_code", INTERRUPTED_EXIT)
     except SpotuneError as exc:
         if debug:
             raise
-        print(f"{program}: error: {exc}", file=sys.stderr)
+        say(f"{program}: error: {exc}")
         return 1
 
 
@@ -155,17 +162,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as exc:
         if debug:
             raise
-        print(f"{prefix}: {interruption_line(args.command, exc)}", file=sys.stderr)
+        say(f"{prefix}: {interruption_line(args.command, exc)}")
         return getattr(exc, "exit_code", INTERRUPTED_EXIT)
     except SpotuneError as exc:
         if debug:
             raise
-        print(f"{prefix}: error: {exc}", file=sys.stderr)
+        say(f"{prefix}: error: {exc}")
         return 1
     except OSError as exc:
         if debug or exc.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
-        print(f"{prefix}: error: {disk_full_message(exc)}", file=sys.stderr)
+        say(f"{prefix}: error: {disk_full_message(exc)}")
         return 1
 
 

@@ -36,7 +36,8 @@ from spotune.toyworld.metrics import AESTHETIC_COMPONENTS
 # The demo's stage times measured on 2 CPU cores (docs/demo-and-world.md, "Measured"): 30 iterations of the shipped
 # toyworld_spo.yaml per method, and the evaluation of 3 models x 192 images in 55 s. The run-time
 # estimate scales these; it is an estimate, not a measurement of the study.
-MEASURED_SECONDS_PER_ITERATION = {"spo": 186.0 / 30, "trajectory": 223.0 / 30, "gradspo": 262.0 / 30}
+MEASURED_SECONDS_PER_ITERATION = {"spo": 186.0 / 30, "trajectory": 223.0 / 30, "gradspo": 262.0 / 30,
+                                  "lpo": 2.95}  # LPO: a 3-iteration run of the demo's lpo settings (sampling + training)
 MEASURED_SECONDS_PER_EVAL_IMAGE = 55.0 / (3 * 192)
 STUDY_FORMAT = 2  # 2: the three-scale aesthetic (lighting, vividness, cleanliness)
 
@@ -249,6 +250,8 @@ class Training:
     seconds: float  # how long the stage took to build (also when this run found it in the cache)
     cached: bool
     unet_evaluations_per_iteration: int
+    judged_candidates_per_iteration: int
+    seconds_per_iteration: float  # mean seconds of sampling + training per iteration, from the run's metrics.jsonl
 
 
 class Trainer:
@@ -270,6 +273,7 @@ class Trainer:
         self.base_key = digest_files(probe.base_dir)
         self.judge_key = digest_files(probe.pickscore_dir)
         self.spm_key = digest_file(probe.shipped_spm)
+        self.lrm_path = probe.shipped_lrm  # LPO's judge (the demo's stage reads it itself)
         self.trainings: list[Training] = []
 
     def demo(self, seed: int):
@@ -278,7 +282,8 @@ class Trainer:
         return self._demos[seed]
 
     def train(self, method: str, learning_rate: float, seed: int) -> Training:
-        from spotune.diffusion.sampler import sampling_unet_evaluations
+        from spotune.diffusion.sampler import judged_candidates, sampling_unet_evaluations
+        from spotune.recipes.run_log import read_metrics
 
         extra = {"learning_rate": learning_rate, "max_iterations": self.args.iterations,
                  "checkpoint_every": self.args.checkpoint_every, "keep_checkpoints": None}
@@ -286,9 +291,14 @@ class Trainer:
                                            self.judge_key, self.spm_path, self.spm_key, method, extra=extra)
         config = json.loads((record.folder / "stage.json").read_text())["payload"]["config"]
         sampler = "trajectory" if config.get("pairing", "step") == "trajectory" else "step"
-        per_iteration = sampling_unet_evaluations(sampler, int(config["sample_batch_size"]), int(config["num_inference_steps"]),
-                                                  int(config["divert_start_step"]), int(config["num_samples_per_step"]))
-        training = Training(method, learning_rate, seed, record.folder / "run", record.build_seconds, record.cached, per_iteration)
+        sampler = "lpo" if config.get("algorithm") == "lpo" else sampler
+        shape = (int(config["sample_batch_size"]), int(config["num_inference_steps"]), int(config["divert_start_step"]),
+                 int(config["num_samples_per_step"]))
+        records = [r for r in read_metrics(record.folder / "run") if "seconds_sampling" in r]
+        seconds = (sum(r["seconds_sampling"] + r.get("seconds_training", 0.0) for r in records) / len(records)
+                   if records else math.nan)
+        training = Training(method, learning_rate, seed, record.folder / "run", record.build_seconds, record.cached,
+                            sampling_unet_evaluations(sampler, *shape), judged_candidates(sampler, *shape), seconds)
         self.trainings.append(training)
         return training
 
@@ -378,7 +388,7 @@ def select(grid: list[dict[str, Any]]) -> dict[str, Any]:
 def run_study(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from spotune.toyworld.demo import METHODS, _quiet_libraries
+    from spotune.toyworld.demo import METHODS, _quiet_libraries, digest_files
     from spotune.toyworld.world import prompt_splits
     from spotune.utils.io import atomic_write_json, atomic_write_text
 
@@ -425,10 +435,12 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
     for method in args.methods:
         chosen = selection[method]["chosen"]
         per_seed: dict[int, dict[int, dict[str, list[float]]]] = {}
-        per_iteration_cost = 0
+        per_iteration_cost = judged = 0
+        seconds_per_iteration = []
         for seed in args.seeds:
             training = train(method, chosen["learning_rate"], seed)
-            per_iteration_cost = training.unet_evaluations_per_iteration
+            per_iteration_cost, judged = training.unet_evaluations_per_iteration, training.judged_candidates_per_iteration
+            seconds_per_iteration.append(training.seconds_per_iteration)
             per_seed[seed] = {it: evaluator.checkpoint(checkpoint_at(training.run, it), "test") for it in iterations}
         at = {seed: per_seed[seed][chosen["iterations"]] for seed in args.seeds}
         rows = lambda key, table=at: [table[s][key] for s in args.seeds]  # noqa: E731  [seeds][images]
@@ -447,6 +459,9 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
             "layout_drift_size": interval(rows("size_drift"), args),
             "layout_drift_position_px": interval(rows("position_drift"), args, missing=True),
             "unet_evaluations_per_iteration": per_iteration_cost,
+            "judged_candidates_per_iteration": judged,
+            # Measured in this run: the mean over the final seeds' iterations (sampling + training), on this machine.
+            "seconds_per_iteration": sum(seconds_per_iteration) / len(seconds_per_iteration),
         }
         curve = {"iterations": iterations, "unet_evaluations": [it * per_iteration_cost for it in iterations],
                  "win_rate": [], "ci_low": [], "ci_high": []}
@@ -469,7 +484,9 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
         # Which world was studied: the shipped one unless --base-model / --pickscore-model / --spm-checkpoint.
         "models": {"base_model": str(trainer.base_dir), "base_digest": trainer.base_key,
                    "pickscore_model": str(trainer.pickscore_dir), "pickscore_digest": trainer.judge_key,
-                   "spm_checkpoint": str(trainer.spm_path), "spm_digest": trainer.spm_key},
+                   "spm_checkpoint": str(trainer.spm_path), "spm_digest": trainer.spm_key,
+                   **({"lrm_checkpoint": str(trainer.lrm_path), "lrm_digest": digest_files(trainer.lrm_path)}
+                      if "lpo" in args.methods else {})},
         "splits": {"train_prompts": len(splits.train),
                    "validation": [p.caption for p in evaluator.prompts["validation"]],
                    "test": [p.caption for p in evaluator.prompts["test"]],
@@ -535,7 +552,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"{len(report['splits']['eval_seeds'])} evaluation seeds; training seeds {s['seeds']}; intervals: {report['interval']}.",
         "",
         f"World: base model {report['models']['base_model']}, judge {report['models']['spm_checkpoint']} on "
-        f"{report['models']['pickscore_model']}.",
+        f"{report['models']['pickscore_model']}" + (f"; LPO's latent reward model {report['models']['lrm_checkpoint']}"
+                                                    if "lrm_checkpoint" in report["models"] else "") + ".",
         "",
         "| method | lr | iterations | aesthetic win rate vs base | aesthetic delta | alignment (base "
         f"{100 * next(iter(report['methods'].values()))['alignment_base']:.1f}%) | size drift | position drift (px) | "
@@ -546,6 +564,15 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {m['name']} | {m['learning_rate']:g} | {m['iterations']} | {_pct(m['win_rate'])} | "
                      f"{_num(m['aesthetic_delta'])} | {_pct(m['alignment'])} | {_num(m['layout_drift_size'])} | "
                      f"{_num(m['layout_drift_position_px'], 2)} | {m['unet_evaluations_per_iteration']} |")
+    lines += ["", "## Cost of one iteration (chosen settings, the final seeds' runs)", "",
+              "| method | sampling UNet evaluations | candidates judged | how they are judged | seconds (sampling + training) |",
+              "| --- | ---: | ---: | --- | ---: |"]
+    for key, m in report["methods"].items():
+        how = {"lpo": "as noisy latents by the LRM", "trajectory": "final images, decoded, by the SPM"}.get(
+            key, "x0-predictions, decoded, by the SPM")
+        seconds = m.get("seconds_per_iteration", math.nan)
+        lines.append(f"| {m['name']} | {m['unet_evaluations_per_iteration']} | {m.get('judged_candidates_per_iteration', '-')} | "
+                     f"{how} | {'-' if math.isnan(seconds) else f'{seconds:.2f}'} |")
     lines += ["", "## Aesthetic delta by component (test, chosen settings)", "",
               "| method | " + " | ".join(AESTHETIC_COMPONENTS) + " |", "| --- |" + " ---: |" * len(AESTHETIC_COMPONENTS)]
     for m in report["methods"].values():

@@ -22,7 +22,7 @@ from spotune.config import ConfigError, config_from_dict, load_config, parse_ove
 from spotune.eval.config import EvalConfig
 from spotune.export.api import ExportConfig
 from spotune.generation.config import GenerateConfig
-from spotune.recipes.eval_spm import EvalSPMConfig
+from spotune.recipes.eval_spm import EvalLRMConfig, EvalSPMConfig
 from spotune.recipes.train_spm import TrainSPMConfig
 from spotune.recipes.train_spo_config import TrainSPOConfig
 from spotune.toyworld.demo import DemoConfig
@@ -30,7 +30,8 @@ from spotune.toyworld.pretrain import PretrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMAND_CONFIGS = {
-    "train": TrainSPOConfig, "train-spm": TrainSPMConfig, "eval-spm": EvalSPMConfig, "generate": GenerateConfig,
+    "train": TrainSPOConfig, "train-spm": TrainSPMConfig, "eval-spm": EvalSPMConfig, "eval-lrm": EvalLRMConfig,
+    "generate": GenerateConfig,
     "eval": EvalConfig, "demo": DemoConfig, "export": ExportConfig,
     "plan": TrainSPOConfig,  # plans a train config
     # not a `spotune` subcommand: `python -m spotune.toyworld.pretrain CONFIG key=value ...`

@@ -58,6 +58,10 @@ COMMANDS: tuple[CommandConfig, ...] = (
         "`--config FILE` (YAML) and `key=value`.",
     ),
     CommandConfig(
+        "spotune eval-lrm", "spotune.recipes.eval_spm:EvalLRMConfig",
+        "`--config FILE` (YAML) and `key=value`: eval-spm's keys with an LRM's defaults.",
+    ),
+    CommandConfig(
         "spotune generate", "spotune.generation.config:GenerateConfig",
         "`--config FILE` (YAML), `key=value`, and the flags `--model`, `--lora`, `--compare-base`, `--prompt`, "
         "`--prompt-file`, `--out` (for `model`, `loras`, `compare_base`, `prompts`, `prompt_file`, `output_dir`).",

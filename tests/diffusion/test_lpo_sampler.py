@@ -74,6 +74,10 @@ def test_no_decoding_b_rows_per_step_and_the_drawing_steps_timestep(tiny_pipelin
     assert decoded == []  # no VAE decode, no pixel judge
     assert rows == [2 * 3] * 6 and result.unet_calls == 6  # one guided pass of the b chains per step (CFG: 2b rows)
     assert [n for n, _ in judge.calls] == [4 * 3] * 6  # the k*b candidates once per step
+    from spotune.diffusion.sampler import judged_candidates, sampling_unet_evaluations
+
+    assert sum(rows) // 2 == sampling_unet_evaluations("lpo", 3, 6, 0, 4)  # the study's cost column, as counted
+    assert sum(n for n, _ in judge.calls) == judged_candidates("lpo", 3, 6, 0, 4)
     assert [c.unique().tolist() for _, c in judge.calls] == [[t] for t in timesteps]  # at the t that drew them
     thresholds = sigma_threshold(tiny_pipeline.scheduler, tiny_pipeline.scheduler.timesteps, 0.2, 0.5).tolist()
     assert result.thresholds == pytest.approx(thresholds)

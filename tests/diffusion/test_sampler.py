@@ -158,7 +158,7 @@ def test_trajectory_pairs_propagate_the_final_label_to_every_step(tiny_pipeline)
 def test_sampling_unet_evaluations_counts_every_samplers_latent_rows(tiny_pipeline):
     """The cost formula against the rows the three samplers really pass through the UNet (halved for CFG)."""
     from spotune.diffusion.gradspo_sampler import gradspo_sample
-    from spotune.diffusion.sampler import sampling_unet_evaluations, trajectory_sample
+    from spotune.diffusion.sampler import judged_candidates, sampling_unet_evaluations, trajectory_sample
 
     b, k, steps, divert = 3, 4, 6, 2
     prompts = [f"prompt {i}" for i in range(b)]
@@ -171,6 +171,11 @@ def test_sampling_unet_evaluations_counts_every_samplers_latent_rows(tiny_pipeli
                 torch.randn(b, 4, 8, 8, generator=g), num_inference_steps=steps, divert_start_step=divert,
                 num_candidates=k, threshold=0.0, guidance_scale=5.0, eta=1.0, generator=g)
         assert sum(counting.batches) // 2 == sampling_unet_evaluations("step", b, steps, divert, k), sampler
+    judge = RecordingJudge()
+    spo_sample(tiny_pipeline.unet, tiny_pipeline.vae, tiny_pipeline.scheduler, judge, prompts, emb, neg,
+               torch.randn(b, 4, 8, 8), num_inference_steps=steps, divert_start_step=divert, num_candidates=k,
+               threshold=0.0, guidance_scale=5.0, eta=1.0, generator=torch.Generator().manual_seed(0))
+    assert sum(n for n, _, _ in judge.calls) == judged_candidates("step", b, steps, divert, k)
     counting = CountingUNet(tiny_pipeline.unet)
     g = torch.Generator().manual_seed(0)
     trajectory_sample(counting, tiny_pipeline.vae, tiny_pipeline.scheduler, RecordingJudge(), prompts, emb, neg,

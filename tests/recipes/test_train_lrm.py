@@ -69,3 +69,62 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does(pairs, tmp_path):
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     # An SPM run's checkpoint is not resumed as an LRM.
     assert main(_args(tmp_path / "split", pairs, "eval_data=null", "resume=latest", "model=spm", "max_steps=6")) == 1
+
+
+def test_the_authors_filter_the_best_copy_and_eval_lrm_agree_with_the_run(pairs, tmp_path, capsys, caplog):
+    """One run with LPO's label filter and keep_best_at=1: it trains on the kept pairs only, RUN/best holds the
+    weights of the first step with the run's best accuracy at t = 1, and eval-lrm measures them as the run did."""
+    from spotune.data.pickapic import PickAPicPairs
+
+    rows = PickAPicPairs(pairs[0], keep_unlabelled=True).num_file_rows
+    gaps = ["1,0.3,0.1,0.1", "1,-0.6,0.1,0.1", "0,0.1,0.01,0.01", "1,0.3,-0.1,0.1"]  # kept, dropped (2), kept, dropped
+    csv_file = tmp_path / "gaps.csv"
+    csv_file.write_text("\ufeffdifferent_flag,aesthetic_gap,clipscore_gap,vqascore_gap\n"
+                        + "".join(gaps[i % 4] + "\n" for i in range(rows)), encoding="utf-8")
+    run = tmp_path / "run"
+    caplog.set_level("INFO", logger="spotune.recipes.train_spm")
+    assert main(_args(run, pairs, f"pair_filter_csv={csv_file}", "keep_best_at=1", "eval_every=1", "checkpoint_every=1",
+                      "train_batch_size=2")) == 0
+    assert "kept 4 of 8 training pairs" in caplog.text
+    history = [line.split(",") for line in (run / "eval" / "accuracy.csv").read_text().splitlines()[1:]]
+    at_one = [(int(r[0]), float(r[2])) for r in history if r[1] == "1"]
+    best_step, best_accuracy = max(at_one, key=lambda sa: (sa[1], -sa[0]))
+    import json
+
+    best = json.loads((run / "best" / "best.json").read_text())
+    assert (best["step"], best["timestep"]) == (best_step, 1) and best["accuracy"] == pytest.approx(best_accuracy)
+    if best_step:  # step 0 is the untrained model, evaluated before any checkpoint
+        a = load_file(str(run / "best" / "lrm.safetensors"))
+        b = load_file(str(run / "checkpoints" / f"iter-{best_step:08d}" / "lrm.safetensors"))
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    # eval-lrm on the best copy, seeded as the run's evaluation: the run's own numbers at that step.
+    capsys.readouterr()
+    out = tmp_path / "acc.json"
+    assert main(["eval-lrm", f"judge_checkpoint={run / 'best'}", "pretrained_model=builtin:tiny-sd15", f"data={pairs[1]}",
+                 "seed=42", "batch_size=4", "num_workers=0", "progress=false", f"output={out}"]) == 0
+    measured = {row["timestep"]: row["accuracy"] for row in json.loads(out.read_text())["rows"]}
+    assert measured == pytest.approx({int(r[1]): float(r[2]) for r in history if int(r[0]) == best_step}, abs=1e-6)
+    # Shipped as the miniature world ships its LRM (fp16, the base named relative to the folder): it scores as the run.
+    from spotune.toyworld.shipping import ship_lrm
+
+    shipped = load_lrm(ship_lrm(run, None, tmp_path / "shipped"))
+    latents, t = torch.randn(3, 4, 8, 8), torch.tensor([1, 501, 951])
+    torch.testing.assert_close(shipped.score(latents, ["a", "b", "c"], t), load_lrm(run).score(latents, ["a", "b", "c"], t),
+                               rtol=0.02, atol=0.02)
+    assert main(["eval-lrm", f"data={pairs[1]}", "judge=spm"]) == 1
+    assert "eval-lrm measures a latent reward model (judge=lrm), got judge=spm" in capsys.readouterr().err
+
+
+def test_mpcf_rules_of_the_three_strategies(tmp_path):
+    from spotune.data.pair_filter import PairFilterError, mpcf_keep
+
+    file = tmp_path / "gaps.csv"
+    file.write_text("different_flag,aesthetic_gap,clipscore_gap,vqascore_gap,extra\n"
+                    "1,0.1,0.01,0.01,x\n1,-0.3,0.01,0.01,x\n1,-0.7,0.01,0.01,x\n1,0.5,0,0.01,x\n"
+                    "0,0.19,0.02,0.06,x\n0,0.2,0.02,0.06,x\n0,0.1,0.02,,x\n2,0.5,0.5,0.5,x\n")
+    assert mpcf_keep(file, 1).tolist() == [True, False, False, False, True, False, False, False]
+    assert mpcf_keep(file, 2).tolist() == [True, True, False, False, True, False, False, False]
+    assert mpcf_keep(file, 3).tolist() == [True, True, True, False, True, False, False, False]
+    file.write_text("different_flag,aesthetic_gap,clip_gap\n1,0,0\n")
+    with pytest.raises(PairFilterError, match="no column clipscore_gap, vqascore_gap"):
+        mpcf_keep(file)

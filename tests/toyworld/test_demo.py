@@ -270,24 +270,36 @@ def test_the_demo_trains_at_the_settings_the_study_chose(tmp_path, monkeypatch):
         demo_mod.study_choice(bad)
 
 
-def test_methods_chooses_the_fine_tunings_and_gradspo_joins_the_report(tmp_path):
-    """methods=[gradspo]: GradSPO trained with the demo's YAML, seeds and budget, and reported like SPO."""
+def test_methods_chooses_the_fine_tunings_and_gradspo_and_lpo_join_the_report(tmp_path, monkeypatch):
+    """methods=[gradspo,lpo]: GradSPO and LPO (judged by the shipped LRM) trained with the demo's YAML, seeds and
+    budget, and reported like SPO."""
     from spotune.config import load_config
+    from spotune.toyworld import demo as demo_mod
     from spotune.toyworld.demo import DemoConfig, run_demo
+
+    # Three steps of two chains rarely clear the authors' thresholds: lower them, so the one iteration trains.
+    name, settings = demo_mod.METHODS["lpo"]
+    monkeypatch.setitem(demo_mod.METHODS, "lpo", (name, {**settings, "lpo_threshold_min": 0.0, "lpo_threshold_max": 0.05}))
 
     spo = _shrunken_yaml(RESOURCES / "configs" / "toyworld_spo.yaml", tmp_path / "spo.yaml",
                          {"num_inference_steps": 3, "divert_start_step": 1, "sample_batch_size": 2, "train_batch_size": 4})
     out = tmp_path / "out"
     config = load_config(DemoConfig, None, [
-        f"output={out}", f"cache_dir={tmp_path / 'cache'}", "spo_iterations=1", "methods=[gradspo]",
+        f"output={out}", f"cache_dir={tmp_path / 'cache'}", "spo_iterations=1", "methods=[lpo,gradspo]",
         "eval_seeds_per_prompt=1", "eval_inference_steps=2", "progress=false", f"spo_config={spo}",
     ])
     report = run_demo(config)
-    assert list(report["models"]) == ["base", "GradSPO"] and report["headline_model"] == "GradSPO"
-    assert set(report["stages"]) == {"gradspo", "evaluation"} and set(report["comparisons"]) == {"GradSPO"}
+    assert list(report["models"]) == ["base", "GradSPO", "LPO"] and report["headline_model"] == "GradSPO"
+    assert set(report["stages"]) == {"gradspo", "lpo", "evaluation"} and set(report["comparisons"]) == {"GradSPO", "LPO"}
     stage = json.loads((Path(report["stages"]["gradspo"]["folder"]) / "stage.json").read_text())
     assert stage["payload"]["config"]["algorithm"] == "gradspo"
-    assert (out / "gradspo_lora.safetensors").is_file() and "GradSPO" in (out / "report.html").read_text()
+    lpo = json.loads((Path(report["stages"]["lpo"]["folder"]) / "stage.json").read_text())["payload"]["config"]
+    assert (lpo["algorithm"], lpo["judge"], lpo["divert_start_step"]) == ("lpo", "lrm", 0)
+    run_config = (Path(report["stages"]["lpo"]["folder"]) / "run" / "config.yaml").read_text()
+    assert f"judge_checkpoint: {RESOURCES / 'lrm'}" in run_config  # the shipped latent reward model
+    for name in ("gradspo", "lpo"):
+        assert (out / f"{name}_lora.safetensors").is_file()
+    assert "GradSPO" in (out / "report.html").read_text() and "LPO" in (out / "report.html").read_text()
 
 
 def test_spo_stage_keys_leave_out_the_gradspo_settings(tmp_path, monkeypatch):
@@ -298,10 +310,15 @@ def test_spo_stage_keys_leave_out_the_gradspo_settings(tmp_path, monkeypatch):
     seen = {}
     monkeypatch.setattr(demo_mod.Demo, "_stage", lambda self, name, payload, build, **kw: seen.setdefault(name, payload))
     d = demo_mod.Demo(load_config(demo_mod.DemoConfig, None, [f"cache_dir={tmp_path}"]))
-    for method in ("spo", "trajectory", "gradspo"):
+    for method in ("spo", "trajectory", "gradspo", "lpo"):
         d.spo_stage(method, "base", tmp_path, "clip", tmp_path / "spm", "spm", method)
     for method in ("spo", "trajectory"):
         assert not {"algorithm", "ema_decay", "grad_scale"} & set(seen[method]["config"]), method
+    for method in ("spo", "trajectory", "gradspo"):
+        assert not {"lpo_threshold_min", "lpo_threshold_max", "lrm_timestep"} & set(seen[method]["config"]), method
+    lpo = seen["lpo"]
+    assert not {"ema_decay", "grad_scale"} & set(lpo["config"]) and lpo["config"]["algorithm"] == "lpo"
+    assert lpo["spm"] == lpo["judge_clip"] == demo_mod.digest_files(RESOURCES / "lrm")  # the LRM, not the SPM
     assert seen["trajectory"]["config"]["pairing"] == "trajectory"
     assert {k: seen["gradspo"]["config"][k] for k in ("algorithm", "ema_decay", "grad_scale")} == {
         "algorithm": "gradspo", "ema_decay": 0.9, "grad_scale": 0.5}

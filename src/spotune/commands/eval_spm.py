@@ -1,4 +1,4 @@
-"""``spotune eval-spm``: a judge's pairwise accuracy per denoising timestep."""
+"""``spotune eval-spm`` and ``spotune eval-lrm``: a judge's pairwise accuracy per denoising timestep."""
 
 from __future__ import annotations
 
@@ -18,21 +18,37 @@ def register(subparsers) -> None:
             "pretrained_model=PATH output=acc.csv`."
         ),
     )
+    _common(parser, "EvalSPMConfig")
+    parser = subparsers.add_parser(
+        "eval-lrm",
+        help="measure a latent reward model's (LPO's judge) pairwise accuracy at each denoising timestep",
+        description=(
+            "Pairwise accuracy of LPO's latent reward model against the labels of Pick-a-Pic-format pairs: each image "
+            "VAE-encoded, noised to t with its own noise and judged as a latent (as it is trained), ties left out. "
+            "eval-spm's settings with judge=lrm and the authors' timesteps (1, 251, 501, 751, 951), e.g. "
+            "`spotune eval-lrm judge_checkpoint=runs/lrm pretrained_model=PATH data=PATH output=acc.csv`."
+        ),
+    )
+    _common(parser, "EvalLRMConfig")
+
+
+def _common(parser, config_class: str) -> None:
     parser.add_argument("--config", help="YAML file of settings")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="settings that override the file")
     parser.add_argument("--list-keys", action="store_true", help="print every config key with its default and help, then exit")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML, then exit")
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=run, config_class=config_class)
 
 
 def run(args: argparse.Namespace) -> int:
     from spotune.config import config_to_yaml, describe_config, load_config
-    from spotune.recipes.eval_spm import EvalSPMConfig
+    from spotune.recipes import eval_spm
 
+    config_class = getattr(eval_spm, args.config_class)
     if args.list_keys:
-        print(describe_config(EvalSPMConfig))
+        print(describe_config(config_class))
         return 0
-    config = load_config(EvalSPMConfig, args.config, args.overrides)
+    config = load_config(config_class, args.config, args.overrides)
     if args.print_config:
         print(config_to_yaml(config), end="")
         return 0

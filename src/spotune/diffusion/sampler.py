@@ -656,7 +656,9 @@ def sampling_unet_evaluations(
       trunk passes up to and including the first branching step, then k candidates per branching step
       but the last (the chosen candidate's output is reused as the next trunk output; the final
       candidates need none): ``b * (d + 1 + k * (N - d - 1))``;
-    * ``trajectory`` (:func:`trajectory_sample`): two full chains per prompt, ``b * 2 * N``.
+    * ``trajectory`` (:func:`trajectory_sample`): two full chains per prompt, ``b * 2 * N``;
+    * ``lpo`` (LPO's sampler): one pass per chain and step, the k candidates drawn from its one DDIM mean
+      and judged as latents by the latent reward model (which :func:`judged_candidates` counts): ``b * N``.
 
     That is ``unet_calls`` of :class:`SamplingResult` weighted by each pass's batch size; the methods'
     sampling costs differ by this much (SD1.5 defaults, b = 1: 65 against 40).
@@ -668,4 +670,23 @@ def sampling_unet_evaluations(
         return num_prompts * (d + 1 + k * (n - d - 1))
     if sampler == "trajectory":
         return num_prompts * 2 * n
-    raise ValueError(f"unknown sampler {sampler!r} (step or trajectory)")
+    if sampler == "lpo":
+        return num_prompts * n
+    raise ValueError(f"unknown sampler {sampler!r} (step, trajectory or lpo)")
+
+
+def judged_candidates(
+    sampler: str, num_prompts: int, num_inference_steps: int, divert_start_step: int, num_candidates: int
+) -> int:
+    """Candidates the judge scores in one sampling round (arguments as :func:`sampling_unet_evaluations`).
+
+    ``step``: k per chain at each of the N - d branching steps, each x0-prediction decoded by the VAE and
+    scored by a pixel judge; ``lpo``: k per chain at each of the N - d steps, scored as latents by the LRM
+    (two half-UNet rows each: the prompt's and the empty prompt's); ``trajectory``: the 2 final images per prompt.
+    """
+    n, d, k = num_inference_steps, divert_start_step, num_candidates
+    if sampler in ("step", "lpo"):
+        return num_prompts * k * (n - d)
+    if sampler == "trajectory":
+        return num_prompts * 2
+    raise ValueError(f"unknown sampler {sampler!r} (step, trajectory or lpo)")

@@ -253,6 +253,18 @@ class LatentRewardModel(nn.Module):
                                f"{sorted(unexpected)[:3]})")
 
 
+def check_judges_family(lrm, model_is_sdxl: bool, checkpoint: str | None, model: str) -> None:
+    """Refuse an LRM of the other family than the diffusion model whose latents it is to judge (an SDXL LRM
+    runs on SD1.5 latents, and scores them meaninglessly). ``checkpoint`` and ``model`` name both in the message."""
+    lrm_sdxl = bool(getattr(lrm, "is_sdxl", False))
+    if lrm_sdxl != model_is_sdxl:
+        which = {True: "SDXL", False: "SD1.5"}
+        raise LRMLoadError(
+            f"judge_checkpoint={checkpoint}: an {which[lrm_sdxl]} latent reward model cannot judge the latents of "
+            f"{model}, an {which[model_is_sdxl]} model; give the LRM made from an {which[model_is_sdxl]} model"
+        )
+
+
 # ================================================================================================
 # loading
 # ================================================================================================
@@ -392,9 +404,14 @@ def _load_trained(checkpoint: Path) -> LatentRewardModel:
     from spotune.models.loading import load_pipeline
 
     config = read_state(checkpoint).get("config") or {}
-    if not config.get("pretrained_model"):
+    base = config.get("pretrained_model")
+    if not base:
         raise LRMLoadError(f"{checkpoint}: its state.json names no pretrained_model to build the LRM from")
-    pipe = load_pipeline(config["pretrained_model"], dtype=torch.float32, model_family=config.get("model_family", "auto"))
+    # A shipped LRM names its base relative to its own folder (the package can live anywhere).
+    beside = Path(checkpoint) / str(base)
+    if not Path(str(base)).is_absolute() and not Path(str(base)).exists() and beside.exists():
+        base = str(beside.resolve())
+    pipe = load_pipeline(base, dtype=torch.float32, model_family=config.get("model_family", "auto"))
     model = lrm_from_pipeline(pipe, image_size=config.get("resolution"))
     model.load_checkpoint(checkpoint / LRM_WEIGHTS_NAME)
     return model

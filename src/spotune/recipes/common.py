@@ -107,7 +107,7 @@ def prepare_run_folder(output_dir: str | Path, resume: str | None, overwrite: bo
 
         state = PartialState()
         if state.is_main_process:
-            for sub in ("checkpoints", "logs", "samples", "eval"):
+            for sub in ("checkpoints", "logs", "samples", "eval", "best"):
                 shutil.rmtree(output_dir / sub, ignore_errors=True)
         state.wait_for_everyone()
     return None

@@ -1,9 +1,14 @@
-"""``spotune eval-spm``: a judge's pairwise accuracy per denoising timestep on Pick-a-Pic-format pairs.
+"""``spotune eval-spm`` / ``spotune eval-lrm``: a judge's pairwise accuracy per denoising timestep on
+Pick-a-Pic-format pairs.
 
 Measures any judge the SPO trainer can use (an official or home-trained SPM, plain PickScore, the tiny
 judges) the way SPO evaluates its SPM: at t = 0 on the clean images, at t > 0 on the decoded
 x0-predictions of the diffusion model, ties left out. Run it before SPO: the judge decides whether
 SPO helps, and a step-aware judge should stay well above chance at the steps SPO judges.
+
+``judge=lrm`` (``spotune eval-lrm``) measures LPO's latent reward model the way it is trained and the way
+``train-spm model=lrm`` evaluates it: each image VAE-encoded and noised to t with its own noise
+(:mod:`spotune.preference.latent_views`), judged as a latent; no decode, and t = 1 is the least noisy view.
 """
 
 from __future__ import annotations
@@ -21,7 +26,9 @@ from spotune.errors import SpotuneError
 from spotune.data.pickapic import PickAPicPairs, checked_batch, collate_pairs
 from spotune.models.family import resolve_resolution
 from spotune.models.loading import load_pipeline
-from spotune.preference.factory import PIXEL_JUDGE_KINDS, build_judge_from_config
+from spotune.preference.factory import JUDGE_KINDS, build_judge_from_config
+from spotune.preference.latent_views import LatentViewMaker
+from spotune.preference.lrm import check_judges_family
 from spotune.preference.noisy_views import NoisyViewMaker
 from spotune.preference.relabel import DEFAULT_TIE_MARGIN, LabelCache, PickScoreRelabeller
 from spotune.preference.spm_eval import (
@@ -41,14 +48,16 @@ class OutputExistsError(SpotuneError, FileExistsError):
 
 @dataclass
 class EvalSPMConfig:
-    judge: str = help_field("Judge kind: spm, pickscore, tiny-clip or tiny-spm.", "spm")
+    judge: str = help_field("Judge kind: spm, pickscore, tiny-clip, tiny-spm, or lrm (LPO's latent reward model, judged "
+                            "on noised latents; what spotune eval-lrm measures).", "spm")
     judge_clip_path: str | None = help_field("Local CLIPModel folder of the judge (PickScore_v1 for spm/pickscore).", None)
     judge_checkpoint: str | None = help_field(
-        "Step-aware checkpoint (.bin official, .safetensors, or a train-spm run folder); spm / tiny-spm.", None)
+        "Step-aware checkpoint (.bin official, .safetensors, or a train-spm run folder); spm / tiny-spm. judge=lrm: the "
+        "LRM folder (the authors' layout), a train-spm model=lrm run or checkpoint, or builtin:tiny-lrm.", None)
     judge_processor_path: str | None = help_field("Folder with the judge's tokenizer and preprocessor_config.json.", None)
     pretrained_model: str = help_field(
         "Diffusion model making the x0-predictions (SD1.5 or SDXL): diffusers folder, single file, hub id, "
-        "builtin:tiny-sd15 or builtin:tiny-sdxl.",
+        "builtin:tiny-sd15 or builtin:tiny-sdxl. judge=lrm: the model whose VAE encodes the pairs (the LRM's base).",
         "builtin:tiny-sd15")
     model_family: Literal["auto", "sd15", "sdxl"] = help_field(
         "Family of pretrained_model: auto (read from the model), or sd15 / sdxl to refuse the other family.", "auto")
@@ -85,8 +94,7 @@ class EvalSPMConfig:
     def validate(self) -> None:
         checks = [
             (bool(self.data), "data must name the Pick-a-Pic-format pairs to evaluate on"),
-            (self.judge in PIXEL_JUDGE_KINDS, f"judge must be one of {', '.join(PIXEL_JUDGE_KINDS)}, got {self.judge!r}"
-             + (" (an LRM judges latents, not the decoded images eval-spm shows a judge)" if self.judge == "lrm" else "")),
+            (self.judge in JUDGE_KINDS, f"judge must be one of {', '.join(JUDGE_KINDS)}, got {self.judge!r}"),
             (self.batch_size >= 1, "batch_size must be >= 1"),
             (bool(self.timesteps) and all(0 <= t < 1000 for t in self.timesteps),
              "timesteps must be a non-empty list of timesteps in [0, 1000)"),
@@ -99,6 +107,25 @@ class EvalSPMConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(f"config: {message}")
+
+
+# The timesteps the LPO authors report their LRM's accuracy at (t = 1: the least noisy DDPM view).
+LRM_EVAL_TIMESTEPS = (1, 251, 501, 751, 951)
+
+
+@dataclass
+class EvalLRMConfig(EvalSPMConfig):
+    """``spotune eval-lrm``: eval-spm's settings with an LRM's defaults."""
+
+    judge: str = help_field("Judge kind: lrm (LPO's latent reward model); eval-spm measures the pixel judges.", "lrm")
+    timesteps: list[int] = help_field("Timesteps to measure at (the LPO authors: 1, 251, 501, 751, 951).",
+                                      list(LRM_EVAL_TIMESTEPS))
+
+    def validate(self) -> None:
+        if self.judge != "lrm":
+            raise ConfigError(f"config: eval-lrm measures a latent reward model (judge=lrm), got judge={self.judge}; "
+                              "use spotune eval-spm for the pixel judges")
+        super().validate()
 
 
 def run_eval_spm(config: EvalSPMConfig) -> list[TimestepAccuracy]:
@@ -133,8 +160,10 @@ def _measure(cfg: EvalSPMConfig, acc) -> list[TimestepAccuracy]:
         pairs.clip_pixels = relabeller.pixels
     pipe = load_pipeline(cfg.pretrained_model, dtype=dtype, device=acc.device, model_family=cfg.model_family, vae=cfg.vae)
     pairs.resolution = resolve_resolution(cfg.resolution, pipe.unet, pipe.vae)
-    # SDXL's time ids carry the views' resolution.
-    views = NoisyViewMaker(pipe, cfg.guidance_scale, cfg.negative_prompt, resolution=pairs.resolution)
+    if cfg.judge == "lrm":
+        views = _latent_views(cfg, pipe, judge)
+    else:  # SDXL's time ids carry the views' resolution.
+        views = NoisyViewMaker(pipe, cfg.guidance_scale, cfg.negative_prompt, resolution=pairs.resolution)
     loader = acc.prepare(torch.utils.data.DataLoader(
         pairs, batch_size=cfg.batch_size, shuffle=False, collate_fn=collate_pairs, num_workers=cfg.num_workers,
     ))
@@ -167,3 +196,13 @@ def _measure(cfg: EvalSPMConfig, acc) -> list[TimestepAccuracy]:
                               "ties": r.ties, "ties_apart": r.ties_apart} for r in rows],
                 })
     return rows
+
+
+def _latent_views(cfg: EvalSPMConfig, pipe, lrm) -> LatentViewMaker:
+    """The noised latents an LRM is judged on, by a VAE of the LRM's own family."""
+    check_judges_family(lrm, getattr(pipe, "text_encoder_2", None) is not None, cfg.judge_checkpoint, cfg.pretrained_model)
+    channels, expected = int(pipe.vae.config.latent_channels), int(lrm.unet.config.in_channels)
+    if channels != expected:
+        raise SpotuneError(f"pretrained_model={cfg.pretrained_model}: its VAE makes {channels}-channel latents, but the LRM "
+                           f"{cfg.judge_checkpoint} takes {expected}; set pretrained_model to the LRM's base model")
+    return LatentViewMaker(pipe)

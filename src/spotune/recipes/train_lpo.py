@@ -24,7 +24,7 @@ import torch
 
 from spotune.diffusion.lpo_sampler import lpo_sample
 from spotune.diffusion.sampler import SamplingResult, sampling_unet
-from spotune.errors import SpotuneError
+from spotune.preference.lrm import check_judges_family
 from spotune.recipes.train_spo import SPOTrainer
 
 
@@ -33,14 +33,7 @@ class LPOTrainer(SPOTrainer):
 
     def setup(self) -> None:
         super().setup()
-        judge_sdxl, model_sdxl = bool(getattr(self.judge, "is_sdxl", False)), self.family.name == "sdxl"
-        if judge_sdxl != model_sdxl:
-            which = {True: "SDXL", False: "SD1.5"}
-            raise SpotuneError(
-                f"judge_checkpoint={self.config.judge_checkpoint}: an {which[judge_sdxl]} latent reward model cannot judge "
-                f"the latents of {self.config.pretrained_model}, an {which[model_sdxl]} model; give the LRM made from "
-                f"an {which[model_sdxl]} model"
-            )
+        check_judges_family(self.judge, self.family.name == "sdxl", self.config.judge_checkpoint, self.config.pretrained_model)
 
     @torch.no_grad()
     def sample(self, prompts: list[str], tree_row: int | None = None) -> SamplingResult:

@@ -46,6 +46,7 @@ from spotune.checkpoint import (
     rng_state_to_files,
 )
 from spotune.config import ConfigError, config_to_dict, config_to_yaml, help_field
+from spotune.data.pair_filter import PairFilterError, mpcf_keep
 from spotune.data.pickapic import BlockShuffleSampler, PairBatch, PickAPicPairs, checked_batch, collate_pairs
 from spotune.errors import SpotuneError
 from spotune.models.family import resolve_resolution
@@ -76,16 +77,24 @@ from spotune.recipes.common import (
     stop_for_preemption,
 )
 from spotune.recipes.resume import check_nothing_lost, check_resume_config, override_learning_rate, write_run_config
-from spotune.utils.io import atomic_directory, atomic_save_safetensors, atomic_write_json, atomic_write_text
+from spotune.utils.io import (
+    apply_umask_modes,
+    aside_name,
+    atomic_directory,
+    atomic_save_safetensors,
+    atomic_write_json,
+    atomic_write_text,
+    make_temp_dir,
+)
 from spotune.utils.lr_schedules import build_lr_scheduler
-from spotune.utils.preemption import NoPreemption, PreemptionWatch, data_worker_options
+from spotune.utils.preemption import NoPreemption, PreemptionWatch, data_worker_options, signals_held
 
 logger = logging.getLogger(__name__)
 
 # What a resume may change (recipes/resume.py): the run's length, checkpoints, logging, how often (not
 # on what) it evaluates, the learning rate, and knobs that leave the maths alone. Anything else is refused.
 RESUMABLE_KEYS = frozenset({
-    "max_steps", "eval_every", "eval_at_start", "checkpoint_every", "keep_checkpoints", "preempt_grace_s", "log_with",
+    "max_steps", "eval_every", "eval_at_start", "checkpoint_every", "keep_checkpoints", "keep_best_at", "preempt_grace_s", "log_with",
     "tracker_project", "progress", "learning_rate", "num_workers", "eval_batch_size", "gradient_checkpointing",
 })
 
@@ -127,6 +136,13 @@ class TrainSPMConfig:
         "splits); they add no gradient and count in the per-batch weight normalisation (with relabel_with=pickscore "
         "they get PickScore's labels, as in SPO's SDXL run). Evaluation always drops them.",
         True)
+    pair_filter_csv: str | None = help_field(
+        "LPO's label filter (MPCF): a CSV with one row per row of train_data, in order, and the columns different_flag, "
+        "aesthetic_gap, clipscore_gap, vqascore_gap (the authors' pseudo-preference file); only the pairs its rule keeps "
+        "are trained on (see spotune.data.pair_filter). Unset: every pair.", None)
+    pair_filter_strategy: int = help_field(
+        "pair_filter_csv's rule, the authors' filter_strategy: a decisive pair is kept when its aesthetic gap is above 0 "
+        "(1), -0.5 (2, the released LRMs') or -1 (3), and its CLIP and VQA gaps above 0.", 2)
     # -- labels --------------------------------------------------------------------------------------
     relabel_with: Literal["none", "pickscore"] = help_field(
         "none: train and evaluate on the data's own (human) labels. pickscore: replace every pair's labels, in "
@@ -180,6 +196,9 @@ class TrainSPMConfig:
     eval_at_start: bool = help_field("Evaluate once before training (the untrained SPM scores as its CLIP does).", True)
     checkpoint_every: int = help_field("Checkpoint every N optimizer steps (0: only at the end).", 500)
     keep_checkpoints: int | None = help_field("Keep only the newest N checkpoints (unset keeps all).", None)
+    keep_best_at: int | None = help_field(
+        "Keep a copy of the weights with the best pair accuracy at this timestep of eval_timesteps in RUN/best/ (the "
+        "LPO authors keep their LRM's best at t = 1); judge_checkpoint=RUN/best loads it. Unset: no copy.", None)
     preempt_grace_s: float = help_field(
         "Seconds from a SIGTERM / SIGUSR1 (a scheduler's preemption) within which the run must finish its current "
         "optimizer step and write a checkpoint; past it the process ends with exit 143 and the previous checkpoint is kept "
@@ -211,6 +230,11 @@ class TrainSPMConfig:
             (bool(self.eval_timesteps) and all(0 <= t < 1000 for t in self.eval_timesteps),
              "eval_timesteps must be a non-empty list of timesteps in [0, 1000)"),
             (not (self.resume and self.overwrite), "resume and overwrite=true contradict each other"),
+            (self.pair_filter_strategy in (1, 2, 3),
+             f"pair_filter_strategy must be 1, 2 or 3 (the LPO authors' filter_strategy), got {self.pair_filter_strategy}"),
+            (self.keep_best_at is None or (bool(self.eval_data) and self.keep_best_at in self.eval_timesteps),
+             f"keep_best_at={self.keep_best_at} must be one of eval_timesteps {self.eval_timesteps}, with eval_data set "
+             "(the best weights are chosen by their accuracy there)"),
             (0 <= self.timestep_grid <= 1000,
              f"timestep_grid must be in [0, 1000] (0: every timestep; N: the N-step DDIM grid), got timestep_grid={self.timestep_grid}"),
             (0.0 <= self.relabel_tie_margin < 1.0,
@@ -280,6 +304,8 @@ class SPMTrainer:
         # -- data (read first: a bad path, column or label fails before any model loads) -----------
         train_set = PickAPicPairs(cfg.train_data, cfg.train_split, cfg.resolution or 512,
                                   keep_unlabelled=cfg.train_keep_unlabelled)
+        if cfg.pair_filter_csv:
+            self._filter_pairs(train_set)
         if len(train_set) < cfg.train_batch_size * acc.num_processes:
             raise SpotuneError(
                 f"{cfg.train_data}: {len(train_set)} labelled pairs are fewer than one batch "
@@ -601,8 +627,61 @@ class SPMTrainer:
         if acc.is_main_process:
             atomic_write_text(self.output_dir / "eval" / "accuracy.csv", accuracy_csv(self.eval_history))
             logger.info("%s pairwise accuracy at step %d:\n%s", cfg.model.upper(), self.global_step, format_accuracy_table(rows))
+            if cfg.keep_best_at is not None:
+                self._keep_if_best(cfg.keep_best_at)
         acc.log(metrics, step=self.global_step)
         return metrics
+
+    def _filter_pairs(self, train_set: PickAPicPairs) -> None:
+        """Apply ``pair_filter_csv`` (LPO's MPCF) to the training pairs; its rows must match train_data's."""
+        cfg = self.config
+        keep = mpcf_keep(cfg.pair_filter_csv, cfg.pair_filter_strategy)
+        if len(keep) != train_set.num_file_rows:
+            raise PairFilterError(
+                f"pair_filter_csv={cfg.pair_filter_csv}: {len(keep)} rows, but train_data {cfg.train_data} has "
+                f"{train_set.num_file_rows}; the CSV needs one row per row of the training data, in order")
+        before = len(train_set)
+        if train_set.keep_file_rows(keep) == 0:
+            raise PairFilterError(f"pair_filter_csv={cfg.pair_filter_csv}: strategy {cfg.pair_filter_strategy} keeps none "
+                                  f"of the {before} training pairs")
+        logger.info("pair filter (%s, strategy %d): kept %d of %d training pairs", cfg.pair_filter_csv,
+                    cfg.pair_filter_strategy, len(train_set), before)
+
+    def _keep_if_best(self, timestep: int) -> None:
+        """Copy the weights to ``RUN/best/`` when this evaluation's accuracy at ``timestep`` beats every earlier one.
+
+        The history survives a resume (it is in each checkpoint), so "earlier" spans the whole run. The folder is
+        replaced whole: the new copy is written beside it, then swapped in, so a failure keeps the previous best.
+        """
+        def accuracy(step_filter) -> list[float]:
+            return [r.accuracy for s, r in self.eval_history if step_filter(s) and r.timestep == timestep
+                    and not math.isnan(r.accuracy)]
+
+        now = accuracy(lambda s: s == self.global_step)
+        before = accuracy(lambda s: s != self.global_step)
+        if not now or (before and now[0] <= max(before)):
+            return
+        best = self.output_dir / "best"
+        staging = make_temp_dir(best)
+        try:
+            self.unwrapped.save(staging / self._weights_name)
+            atomic_write_json(staging / "state.json", self._state_dict())  # loads as a checkpoint (no optimizer)
+            atomic_write_json(staging / "best.json", {"step": self.global_step, "timestep": timestep, "accuracy": now[0],
+                                                      "earlier_best": max(before) if before else None})
+            apply_umask_modes(staging)
+            if best.exists():
+                old = aside_name(best)
+                with signals_held():  # a stop between the renames would leave neither in place
+                    os.replace(best, old)
+                    os.replace(staging, best)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(staging, best)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        logger.info("best accuracy at t = %d so far (%.4f, step %d): weights copied to %s", timestep, now[0],
+                    self.global_step, best)
 
     # ============================================================================================
     # checkpoints

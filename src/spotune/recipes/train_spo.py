@@ -351,10 +351,13 @@ class SPOTrainer:
                 "across sampling rounds); train for more iterations (max_iterations) or lower gradient_accumulation_steps"
             )
         if self.optimizer_step == 0:
+            threshold = (f"lpo_threshold_min={cfg.lpo_threshold_min} to lpo_threshold_max={cfg.lpo_threshold_max}",
+                         "lpo_threshold_min and lpo_threshold_max") if cfg.algorithm == "lpo" else (
+                f"preference_threshold={cfg.preference_threshold}", "preference_threshold")
             raise NoTrainingError(
                 f"no optimizer step was taken in {self.iteration} iteration(s): {pairs_kept} decisive pair(s) were "
-                f"kept at preference_threshold={cfg.preference_threshold} (a pair needs the judge's softmax gap between "
-                "its best and worst candidate to exceed it); lower preference_threshold, or check the judge"
+                f"kept at {threshold[0]} (a pair needs the judge's softmax gap between its best and worst candidate to "
+                f"exceed it); lower {threshold[1]}, or check the judge"
             )
         return metrics
 

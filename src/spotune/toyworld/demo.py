@@ -49,7 +49,7 @@ import torch
 
 from spotune.config import ConfigError, config_to_dict
 from spotune.errors import SpotuneError
-from spotune.toyworld.resources import resource_dir
+from spotune.toyworld.resources import SHIPPED_LRM_FOLDER, resource_dir
 from spotune.utils.io import atomic_directory, atomic_write_json, atomic_write_text, remove_stale_temporaries
 
 logger = logging.getLogger(__name__)
@@ -62,9 +62,14 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "spo": ("SPO", {}),
     "trajectory": ("trajectory DPO", {"pairing": "trajectory"}),
     "gradspo": ("GradSPO", {"algorithm": "gradspo"}),
+    # LPO judges the noisy candidates with the shipped latent reward model (resources/toyworld/lrm), from the first
+    # step, against the authors' SD1.5 thresholds (0.35 at the least noisy step to 0.5 at the noisiest).
+    "lpo": ("LPO", {"algorithm": "lpo", "judge": "lrm", "divert_start_step": 0,
+                    "lpo_threshold_min": 0.35, "lpo_threshold_max": 0.5}),
 }
-# Train keys that only GradSPO reads: left out of the spo/trajectory stage keys, so their caches stay valid.
+# Train keys that only GradSPO (LPO) reads: left out of the other stages' keys, so their caches stay valid.
 _GRADSPO_KEYS = ("algorithm", "ema_decay", "grad_scale")
+_LPO_KEYS = ("lpo_threshold_min", "lpo_threshold_max", "lrm_timestep")
 
 
 class DemoError(SpotuneError, RuntimeError):
@@ -116,6 +121,8 @@ class DemoConfig:
         "shipped: judge with the packaged SPM (trained with train-spm when the package was made). train: make "
         "preference pairs and train the SPM in this run (much slower).", "shipped")
     spm_checkpoint: str | None = _help("spm=shipped: SPM weights to use instead of the packaged resources/toyworld/spm.", None)
+    lrm_checkpoint: str | None = _help("methods with lpo: the latent reward model LPO judges with (a folder judge=lrm loads); "
+                                       "the packaged resources/toyworld/lrm when unset.", None)
     threads: int = _help(
         "torch CPU threads; 0: the cores free when each stage starts (a thread waiting for a core that another "
         "process keeps busy slows torch many times over).", 0)
@@ -137,8 +144,9 @@ class DemoConfig:
         "validation split (resources/toyworld/configs/study_choice.json); false: the spo YAML's. spo_iterations "
         "still overrides the iterations.", True)
     methods: list[str] = _help(
-        "Fine-tuning methods to run and compare, any of spo, trajectory (the Diffusion-DPO-style baseline) and "
-        "gradspo (GradSPO), e.g. methods=[spo,gradspo]; each adds one training stage of the same budget.",
+        "Fine-tuning methods to run and compare, any of spo, trajectory (the Diffusion-DPO-style baseline), "
+        "gradspo (GradSPO) and lpo (LPO, judged by the shipped latent reward model), e.g. methods=[spo,lpo]; each "
+        "adds one training stage of the same budget.",
         ["spo", "trajectory"])
     trajectory_baseline: bool = _help("false drops trajectory from methods (the older way to skip the baseline).", True)
     # -- evaluation --
@@ -284,6 +292,7 @@ class Demo:
         from spotune.toyworld.shipping import SHIPPED_SPM_WEIGHTS
 
         self.shipped_spm = Path(config.spm_checkpoint) if config.spm_checkpoint else res / "spm" / SHIPPED_SPM_WEIGHTS
+        self.shipped_lrm = Path(config.lrm_checkpoint) if config.lrm_checkpoint else res / SHIPPED_LRM_FOLDER
         self.records: dict[str, StageRecord] = {}
         self._threads: int | None = None  # torch's CPU threads as last set (threads=0 chooses them per stage)
 
@@ -300,6 +309,11 @@ class Demo:
             raise DemoError(
                 f"SPM checkpoint {self.shipped_spm} does not exist; pass spm=train to train one in this run, or "
                 "spm_checkpoint=FILE"
+            )
+        if "lpo" in self.methods() and not (self.shipped_lrm / "state.json").is_file():
+            raise DemoError(
+                f"LRM folder {self.shipped_lrm} holds no state.json (the shipped latent reward model LPO judges with); "
+                "pass lrm_checkpoint=FOLDER (a folder `python -m spotune.toyworld.shipping --lrm` writes), or drop lpo from methods"
             )
         self._check_cache_folder()
         for yaml_file in (self.spm_yaml, self.spo_yaml):
@@ -442,6 +456,9 @@ class Demo:
             "seed": cfg.seed, "progress": cfg.progress,
         }
         overrides.update(METHODS[method][1])
+        if overrides["judge"] == "lrm":  # LPO judges latents with the world's latent reward model, not the SPM
+            judge_key = spm_key = digest_files(self.shipped_lrm)
+            overrides.update(judge_clip_path=None, judge_checkpoint=str(self.shipped_lrm))
         if cfg.spo_iterations is not None:
             overrides["max_iterations"] = cfg.spo_iterations
         overrides.update(extra or {})
@@ -449,7 +466,10 @@ class Demo:
         # Keys that change no result (paths, progress, preemption, what is recorded for the eye) stay out of the key.
         skipped = ("output_dir", "pretrained_model", "prompts", "judge_clip_path", "judge_checkpoint", "progress", "preempt_grace_s",
                    "tree_every", "tree_prompt")
-        skipped += () if method == "gradspo" else _GRADSPO_KEYS
+        if method != "gradspo":  # "algorithm" stays in LPO's key (the others' is the default, spo)
+            skipped += tuple(k for k in _GRADSPO_KEYS if method != "lpo" or k != "algorithm")
+        if method != "lpo":
+            skipped += _LPO_KEYS
         payload = {"base": base_key, "judge_clip": judge_key, "spm": spm_key, "train_prompts": [p.caption for p in prompt_split()[0]],
                    "config": {k: v for k, v in config_to_dict(template).items() if k not in skipped}}
 

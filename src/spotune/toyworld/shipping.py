@@ -1,15 +1,21 @@
-"""Packaging a trained step-aware preference model for the package, with its provenance.
+"""Packaging a trained judge for the package (the step-aware preference model, or LPO's latent reward
+model), with its provenance.
 
 The miniature world ships its SPM like its base model: trained once with the project's own recipe
 (``spotune train-spm``, on generic preference data written by :mod:`spotune.toyworld.preferences`),
 then copied here in fp16 with a JSON record of how it was made and how accurate it is per timestep::
 
     python -m spotune.toyworld.shipping RUN_FOLDER DATA_FOLDER OUT_FOLDER [--overwrite]
+    python -m spotune.toyworld.shipping --lrm RUN_FOLDER DATA_FOLDER OUT_FOLDER [--overwrite]
 
 ``OUT_FOLDER/spm.safetensors`` is a checkpoint that ``judge=spm`` (with the world's CLIP as
 ``judge_clip_path``) loads; ``OUT_FOLDER/spm.json`` holds the run's config, its evaluation history
 (pair accuracy per timestep at every evaluation) and its training-loss curve, so the demo can report
 and plot them without the run folder.
+
+With ``--lrm`` the run is a ``train-spm model=lrm`` run: ``OUT_FOLDER`` becomes a checkpoint folder that
+``judge=lrm judge_checkpoint=OUT_FOLDER`` loads (``lrm.safetensors`` in fp16, and a ``state.json`` naming the
+base model relative to the folder, so the package may live anywhere), with ``lrm.json`` beside the weights.
 """
 
 from __future__ import annotations
@@ -21,11 +27,11 @@ from typing import Any
 
 import torch
 
-from spotune.checkpoint import read_state, resolve_checkpoint
+from spotune.checkpoint import CHECKPOINT_FORMAT, read_state, resolve_checkpoint
 from spotune.errors import SpotuneError
 from spotune.preference.spm_eval import SPM_EVAL_TIMESTEPS
 from spotune.preference.step_aware import SPM_WEIGHTS_NAME, read_spm_state_dict
-from spotune.toyworld.resources import SHIPPED_SPM_INFO, SHIPPED_SPM_WEIGHTS, resource_dir
+from spotune.toyworld.resources import SHIPPED_LRM_INFO, SHIPPED_SPM_INFO, SHIPPED_SPM_WEIGHTS, resource_dir
 from spotune.utils.io import atomic_save_safetensors, atomic_write_json
 
 
@@ -99,6 +105,57 @@ def ship_spm(run: str | Path, data: str | Path | None, out: str | Path, overwrit
     return out
 
 
+def ship_lrm(run: str | Path, data: str | Path | None, out: str | Path, overwrite: bool = False) -> Path:
+    """Copy the latest checkpoint of train-spm ``model=lrm`` run ``run`` to the folder ``out`` (fp16 weights, a
+    ``state.json`` naming its base model relative to ``out``, and ``lrm.json``: accuracy history and provenance).
+
+    The base model the run trained from must be the one shipped beside ``out`` (or any folder: its path is
+    written relative to ``out``); its digest goes into the record, so a changed base is visible.
+    """
+    import os
+
+    from safetensors.torch import load_file
+
+    from spotune.preference.lrm import LRM_WEIGHTS_NAME
+    from spotune.toyworld.demo import digest_files
+
+    out = Path(out)
+    if not overwrite and out.exists() and any(out.iterdir()):
+        raise SpotuneError(f"{out} already holds files; pass --overwrite to replace the shipped LRM")
+    checkpoint = resolve_checkpoint(run)
+    state = read_state(checkpoint)
+    if state.get("kind") != "lrm":
+        raise SpotuneError(f"{checkpoint}: not a train-spm model=lrm checkpoint (kind={state.get('kind')!r})")
+    config = dict(state.get("config") or {})
+    builtin = str(config.get("pretrained_model") or "").startswith("builtin:")
+    base = Path(config.get("pretrained_model") or "")
+    if not builtin and not (base / "model_index.json").is_file():
+        raise SpotuneError(f"{checkpoint}: its base model {base} is not a diffusers folder on this machine")
+    out.mkdir(parents=True, exist_ok=True)
+    weights = load_file(str(checkpoint / LRM_WEIGHTS_NAME))
+    half = {k: v.to(torch.float16) if v.is_floating_point() else v for k, v in weights.items()}
+    atomic_save_safetensors(half, out / LRM_WEIGHTS_NAME, metadata={"format": "pt", "spotune_kind": "latent-reward-model"})
+    if not builtin:  # a built-in model is named as such; a folder relative to the shipped one
+        config["pretrained_model"] = os.path.relpath(base.resolve(), out.resolve())
+    # This machine's paths mean nothing where the package is installed: keep the data's stage names only.
+    for key in ("train_data", "eval_data"):
+        if config.get(key):
+            config[key] = f"{Path(config[key]).parent.name}/{Path(config[key]).name}"
+    config["output_dir"] = "-"
+    atomic_write_json(out / "state.json", {"format": CHECKPOINT_FORMAT, "kind": "lrm",
+                                           "iteration": state["optimizer_step"], "optimizer_step": state["optimizer_step"],
+                                           "eval": state.get("eval", []), "config": config})
+    record = spm_run_record(run)
+    record["config"] = config
+    record["trained_with"] = ("spotune train-spm model=lrm (spotune.recipes.train_spm): the base model's UNet (down and mid "
+                              "blocks) and text encoder, trained on noised latents")
+    record["base_model_digest"] = None if builtin else digest_files(base)
+    if data is not None and (Path(data) / "summary.json").is_file():
+        record["data"] = json.loads((Path(data) / "summary.json").read_text())
+    atomic_write_json(out / SHIPPED_LRM_INFO, record)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
@@ -107,9 +164,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("data", help="the preference-data folder it was trained on (for the record)")
     parser.add_argument("out")
     parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--lrm", action="store_true", help="the run is a train-spm model=lrm run: ship the LRM folder")
     parser.add_argument("--base-model", default=None, help="base model folder (default: the shipped resources/toyworld/base)")
     parser.add_argument("--pickscore", default=None, help="PickScore folder (default: the shipped resources/toyworld/pickscore)")
     args = parser.parse_args(argv)
+    if args.lrm:
+        try:
+            print(ship_lrm(args.run, args.data, args.out, args.overwrite))
+        except (SpotuneError, ValueError) as exc:
+            print(f"shipping: {exc}", file=sys.stderr)
+            return 1
+        return 0
     base = args.base_model or resource_dir() / "base"
     pickscore = args.pickscore or resource_dir() / "pickscore"
     for what, folder, marker in (("--base-model", Path(base), "model_index.json"), ("--pickscore", Path(pickscore), "config.json")):

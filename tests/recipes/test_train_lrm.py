@@ -128,3 +128,29 @@ def test_mpcf_rules_of_the_three_strategies(tmp_path):
     file.write_text("different_flag,aesthetic_gap,clip_gap\n1,0,0\n")
     with pytest.raises(PairFilterError, match="no column clipscore_gap, vqascore_gap"):
         mpcf_keep(file)
+
+
+def test_text_projection_starts_from_a_clips_as_the_authors_do(pairs, tmp_path):
+    from safetensors.torch import save_file
+
+    from spotune.preference.lrm import LRMLoadError, build_tiny_lrm
+
+    width = build_tiny_lrm().text_projection.weight.shape[0]
+    clip = tmp_path / "clip"
+    clip.mkdir()
+    weight = torch.randn(width, width)
+    save_file({"text_projection.weight": weight, "visual_projection.weight": torch.randn(width, 8)}, str(clip / "model.safetensors"))
+    config = load_config(TrainSPMConfig, CONFIG, _args(tmp_path / "run", pairs, f"text_projection_from={clip}")[3:])
+    trainer = SPMTrainer(config)
+    trainer.setup()
+    try:
+        assert torch.equal(trainer.unwrapped.text_projection.weight.detach(), weight)
+    finally:
+        trainer.cleanup()
+    save_file({"text_projection.weight": torch.randn(width + 1, width)}, str(clip / "model.safetensors"))
+    with pytest.raises(LRMLoadError, match=rf"text_projection.weight is \[{width + 1}, {width}\], but this LRM's"):
+        from spotune.preference.lrm import init_text_projection
+
+        init_text_projection(build_tiny_lrm(), clip)
+    with pytest.raises(LRMLoadError, match="an SDXL LRM has no text_projection"):
+        init_text_projection(build_tiny_lrm(sdxl=True), clip)

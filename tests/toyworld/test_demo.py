@@ -300,6 +300,11 @@ def test_methods_chooses_the_fine_tunings_and_gradspo_and_lpo_join_the_report(tm
     for name in ("gradspo", "lpo"):
         assert (out / f"{name}_lora.safetensors").is_file()
     assert "GradSPO" in (out / "report.html").read_text() and "LPO" in (out / "report.html").read_text()
+    from spotune.toyworld.report import table_rows
+
+    header, rows = table_rows(report)
+    seconds = {row[0]: row[header.index("training time")] for row in rows}
+    assert seconds["base"] == "-" and all(seconds[name].endswith(" s") for name in ("GradSPO", "LPO")), seconds
 
 
 def test_spo_stage_keys_leave_out_the_gradspo_settings(tmp_path, monkeypatch):

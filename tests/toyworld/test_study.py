@@ -246,9 +246,15 @@ def test_the_committed_study_measured_the_shipped_world_and_the_demo_reads_its_c
     """bench/results/toyworld-study is the report of the models that ship: same digests, same choice."""
     from spotune.toyworld.demo import digest_file, digest_files, study_choice
 
-    report_dir = SCRIPT.parent / "results" / "toyworld-study"
-    models = json.loads((report_dir / "study.json").read_text())["models"]
-    assert models["base_digest"] == digest_files(RESOURCES / "base")
-    assert models["pickscore_digest"] == digest_files(RESOURCES / "pickscore")
-    assert models["spm_digest"] == digest_file(RESOURCES / "spm" / "spm.safetensors")
-    assert study_choice() == study_choice(report_dir / "study_choice.json")
+    chosen = {}
+    for name in ("toyworld-study", "toyworld-study-lpo"):  # the three methods' study; LPO's, with SPO rerun beside it
+        report_dir = SCRIPT.parent / "results" / name
+        models = json.loads((report_dir / "study.json").read_text())["models"]
+        assert models["base_digest"] == digest_files(RESOURCES / "base")
+        assert models["pickscore_digest"] == digest_files(RESOURCES / "pickscore")
+        assert models["spm_digest"] == digest_file(RESOURCES / "spm" / "spm.safetensors")
+        if "lrm_digest" in models:
+            assert models["lrm_digest"] == digest_files(RESOURCES / "lrm")
+        for method, choice in study_choice(report_dir / "study_choice.json").items():
+            assert chosen.setdefault(method, choice) == choice, method  # a method in both studies chose alike
+    assert study_choice() == chosen

@@ -356,7 +356,8 @@ def _load_folder(folder: Path) -> LatentRewardModel:
 def lrm_from_pipeline(pipe, seed: int = 0, image_size: int | None = None) -> LatentRewardModel:
     """A new LRM made from a diffusion pipeline's own UNet and text encoder(s) (taken, not copied), as the
     authors build one before training: ``visual_projection`` drawn from N(0, 0.02), SD1.5's
-    ``text_projection`` too (the authors copy CLIP ViT-L/14's, which spotune does not ship), ``logit_scale``
+    ``text_projection`` too (the authors copy CLIP ViT-L/14's: :func:`init_text_projection` does that when given
+    the CLIP, which spotune does not ship), ``logit_scale``
     ln(1 / 0.07). ``image_size``: SDXL's time ids (the model's native size when unset)."""
     unet = pipe.unet
     sdxl = getattr(pipe, "text_encoder_2", None) is not None
@@ -377,6 +378,49 @@ def lrm_from_pipeline(pipe, seed: int = 0, image_size: int | None = None) -> Lat
     factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     return LatentRewardModel(unet, encoders, tokenizers, visual, text, INITIAL_LOGIT_SCALE,
                              image_size=image_size or unet.config.sample_size * factor)
+
+
+def init_text_projection(lrm: LatentRewardModel, path: str | Path) -> None:
+    """Start an SD1.5 LRM's ``text_projection`` from a CLIP's, as the authors do with CLIP ViT-L/14's
+    (``clip_ckpt_path``: they copy its ``text_projection.weight`` [768, 768]).
+
+    Args:
+        path: a CLIPModel folder (its ``model.safetensors`` or ``pytorch_model.bin``) or one such file; a pickle is
+            read weights-only.
+    Raises:
+        LRMLoadError: an SDXL LRM (it has no text projection), a missing file or key, or a weight of another shape.
+    """
+    from safetensors import safe_open
+
+    from spotune.utils.pickles import load_weights_only
+
+    key = "text_projection.weight"
+    if lrm.text_projection is None:
+        raise LRMLoadError(f"text_projection_from={path}: an SDXL LRM has no text_projection (its text feature is "
+                           "text_encoder_2's own projection); leave text_projection_from unset")
+    file = Path(path)
+    if file.is_dir():
+        found = [file / name for name in ("model.safetensors", "pytorch_model.bin") if (file / name).is_file()]
+        if not found:
+            raise LRMLoadError(f"text_projection_from={path}: the folder holds neither model.safetensors nor pytorch_model.bin")
+        file = found[0]
+    if not file.is_file():
+        raise LRMLoadError(f"text_projection_from={path}: no such file or folder (a CLIP checkpoint, e.g. "
+                           "openai/clip-vit-large-patch14's pytorch_model.bin)")
+    if file.suffix == ".safetensors":
+        with safe_open(str(file), framework="pt") as handle:
+            weight = handle.get_tensor(key) if key in handle.keys() else None
+    else:
+        state = load_weights_only(file)
+        weight = state.get(key) if isinstance(state, dict) else None
+    expected = tuple(lrm.text_projection.weight.shape)
+    if weight is None:
+        raise LRMLoadError(f"text_projection_from={file}: no {key} in it (expected a CLIPModel checkpoint)")
+    if tuple(weight.shape) != expected:
+        raise LRMLoadError(f"text_projection_from={file}: {key} is {list(weight.shape)}, but this LRM's text projection "
+                           f"is {list(expected)} (its text encoder's width); give the CLIP of the base model's text encoder")
+    with torch.no_grad():
+        lrm.text_projection.weight.copy_(weight.to(lrm.text_projection.weight.dtype))
 
 
 def build_tiny_lrm(seed: int = 0, sdxl: bool = False) -> LatentRewardModel:

@@ -64,7 +64,7 @@ from spotune.preference.spm_eval import (
 )
 from spotune.preference.spm_loss import spm_pair_loss
 from spotune.preference.latent_views import LatentViewMaker
-from spotune.preference.lrm import LRM_WEIGHTS_NAME, lrm_from_pipeline
+from spotune.preference.lrm import LRM_WEIGHTS_NAME, init_text_projection, lrm_from_pipeline
 from spotune.preference.step_aware import SPM_WEIGHTS_NAME, StepAwarePreferenceModel
 from spotune.recipes.common import (
     MIXED_PRECISION_DTYPES,
@@ -125,6 +125,9 @@ class TrainSPMConfig:
     init_checkpoint: str | None = help_field(
         "Start from these SPM weights (official .bin, .safetensors, or a train-spm run) instead of the identity "
         "extension of clip_path; model=lrm: an lrm.safetensors a model=lrm run wrote.", None)
+    text_projection_from: str | None = help_field(
+        "model=lrm, SD1.5: start the LRM's text_projection from this CLIP's (a CLIPModel folder or its model file), as the "
+        "LPO authors start it from openai/clip-vit-large-patch14's; unset: drawn from N(0, 0.02).", None)
     train_data: str | None = help_field(
         "Pick-a-Pic-format pairs: a .parquet/.arrow file, a folder of them, or a datasets save_to_disk folder.", None)
     train_split: str | None = help_field("Split to read from a DatasetDict or hub-style parquet folder (train when unset).", None)
@@ -232,9 +235,9 @@ class TrainSPMConfig:
             (not (self.resume and self.overwrite), "resume and overwrite=true contradict each other"),
             (self.pair_filter_strategy in (1, 2, 3),
              f"pair_filter_strategy must be 1, 2 or 3 (the LPO authors' filter_strategy), got {self.pair_filter_strategy}"),
-            (self.keep_best_at is None or (bool(self.eval_data) and self.keep_best_at in self.eval_timesteps),
-             f"keep_best_at={self.keep_best_at} must be one of eval_timesteps {self.eval_timesteps}, with eval_data set "
-             "(the best weights are chosen by their accuracy there)"),
+            (self.keep_best_at is None or self.keep_best_at in self.eval_timesteps,
+             f"keep_best_at={self.keep_best_at} must be one of eval_timesteps {self.eval_timesteps} (the best weights are "
+             "chosen by their accuracy there)"),
             (0 <= self.timestep_grid <= 1000,
              f"timestep_grid must be in [0, 1000] (0: every timestep; N: the N-step DDIM grid), got timestep_grid={self.timestep_grid}"),
             (0.0 <= self.relabel_tie_margin < 1.0,
@@ -306,6 +309,9 @@ class SPMTrainer:
                                   keep_unlabelled=cfg.train_keep_unlabelled)
         if cfg.pair_filter_csv:
             self._filter_pairs(train_set)
+        if cfg.keep_best_at is not None and not cfg.eval_data:
+            logger.warning("keep_best_at=%d: no eval_data, so no accuracy to choose the best weights by; RUN/best is not "
+                           "written", cfg.keep_best_at)
         if len(train_set) < cfg.train_batch_size * acc.num_processes:
             raise SpotuneError(
                 f"{cfg.train_data}: {len(train_set)} labelled pairs are fewer than one batch "
@@ -354,6 +360,8 @@ class SPMTrainer:
             self.views = LatentViewMaker(pipe)
             pipe.vae.requires_grad_(False).eval()
             spm = lrm_from_pipeline(pipe, cfg.seed, image_size=self.resolution)  # the trained model (named spm below)
+            if cfg.text_projection_from:
+                init_text_projection(spm, cfg.text_projection_from)
             if cfg.init_checkpoint:
                 spm.load_checkpoint(cfg.init_checkpoint)
             spm = spm.float().train().requires_grad_(True)

@@ -49,7 +49,8 @@ import torch
 
 from spotune.config import ConfigError, config_to_dict
 from spotune.errors import SpotuneError
-from spotune.toyworld.resources import SHIPPED_LRM_FOLDER, resource_dir
+from spotune.toyworld.methods import GRADSPO_KEYS, LPO_KEYS, METHODS
+from spotune.toyworld.resources import SHIPPED_LRM_FOLDER, digest_file, digest_files, resource_dir
 from spotune.utils.io import atomic_directory, atomic_write_json, atomic_write_text, remove_stale_temporaries
 
 logger = logging.getLogger(__name__)
@@ -57,21 +58,6 @@ logger = logging.getLogger(__name__)
 CACHE_ENV = "SPOTUNE_CACHE"
 DEMO_FORMAT = 2  # bump when a stage's outputs change meaning, so old caches are not reused (2: three-scale aesthetic)
 STUDY_REPORT = "bench/results/toyworld-study/study.md"  # the multi-seed answer, in the repository
-# The fine-tuning methods the demo can compare: name -> (model name in the report, train overrides).
-METHODS: dict[str, tuple[str, dict[str, Any]]] = {
-    "spo": ("SPO", {}),
-    "trajectory": ("trajectory DPO", {"pairing": "trajectory"}),
-    "gradspo": ("GradSPO", {"algorithm": "gradspo"}),
-    # LPO judges the noisy candidates with the shipped latent reward model (resources/toyworld/lrm), from the first
-    # step, against the authors' SD1.5 thresholds (0.35 at the least noisy step to 0.5 at the noisiest).
-    "lpo": ("LPO", {"algorithm": "lpo", "judge": "lrm", "divert_start_step": 0,
-                    "lpo_threshold_min": 0.35, "lpo_threshold_max": 0.5}),
-}
-# Train keys that only GradSPO (LPO) reads: left out of the other stages' keys, so their caches stay valid.
-_GRADSPO_KEYS = ("algorithm", "ema_decay", "grad_scale")
-_LPO_KEYS = ("lpo_threshold_min", "lpo_threshold_max", "lrm_timestep")
-
-
 class DemoError(SpotuneError, RuntimeError):
     """The demo cannot run as asked (an output folder in use, a missing packaged model, ...)."""
 
@@ -178,19 +164,6 @@ class DemoConfig:
 def cache_root(config: DemoConfig) -> Path:
     root = config.cache_dir or os.environ.get(CACHE_ENV) or os.path.join("~", ".cache", "spotune")
     return Path(os.path.expanduser(root)) / "toyworld"
-
-
-def digest_files(folder: Path) -> str:
-    """SHA-256 over a folder's file names and contents (identifies the shipped weights)."""
-    h = hashlib.sha256()
-    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
-        h.update(str(file.relative_to(folder)).encode())
-        h.update(file.read_bytes())
-    return h.hexdigest()[:16]
-
-
-def digest_file(file: Path) -> str:
-    return hashlib.sha256(file.read_bytes()).hexdigest()[:16]
 
 
 def stage_key(name: str, payload: dict[str, Any]) -> str:
@@ -467,9 +440,9 @@ class Demo:
         skipped = ("output_dir", "pretrained_model", "prompts", "judge_clip_path", "judge_checkpoint", "progress", "preempt_grace_s",
                    "tree_every", "tree_prompt")
         if method != "gradspo":  # "algorithm" stays in LPO's key (the others' is the default, spo)
-            skipped += tuple(k for k in _GRADSPO_KEYS if method != "lpo" or k != "algorithm")
+            skipped += tuple(k for k in GRADSPO_KEYS if method != "lpo" or k != "algorithm")
         if method != "lpo":
-            skipped += _LPO_KEYS
+            skipped += LPO_KEYS
         payload = {"base": base_key, "judge_clip": judge_key, "spm": spm_key, "train_prompts": [p.caption for p in prompt_split()[0]],
                    "config": {k: v for k, v in config_to_dict(template).items() if k not in skipped}}
 

@@ -86,7 +86,9 @@ def _pct(value: float | None) -> str:
 def table_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the results table (shared by the terminal and the HTML)."""
     header = ["model", "aesthetic (mean)", "aesthetic win rate vs base", "alignment", "preference score", "subject size", "training time"]
-    stage_of = {"SPO": "spo", "trajectory DPO": "trajectory", "GradSPO": "gradspo"}
+    from spotune.toyworld.methods import METHODS
+
+    stage_of = {name: method for method, (name, _) in METHODS.items()}  # "SPO" -> "spo", ..., "LPO" -> "lpo"
     rows = []
     for name, m in report["models"].items():
         cmp = report["comparisons"].get(name)
@@ -300,7 +302,8 @@ def write_plots(out: Path, report: dict[str, Any], spo_runs: dict[str, Path]) ->
 # files
 # ================================================================================================
 def _described(name: str) -> str:
-    return {"SPO": "SPO fine-tuning", "trajectory DPO": "the trajectory-level baseline", "GradSPO": "GradSPO"}.get(name, name)
+    return {"SPO": "SPO fine-tuning", "trajectory DPO": "the trajectory-level baseline", "GradSPO": "GradSPO",
+            "LPO": "LPO (judged by the latent reward model)"}.get(name, name)
 
 
 def write_html(out: Path, report: dict[str, Any]) -> None:

@@ -3,6 +3,7 @@ preferences, the properties and the shipping code all read it, and it imports no
 
 from __future__ import annotations
 
+import hashlib
 from importlib import resources
 from pathlib import Path
 
@@ -21,4 +22,18 @@ def resource_dir() -> Path:
     return Path(str(resources.files("spotune") / "resources" / "toyworld"))
 
 
-__all__ = ["SHIPPED_LRM_FOLDER", "SHIPPED_LRM_INFO", "SHIPPED_SPM_INFO", "SHIPPED_SPM_WEIGHTS", "resource_dir"]
+def digest_files(folder: Path) -> str:
+    """SHA-256 over a folder's file names and contents (identifies the shipped weights)."""
+    h = hashlib.sha256()
+    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+        h.update(str(file.relative_to(folder)).encode())
+        h.update(file.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def digest_file(file: Path) -> str:
+    return hashlib.sha256(file.read_bytes()).hexdigest()[:16]
+
+
+__all__ = ["SHIPPED_LRM_FOLDER", "SHIPPED_LRM_INFO", "SHIPPED_SPM_INFO", "SHIPPED_SPM_WEIGHTS", "digest_file", "digest_files",
+           "resource_dir"]

@@ -31,7 +31,7 @@ from spotune.checkpoint import CHECKPOINT_FORMAT, read_state, resolve_checkpoint
 from spotune.errors import SpotuneError
 from spotune.preference.spm_eval import SPM_EVAL_TIMESTEPS
 from spotune.preference.step_aware import SPM_WEIGHTS_NAME, read_spm_state_dict
-from spotune.toyworld.resources import SHIPPED_LRM_INFO, SHIPPED_SPM_INFO, SHIPPED_SPM_WEIGHTS, resource_dir
+from spotune.toyworld.resources import SHIPPED_LRM_INFO, SHIPPED_SPM_INFO, SHIPPED_SPM_WEIGHTS, digest_files, resource_dir
 from spotune.utils.io import atomic_save_safetensors, atomic_write_json
 
 
@@ -117,7 +117,6 @@ def ship_lrm(run: str | Path, data: str | Path | None, out: str | Path, overwrit
     from safetensors.torch import load_file
 
     from spotune.preference.lrm import LRM_WEIGHTS_NAME
-    from spotune.toyworld.demo import digest_files
 
     out = Path(out)
     if not overwrite and out.exists() and any(out.iterdir()):

@@ -64,6 +64,27 @@ def test_watch_defers_the_signal_to_the_loop_and_restores_the_handler():
     assert signal.getsignal(signal.SIGTERM) is before
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_ctrl_c_that_a_finalizer_swallowed_stops_the_loop_at_its_next_safe_point():
+    """Python drops a KeyboardInterrupt raised while a __del__ runs ("Exception ignored in ..."): the watch
+    remembers the Ctrl-C, and the loop's next safe point raises it again."""
+
+    class Finalized:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGINT)  # the handler runs here, inside the finalizer
+            for _ in range(100):  # a few bytecodes for the pending handler to run in
+                pass
+
+    before = signal.getsignal(signal.SIGINT)
+    with PreemptionWatch(grace_s=0) as watch:
+        assert not watch.stop_here()
+        Finalized()  # collected at once; its KeyboardInterrupt is printed and dropped by Python
+        assert watch.interrupted
+        with pytest.raises(KeyboardInterrupt):
+            watch.stop_here()
+    assert signal.getsignal(signal.SIGINT) is before
+
+
 # Writing iteration 2's LoRA takes 60 s in this process, and a SIGTERM arrives as it starts.
 SLOW_SECOND_CHECKPOINT = """
 import os, signal, time

@@ -101,6 +101,8 @@ class PreemptionWatch:
         self.received_at: float | None = None
         self._timer: threading.Timer | None = None
         self._installed: contextlib.AbstractContextManager | None = None
+        self.interrupted = False  # a Ctrl-C reached this process (see _on_interrupt)
+        self._previous_sigint = None
 
     # -- the signal side ----------------------------------------------------------------------------
     def _on_signal(self, signum: int, frame) -> None:
@@ -126,13 +128,26 @@ class PreemptionWatch:
         sys.stderr.flush()
         os._exit(PREEMPTED_EXIT)
 
+    def _on_interrupt(self, signum: int, frame) -> None:
+        """Ctrl-C stops at once, as Python's own handler does, and is remembered: a ``KeyboardInterrupt`` raised
+        while a finalizer (a ``__del__``, a weakref callback) runs is printed as "Exception ignored" and dropped
+        by Python, and the loop would go on; :meth:`stop_here` raises it again at the next safe point."""
+        self.interrupted = True
+        raise KeyboardInterrupt
+
     def __enter__(self) -> PreemptionWatch:
         self._installed = _handlers(self._on_signal)
         self._installed.__enter__()
+        # Only over Python's default: an ignored SIGINT (a job started in the background) stays ignored.
+        if _in_main_thread() and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self._previous_sigint = signal.signal(signal.SIGINT, self._on_interrupt)
         return self
 
     def __exit__(self, *exc_info) -> None:
         self.finished()
+        if self._previous_sigint is not None:
+            signal.signal(signal.SIGINT, self._previous_sigint)
+            self._previous_sigint = None
         if self._installed is not None:
             self._installed.__exit__(*exc_info)
             self._installed = None
@@ -144,6 +159,8 @@ class PreemptionWatch:
         With more than one process this is a collective (every process must call it at the same point of
         the loop): the processes' flags are combined, so all of them stop at the same iteration.
         """
+        if self.interrupted:  # a Ctrl-C whose KeyboardInterrupt a finalizer swallowed: stop as it asked
+            raise KeyboardInterrupt
         stop = self.signal is not None
         if accelerator is not None and accelerator.num_processes > 1:
             import torch

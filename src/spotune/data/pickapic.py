@@ -241,20 +241,6 @@ class PairBatch:
     def __len__(self) -> int:
         return len(self.captions)
 
-    @property
-    def num_file_rows(self) -> int:
-        """Rows of every source file together, unlabelled and skipped rows included."""
-        return sum(source.num_rows for source in self.sources)
-
-    def keep_file_rows(self, keep: np.ndarray) -> int:
-        """Keep only the pairs whose row is true in ``keep``, [num_file_rows] bool over the sources' rows in order
-        (a per-row filter such as :func:`spotune.data.pair_filter.mpcf_keep`); returns how many pairs remain."""
-        offsets = np.cumsum([0] + [source.num_rows for source in self.sources])[:-1]
-        chosen = keep[offsets[self.index[:, 0]] + self.index[:, 1]]
-        self.captions = [c for c, k in zip(self.captions, chosen) if k]
-        self.labels, self.num_pairs, self.index = self.labels[chosen], self.num_pairs[chosen], self.index[chosen]
-        return len(self)
-
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "PairBatch":
         move = lambda t: None if t is None else t.to(device, non_blocking=non_blocking)  # noqa: E731
         return PairBatch(

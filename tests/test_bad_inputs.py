@@ -231,6 +231,7 @@ CASES = [
     Case("eval-lrm-pixel-judge", ["eval-lrm", "data={tmp}/pairs.parquet", "judge=pickscore"],
          ("eval-lrm measures a latent reward model (judge=lrm), got judge=pickscore", "spotune eval-spm")),
     Case("eval-lrm-sdxl-lrm-on-sd15-latents", ["eval-lrm", "data={tmp}/pairs.parquet", "judge_checkpoint=builtin:tiny-lrm-sdxl",
+                                               "pretrained_model=builtin:tiny-sd15",
                                                "num_workers=0", "progress=false"],
          ("judge_checkpoint=builtin:tiny-lrm-sdxl: an SDXL latent reward model cannot judge the latents of builtin:tiny-sd15",),
          setup=tiny_pairs),

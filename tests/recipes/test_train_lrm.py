@@ -100,7 +100,11 @@ def test_the_authors_filter_the_best_copy_and_eval_lrm_agree_with_the_run(pairs,
     # eval-lrm on the best copy, seeded as the run's evaluation: the run's own numbers at that step.
     capsys.readouterr()
     out = tmp_path / "acc.json"
-    assert main(["eval-lrm", f"judge_checkpoint={run / 'best'}", "pretrained_model=builtin:tiny-sd15", f"data={pairs[1]}",
+    from spotune.preference.lrm import lrm_base_model
+
+    assert lrm_base_model(run / "best") == "builtin:tiny-sd15" and lrm_base_model("builtin:tiny-lrm-sdxl") == "builtin:tiny-sdxl"
+    assert lrm_base_model(tmp_path) is None  # an authors' folder names no base: eval-lrm then asks for pretrained_model
+    assert main(["eval-lrm", f"judge_checkpoint={run / 'best'}", f"data={pairs[1]}",  # the base its run names
                  "seed=42", "batch_size=4", "num_workers=0", "progress=false", f"output={out}"]) == 0
     measured = {row["timestep"]: row["accuracy"] for row in json.loads(out.read_text())["rows"]}
     assert measured == pytest.approx({int(r[1]): float(r[2]) for r in history if int(r[0]) == best_step}, abs=1e-6)

@@ -442,19 +442,39 @@ def _trained_checkpoint(path: Path) -> Path | None:
     return None
 
 
+def _base_model_of(checkpoint: Path, config: dict) -> str:
+    """The base model a train-spm ``model=lrm`` checkpoint's config names; a shipped LRM names it relative to its
+    own folder (the package can live anywhere)."""
+    base = config.get("pretrained_model")
+    if not base:
+        raise LRMLoadError(f"{checkpoint}: its state.json names no pretrained_model to build the LRM from")
+    beside = Path(checkpoint) / str(base)
+    if not Path(str(base)).is_absolute() and not Path(str(base)).exists() and beside.exists():
+        return str(beside.resolve())
+    return str(base)
+
+
+def lrm_base_model(path: str | Path) -> str | None:
+    """The diffusion model an LRM was made from, where the LRM says it: a train-spm ``model=lrm`` run or
+    checkpoint (its config), or a built-in tiny LRM (the tiny model it is made from). ``None`` for the authors'
+    folders, which do not name it."""
+    from spotune.checkpoint import read_state
+
+    if str(path) in (BUILTIN_TINY_LRM, BUILTIN_TINY_LRM_SDXL):
+        return "builtin:tiny-sdxl" if str(path) == BUILTIN_TINY_LRM_SDXL else "builtin:tiny-sd15"
+    trained = _trained_checkpoint(Path(path))
+    if trained is None:
+        return None
+    return _base_model_of(trained, read_state(trained).get("config") or {})
+
+
 def _load_trained(checkpoint: Path) -> LatentRewardModel:
     """A train-spm ``model=lrm`` checkpoint: the base model its config names, then its weights."""
     from spotune.checkpoint import read_state
     from spotune.models.loading import load_pipeline
 
     config = read_state(checkpoint).get("config") or {}
-    base = config.get("pretrained_model")
-    if not base:
-        raise LRMLoadError(f"{checkpoint}: its state.json names no pretrained_model to build the LRM from")
-    # A shipped LRM names its base relative to its own folder (the package can live anywhere).
-    beside = Path(checkpoint) / str(base)
-    if not Path(str(base)).is_absolute() and not Path(str(base)).exists() and beside.exists():
-        base = str(beside.resolve())
+    base = _base_model_of(checkpoint, config)
     pipe = load_pipeline(base, dtype=torch.float32, model_family=config.get("model_family", "auto"))
     model = lrm_from_pipeline(pipe, image_size=config.get("resolution"))
     model.load_checkpoint(checkpoint / LRM_WEIGHTS_NAME)

@@ -13,6 +13,7 @@ SPO helps, and a step-aware judge should stay well above chance at the steps SPO
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from spotune.models.family import resolve_resolution
 from spotune.models.loading import load_pipeline
 from spotune.preference.factory import JUDGE_KINDS, build_judge_from_config
 from spotune.preference.latent_views import LatentViewMaker
-from spotune.preference.lrm import check_judges_family
+from spotune.preference.lrm import check_judges_family, lrm_base_model
 from spotune.preference.noisy_views import NoisyViewMaker
 from spotune.preference.relabel import DEFAULT_TIE_MARGIN, LabelCache, PickScoreRelabeller
 from spotune.preference.spm_eval import (
@@ -118,6 +119,9 @@ class EvalLRMConfig(EvalSPMConfig):
     """``spotune eval-lrm``: eval-spm's settings with an LRM's defaults."""
 
     judge: str = help_field("Judge kind: lrm (LPO's latent reward model); eval-spm measures the pixel judges.", "lrm")
+    pretrained_model: str | None = help_field(
+        "The model whose VAE encodes the pairs: the LRM's base. Unset: the base a train-spm model=lrm run names (or the "
+        "tiny model of builtin:tiny-lrm); an LRM folder in the authors' layout names none, so give it.", None)
     timesteps: list[int] = help_field("Timesteps to measure at (the LPO authors: 1, 251, 501, 751, 951).",
                                       list(LRM_EVAL_TIMESTEPS))
 
@@ -158,7 +162,14 @@ def _measure(cfg: EvalSPMConfig, acc) -> list[TimestepAccuracy]:
             cfg.relabel_tie_margin, device=acc.device,
         )
         pairs.clip_pixels = relabeller.pixels
-    pipe = load_pipeline(cfg.pretrained_model, dtype=dtype, device=acc.device, model_family=cfg.model_family, vae=cfg.vae)
+    model = cfg.pretrained_model
+    if model is None:  # eval-lrm: the LRM's own base
+        model = lrm_base_model(cfg.judge_checkpoint) if cfg.judge_checkpoint else None
+        if model is None:
+            raise SpotuneError(f"judge_checkpoint={cfg.judge_checkpoint} does not name the model it was made from; pass "
+                               "pretrained_model=PATH (the LRM's base, whose VAE encodes the pairs)")
+        cfg = dataclasses.replace(cfg, pretrained_model=model)
+    pipe = load_pipeline(model, dtype=dtype, device=acc.device, model_family=cfg.model_family, vae=cfg.vae)
     pairs.resolution = resolve_resolution(cfg.resolution, pipe.unet, pipe.vae)
     if cfg.judge == "lrm":
         views = _latent_views(cfg, pipe, judge)

@@ -115,6 +115,14 @@ def test_the_authors_filter_the_best_copy_and_eval_lrm_agree_with_the_run(pairs,
     latents, t = torch.randn(3, 4, 8, 8), torch.tensor([1, 501, 951])
     torch.testing.assert_close(shipped.score(latents, ["a", "b", "c"], t), load_lrm(run).score(latents, ["a", "b", "c"], t),
                                rtol=0.02, atol=0.02)
+    # Written in the authors' layout (the base's up blocks put back), it loads through their layout's loader alike.
+    from spotune.preference.lrm_layout import main as write_layout
+
+    assert write_layout([str(run / "best"), str(tmp_path / "authors")]) == 0
+    assert {"unet", "text_encoder", "state_dict.pt"} <= {p.name for p in (tmp_path / "authors").iterdir()}
+    torch.testing.assert_close(load_lrm(tmp_path / "authors").score(latents, ["a", "b", "c"], t),
+                               load_lrm(run / "best").score(latents, ["a", "b", "c"], t))
+    assert write_layout([str(run / "best"), str(tmp_path / "authors")]) == 1  # never over an existing folder
     assert main(["eval-lrm", f"data={pairs[1]}", "judge=spm"]) == 1
     assert "eval-lrm measures a latent reward model (judge=lrm), got judge=spm" in capsys.readouterr().err
 

@@ -12,7 +12,7 @@ the folder the authors' ``save`` writes (``lrm/lrm_15/trainer/models/sd15_prefer
   the base model the run names;
 * ``text_encoder/`` (SDXL also ``text_encoder_2/``);
 * ``state_dict.pt``: ``{"visual_projection": {"weight": W}, "text_projection": {"weight": T}`` (SD1.5 only)
-  ``, "logit_scale": float}``, a pickle of tensors and a float, which ``torch.load(weights_only=True)`` reads;
+  ``, "logit_scale": float}``, a pickle of tensors and a float, which a weights-only load reads;
 * ``tokenizer/`` (``tokenizer_2/``), which the authors' folders lack and spotune's loader prefers when present.
 
 :func:`spotune.preference.lrm.load_lrm` loads the result back (tested: the same scores).

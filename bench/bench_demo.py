@@ -2,6 +2,7 @@
 
     python bench/bench_demo.py                       # fresh temporary cache and output, default settings
     python bench/bench_demo.py --json bench.json key=value ...   # any demo setting as an override
+    python bench/bench_demo.py shipped_stages=false  # train the trajectory baseline too, as before it shipped
 
 Targets (issue 4): SPO beats the base on the aesthetic attribute in >= 65% of same-seed pairs on
 held-out prompts, alignment falls by at most 2 points, and the whole demo takes < 10 minutes on 2 CPU

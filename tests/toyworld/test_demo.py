@@ -327,3 +327,86 @@ def test_spo_stage_keys_leave_out_the_gradspo_settings(tmp_path, monkeypatch):
     assert seen["trajectory"]["config"]["pairing"] == "trajectory"
     assert {k: seen["gradspo"]["config"][k] for k in ("algorithm", "ema_decay", "grad_scale")} == {
         "algorithm": "gradspo", "ema_decay": 0.9, "grad_scale": 0.5}
+
+
+def test_the_shipped_trajectory_stage_is_the_one_the_default_demo_would_build(tmp_path, monkeypatch):
+    """The package's prebuilt trajectory stage carries the key and settings of the default demo's trajectory
+    stage, so the default demo copies it instead of training (a changed recipe or judge gives another key:
+    rebuild it with `spotune demo shipped_stages=false` and `python -m spotune.toyworld.shipping --stage`)."""
+    from spotune.config import load_config
+    from spotune.toyworld import demo as demo_mod
+    from spotune.toyworld.evaluate import unet_with_lora
+    from spotune.toyworld.resources import SHIPPED_STAGES_FOLDER
+    from spotune.toyworld.shipped_stages import RESOURCES_PLACEHOLDER
+
+    seen = {}
+    monkeypatch.setattr(demo_mod.Demo, "_stage", lambda self, name, payload, build, **kw: seen.setdefault(name, payload))
+    d = demo_mod.Demo(load_config(demo_mod.DemoConfig, None, [f"cache_dir={tmp_path}"]))
+    assert d.methods() == ["spo", "trajectory"]
+    d.spo_stage("trajectory", demo_mod.digest_files(d.base_dir), *d.shipped_judge(), "trajectory",
+                extra=d.study_extra("trajectory"))
+    key = demo_mod.stage_key("trajectory", seen["trajectory"])
+    shipped = sorted((RESOURCES / SHIPPED_STAGES_FOLDER).glob("trajectory-*"))
+    assert [p.name for p in shipped] == [f"trajectory-{key}"], "the shipped trajectory stage no longer matches the default demo's key"
+    info = json.loads((shipped[0] / "stage.json").read_text())
+    assert info["shipped"] is True and info["payload"] == json.loads(json.dumps(seen["trajectory"], default=str))
+    state = (next((shipped[0] / "run" / "checkpoints").iterdir()) / "state.json").read_text()
+    assert f'"base_model": "{RESOURCES_PLACEHOLDER}/base"' in state and "/tmp/" not in state  # no build machine's path
+    monkeypatch.undo()
+    cache = demo_mod.StageCache(tmp_path / "cache", shipped=RESOURCES / SHIPPED_STAGES_FOLDER)
+    record = cache.get_or_build("trajectory", seen["trajectory"], build=lambda folder: pytest.fail("built, not copied"))
+    assert record.shipped and record.cached and record.seconds == 0.0 and record.build_seconds > 60
+    unet = unet_with_lora(_base_unet(d.base_dir), record.folder / "run")
+    assert any("lora" in name for name, _ in unet.named_parameters())
+
+
+def _base_unet(base_dir: Path):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel.from_pretrained(base_dir / "unet")
+
+
+def test_a_shipped_stage_is_copied_into_the_cache_with_this_machines_paths(tmp_path, capsys):
+    """shipping --stage packs a cache's stage with its paths as placeholders; a demo whose key matches copies it
+    into its own cache with its own paths (then it is cached); another key builds; an earlier shipped stage is
+    replaced only with --overwrite."""
+    from spotune.toyworld import shipping
+    from spotune.toyworld.demo import StageCache, stage_key
+    from spotune.toyworld.resources import resource_dir
+
+    payload = {"config": {"learning_rate": 1e-4}}
+    key = stage_key("trajectory", payload)
+    built = tmp_path / "machine-a" / "toyworld" / f"trajectory-{key}"
+    (built / "run").mkdir(parents=True)
+    (built / "run" / ".spotune.lock").write_text("")
+    (built / "run" / "state.json").write_text(json.dumps({"base_model": str(resource_dir() / "base"),
+                                                          "output_dir": str(built.parent / f".partial-trajectory-{key}" / "run")}))
+    (built / "run" / "weights.bin").write_bytes(bytes(range(256)))
+    (built / "stage.json").write_text(json.dumps({"stage": "trajectory", "key": key, "payload": payload, "seconds": 99.0,
+                                                  "summary": {}}))
+    shipped_root = tmp_path / "package-stages"
+    packed = shipping.ship_stage(built, shipped_root)
+    assert packed == shipped_root / built.name and not (packed / "run" / ".spotune.lock").exists()
+    assert str(tmp_path) not in (packed / "run" / "state.json").read_text()
+
+    cache = StageCache(tmp_path / "machine-b", shipped=shipped_root)
+    record = cache.get_or_build("trajectory", payload, build=lambda folder: pytest.fail("built, not copied"))
+    assert (record.shipped, record.cached, record.build_seconds, record.folder) == (True, True, 99.0, tmp_path / "machine-b" / built.name)
+    state = json.loads((record.folder / "run" / "state.json").read_text())
+    assert state == {"base_model": str(resource_dir() / "base"), "output_dir": str(record.folder / "run")}
+    assert (record.folder / "run" / "weights.bin").read_bytes() == bytes(range(256))
+    again = cache.get_or_build("trajectory", payload, build=lambda folder: pytest.fail("built, not cached"))
+    assert again.shipped and again.folder == record.folder
+    other = cache.get_or_build("trajectory", {"config": {"learning_rate": 3e-4}}, build=lambda folder: {"trained": 1})
+    assert not other.shipped and not other.cached
+    assert StageCache(tmp_path / "machine-c").get_or_build("trajectory", payload, build=lambda f: {}).shipped is False
+
+    built2 = built.with_name("trajectory-0123456789abcdef")
+    built2.mkdir()
+    (built2 / "stage.json").write_text(json.dumps({"stage": "trajectory", "key": "0123456789abcdef", "payload": {}, "seconds": 1.0}))
+    with pytest.raises(shipping.SpotuneError, match="already ships stage trajectory .* --overwrite"):
+        shipping.ship_stage(built2, shipped_root)
+    assert shipping.ship_stage(built2, shipped_root, overwrite=True).is_dir() and not packed.exists()
+    assert shipping.main(["--stage", str(tmp_path / "no-such-stage")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no stage.json" in err[0] and "CACHE/toyworld/<stage>-<key>" in err[0]

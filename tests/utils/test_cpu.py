@@ -17,6 +17,18 @@ def test_auto_takes_the_cores_that_are_idle(monkeypatch, idle, threads):
         assert "other processes keep about" in choice.reason and "threads=N" in choice.reason
 
 
+def test_a_moment_of_load_is_not_a_busy_machine(monkeypatch):
+    """A busy window is looked at again: a load that is gone in the next window leaves every core to the run;
+    one that stays in every window takes a thread away."""
+    monkeypatch.setattr(cpu, "usable_cores", lambda: 2)
+    readings = iter([0.9, 1.1, 2.0, 0.4])
+    monkeypatch.setattr(cpu, "idle_cores", lambda window_s=0.3: next(readings))
+    assert cpu.choose_threads(0).threads == 2 and next(readings) == 0.4  # stopped looking once the cores were free
+    readings = iter([0.9, 1.0, 0.8, 1.1, 2.0])
+    monkeypatch.setattr(cpu, "idle_cores", lambda window_s=0.3: next(readings))
+    assert cpu.choose_threads(0).threads == 1 and next(readings) == 2.0  # four looks, all busy
+
+
 def test_a_set_count_is_kept_and_the_load_average_stands_in_without_proc_stat(monkeypatch):
     monkeypatch.setattr(cpu, "usable_cores", lambda: 2)
     assert cpu.choose_threads(3).threads == 3

@@ -19,7 +19,10 @@ rebuilds exactly what depends on it:
    default demo (the data is the slow part);
 4. **spo**: SPO fine-tuning (LoRA) with ``spotune train``'s recipe, judged by that SPM;
 5. **trajectory**: the same recipe, data, judge and budget with ``pairing=trajectory`` (the
-   Diffusion-DPO-style baseline SPO argues against), when the recipe offers it;
+   Diffusion-DPO-style baseline SPO argues against), when the recipe offers it. The package ships this
+   stage as the default settings build it (``resources/toyworld/stages``, :mod:`spotune.toyworld.shipped_stages`):
+   a run whose key matches copies it instead of training, so the default demo trains SPO alone
+   (``shipped_stages=false`` trains it here);
 6. **gradspo**: the same again with ``algorithm=gradspo`` (GradSPO: EMA sampling model, loss on
    noise-prediction targets), evaluated with its trained LoRA, the one GradSPO's official code releases;
 7. **evaluation**: base vs each fine-tuned model on the study's test prompts with the same seeds, and the world's measured properties
@@ -50,7 +53,7 @@ import torch
 from spotune.config import ConfigError, config_to_dict
 from spotune.errors import SpotuneError
 from spotune.toyworld.methods import GRADSPO_KEYS, LPO_KEYS, METHODS
-from spotune.toyworld.resources import SHIPPED_LRM_FOLDER, digest_file, digest_files, resource_dir
+from spotune.toyworld.resources import SHIPPED_LRM_FOLDER, SHIPPED_STAGES_FOLDER, digest_file, digest_files, resource_dir
 from spotune.utils.io import atomic_directory, atomic_write_json, atomic_write_text, remove_stale_temporaries
 
 logger = logging.getLogger(__name__)
@@ -109,6 +112,10 @@ class DemoConfig:
     spm_checkpoint: str | None = _help("spm=shipped: SPM weights to use instead of the packaged resources/toyworld/spm.", None)
     lrm_checkpoint: str | None = _help("methods with lpo: the latent reward model LPO judges with (a folder judge=lrm loads); "
                                        "the packaged resources/toyworld/lrm when unset.", None)
+    shipped_stages: bool = _help(
+        "Take a stage the package ships (resources/toyworld/stages: the trajectory-DPO baseline, trained by this demo's "
+        "own stage at the default settings when the package was made) when this run's settings give it the same stage "
+        "key, instead of training it here; false trains every method in this run.", True)
     threads: int = _help(
         "torch CPU threads; 0: the cores free when each stage starts (a thread waiting for a core that another "
         "process keeps busy slows torch many times over).", 0)
@@ -179,18 +186,42 @@ class StageRecord:
     seconds: float  # time this run spent on it (0 when cached)
     build_seconds: float  # time the build took when it ran
     cached: bool
+    shipped: bool = False  # copied from the package's prebuilt stages (resources/toyworld/stages), not built here
+
+
+def stage_state(record: StageRecord) -> str:
+    """How a stage came to be, for the progress output: its time here, or where it was taken from."""
+    if record.shipped:
+        return f"shipped with the package, built by this stage in {record.build_seconds:.0f} s when it was made"
+    return "cached" if record.cached else f"{record.seconds:.0f} s"
 
 
 class StageCache:
-    """Finished stage folders under ``root``; a folder with ``stage.json`` is complete."""
+    """Finished stage folders under ``root``; a folder with ``stage.json`` is complete.
 
-    def __init__(self, root: Path) -> None:
+    ``shipped``: a read-only folder of stage folders built the same way when the package was made (the
+    package's ``resources/toyworld/stages``). A stage whose key names one of them is copied from there
+    (:mod:`spotune.toyworld.shipped_stages`) rather than built: the key hashes every setting the stage's result
+    depends on, so it is the folder this build would write (the same code, data and seeds; the thread count,
+    recorded in its ``stage.json``, can change the last bits of a float sum).
+    """
+
+    def __init__(self, root: Path, shipped: Path | None = None) -> None:
         self.root = root
+        self.shipped = shipped
         remove_stale_temporaries(root)  # stage folders a killed demo was building (each can be a whole run)
 
+    def shipped_folder(self, name: str, key: str) -> Path | None:
+        """The package's complete folder for stage ``name`` with ``key``, or ``None``."""
+        if self.shipped is None:
+            return None
+        folder = self.shipped / f"{name}-{key}"
+        return folder if (folder / "stage.json").is_file() else None
+
     def is_built(self, name: str, payload: dict[str, Any]) -> bool:
-        """Whether stage ``name`` with these settings is in the cache (complete)."""
-        return (self.root / f"{name}-{stage_key(name, payload)}" / "stage.json").is_file()
+        """Whether stage ``name`` with these settings is in the cache (complete) or shipped."""
+        key = stage_key(name, payload)
+        return (self.root / f"{name}-{key}" / "stage.json").is_file() or self.shipped_folder(name, key) is not None
 
     def get_or_build(self, name: str, payload: dict[str, Any], build: Callable[[Path], dict[str, Any]],
                      resumable: bool = False) -> StageRecord:
@@ -205,17 +236,27 @@ class StageCache:
         if (folder / "stage.json").is_file():
             info = json.loads((folder / "stage.json").read_text())
             logger.info("%s: cached (%s)", name, folder)
-            return StageRecord(name, folder, key, 0.0, float(info.get("seconds", 0.0)), True)
+            return StageRecord(name, folder, key, 0.0, float(info.get("seconds", 0.0)), True, bool(info.get("shipped")))
         if folder.exists():  # an interrupted build left a folder without stage.json
             shutil.rmtree(folder)
+        shipped = self.shipped_folder(name, key)
+        if shipped is not None:  # copied into the cache with this machine's paths, as if built here
+            from spotune.toyworld.shipped_stages import unpack_stage
+
+            with atomic_directory(folder) as tmp:
+                unpack_stage(shipped, tmp, folder)
+            info = json.loads((folder / "stage.json").read_text())
+            logger.info("%s: shipped (%s)", name, shipped)
+            return StageRecord(name, folder, key, 0.0, float(info.get("seconds", 0.0)), True, shipped=True)
         t0 = time.perf_counter()
         # A training stage is built under a fixed name that a Ctrl-C or SIGTERM leaves in place: its run folder
         # keeps its checkpoints there, and the next demo resumes it (resume_settings).
         with atomic_directory(folder, resumable_as=self.partial_folder(name, key) if resumable else None) as tmp:
             summary = build(tmp)
             seconds = time.perf_counter() - t0
-            atomic_write_json(tmp / "stage.json", {"stage": name, "key": key, "payload": payload,
-                                                   "seconds": seconds, "summary": summary})
+            # The thread count is recorded, not keyed: it changes float sums' order, so the last bits of a result.
+            atomic_write_json(tmp / "stage.json", {"stage": name, "key": key, "payload": payload, "seconds": seconds,
+                                                   "threads": torch.get_num_threads(), "summary": summary})
         return StageRecord(name, folder, key, seconds, seconds, False)
 
     def partial_folder(self, name: str, key: str) -> Path:
@@ -255,7 +296,7 @@ class Demo:
     def __init__(self, config: DemoConfig) -> None:
         self.cfg = config
         self.out = Path(config.output)
-        self.cache = StageCache(cache_root(config))
+        self.cache = StageCache(cache_root(config), shipped=resource_dir() / SHIPPED_STAGES_FOLDER if config.shipped_stages else None)
         res = resource_dir()
         self.base_dir = Path(config.base_model) if config.base_model else res / "base"
         self.clip_dir = Path(config.clip_model) if config.clip_model else res / "clip"
@@ -345,8 +386,7 @@ class Demo:
         except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: the command's line names the stage
             exc.demo_stage = name
             raise
-        state = "cached" if record.cached else f"{record.seconds:.0f} s"
-        print(f"== {name}: done ({state}) -> {record.folder}", flush=True)
+        print(f"== {name}: done ({stage_state(record)}) -> {record.folder}", flush=True)
         self.records[name] = record
         return record
 
@@ -483,8 +523,7 @@ class Demo:
             pairs_summary = StageCache.summary(pairs)
             pickscore_record = StageCache.summary(pickscore)
         else:
-            judge_clip, judge_key = self.pickscore_dir, digest_files(self.pickscore_dir)
-            spm_path, spm_key = self.shipped_spm, digest_file(self.shipped_spm)
+            judge_clip, judge_key, spm_path, spm_key = self.shipped_judge()
             info = self.shipped_spm.with_name(SHIPPED_SPM_INFO)
             spm_record = json.loads(info.read_text()) if info.is_file() else {"final": {}, "start": None, "loss": []}
             spm_record["source"] = f"shipped ({self.shipped_spm}), accuracy measured when it was trained"
@@ -508,7 +547,8 @@ class Demo:
         eval_seconds = time.perf_counter() - t0
         print(f"== evaluation: done ({eval_seconds:.0f} s)", flush=True)
 
-        stages = {name: {"seconds": r.seconds, "build_seconds": r.build_seconds, "cached": r.cached, "folder": str(r.folder)}
+        stages = {name: {"seconds": r.seconds, "build_seconds": r.build_seconds, "cached": r.cached, "shipped": r.shipped,
+                         "folder": str(r.folder)}
                   for name, r in self.records.items()}
         stages["evaluation"] = {"seconds": eval_seconds, "build_seconds": eval_seconds, "cached": False, "folder": None}
         report = report_mod.build_report(
@@ -532,6 +572,10 @@ class Demo:
         print("\n" + report_mod.format_table(report), flush=True)
         print(f"\nreport: {self.out / 'report.html'}  ({report['seconds_total']:.0f} s in all)", flush=True)
         return report
+
+    def shipped_judge(self) -> tuple[Path, str, Path, str]:
+        """spm=shipped's judge: (PickScore folder, its key, SPM weights, their key), as the training stages key them."""
+        return self.pickscore_dir, digest_files(self.pickscore_dir), self.shipped_spm, digest_file(self.shipped_spm)
 
     def study_extra(self, method: str) -> dict[str, Any]:
         """The study's chosen learning rate and iterations for ``method`` (``{}`` when not asked or not chosen)."""

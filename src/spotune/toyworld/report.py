@@ -101,10 +101,21 @@ def table_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         if stage is None:
             seconds = "-"
         else:
-            seconds = f"{stage['build_seconds']:.0f} s" + (" (cached)" if stage["cached"] else "")
+            seconds = f"{stage['build_seconds']:.0f} s" + _stage_origin(stage)
         rows.append([name, f"{m['aesthetic']:.4f}", win, _pct(m["alignment"]), f"{m['preference_score']:.3f}",
                      f"{m['subject_size']:.3f}", seconds])
     return header, rows
+
+
+def _stage_origin(stage: dict[str, Any], built: bool = False) -> str:
+    """`` (shipped)`` for a stage taken from the package, `` (cached)`` from the cache, else nothing; with
+    ``built``, the time its build took then."""
+    if not stage.get("cached"):
+        return ""
+    origin = "shipped with the package" if stage.get("shipped") else "cached"
+    if built:
+        return f" ({origin}; built in {stage['build_seconds']:.0f} s)"
+    return " (shipped)" if stage.get("shipped") else " (cached)"
 
 
 def _num(value: float | None, digits: int = 3) -> str:
@@ -189,7 +200,7 @@ def format_table(report: dict[str, Any]) -> str:
                    f"{_pct(ps['eval_accuracy_before'])} as CLIP, {_pct(ps['eval_accuracy_after'])} fine-tuned")
     out.append("")
     out.append("Stages: " + ", ".join(
-        f"{name} {s['seconds']:.0f} s" + (" (cached)" if s["cached"] else "") for name, s in report["stages"].items()))
+        f"{name} {s['seconds']:.0f} s" + _stage_origin(s) for name, s in report["stages"].items()))
     out.append(f"Total: {report['seconds_total']:.0f} s")
     met = report.get("targets", {})
     if met:
@@ -319,7 +330,7 @@ def write_html(out: Path, report: dict[str, Any]) -> None:
         acc_html = "<table><tr><th>timestep</th>" + "".join(f"<th>{esc(t)}</th>" for t in sorted(acc, key=int)) + "</tr>"
         acc_html += "<tr><td>pair accuracy</td>" + "".join(f"<td>{_pct(acc[t])}</td>" for t in sorted(acc, key=int)) + "</tr></table>"
     stages = "".join(
-        f"<li>{esc(name)}: {s['seconds']:.0f} s{' (cached; built in %.0f s)' % s['build_seconds'] if s['cached'] else ''}</li>"
+        f"<li>{esc(name)}: {s['seconds']:.0f} s{_stage_origin(s, built=True)}</li>"
         for name, s in report["stages"].items())
     targets = "".join(f"<li>{esc(k)}: {'met' if v else '<b>not met</b>'}</li>" for k, v in report["targets"].items())
     data = report["preference_data"]

@@ -15,6 +15,9 @@ SHIPPED_SPM_INFO = "spm.json"
 # (``lrm.safetensors`` and a ``state.json`` naming the shipped base model relative to the folder), and its record.
 SHIPPED_LRM_FOLDER = "lrm"
 SHIPPED_LRM_INFO = "lrm.json"
+# Demo stages built when the package was made (stage folders named ``<stage>-<key>``, as the demo's cache holds them),
+# taken instead of a build whose key matches: the trajectory-DPO baseline, so the default demo trains SPO alone.
+SHIPPED_STAGES_FOLDER = "stages"
 
 
 def resource_dir() -> Path:
@@ -35,5 +38,5 @@ def digest_file(file: Path) -> str:
     return hashlib.sha256(file.read_bytes()).hexdigest()[:16]
 
 
-__all__ = ["SHIPPED_LRM_FOLDER", "SHIPPED_LRM_INFO", "SHIPPED_SPM_INFO", "SHIPPED_SPM_WEIGHTS", "digest_file", "digest_files",
+__all__ = ["SHIPPED_LRM_FOLDER", "SHIPPED_LRM_INFO", "SHIPPED_STAGES_FOLDER", "SHIPPED_SPM_INFO", "SHIPPED_SPM_WEIGHTS", "digest_file", "digest_files",
            "resource_dir"]

@@ -7,6 +7,7 @@ then copied here in fp16 with a JSON record of how it was made and how accurate 
 
     python -m spotune.toyworld.shipping RUN_FOLDER DATA_FOLDER OUT_FOLDER [--overwrite]
     python -m spotune.toyworld.shipping --lrm RUN_FOLDER DATA_FOLDER OUT_FOLDER [--overwrite]
+    python -m spotune.toyworld.shipping --stage CACHE/toyworld/<stage>-<key> [--overwrite]
 
 ``OUT_FOLDER/spm.safetensors`` is a checkpoint that ``judge=spm`` (with the world's CLIP as
 ``judge_clip_path``) loads; ``OUT_FOLDER/spm.json`` holds the run's config, its evaluation history
@@ -16,11 +17,16 @@ and plot them without the run folder.
 With ``--lrm`` the run is a ``train-spm model=lrm`` run: ``OUT_FOLDER`` becomes a checkpoint folder that
 ``judge=lrm judge_checkpoint=OUT_FOLDER`` loads (``lrm.safetensors`` in fp16, and a ``state.json`` naming the
 base model relative to the folder, so the package may live anywhere), with ``lrm.json`` beside the weights.
+
+With ``--stage`` a finished stage of the demo's cache goes into ``resources/toyworld/stages``: the demo copies it
+into a user's cache instead of building it whenever its settings give the same stage key (the trajectory-DPO
+baseline ships this way, so the default demo trains SPO alone).
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -31,7 +37,14 @@ from spotune.checkpoint import CHECKPOINT_FORMAT, read_state, resolve_checkpoint
 from spotune.errors import SpotuneError
 from spotune.preference.spm_eval import SPM_EVAL_TIMESTEPS
 from spotune.preference.step_aware import SPM_WEIGHTS_NAME, read_spm_state_dict
-from spotune.toyworld.resources import SHIPPED_LRM_INFO, SHIPPED_SPM_INFO, SHIPPED_SPM_WEIGHTS, digest_files, resource_dir
+from spotune.toyworld.resources import (
+    SHIPPED_LRM_INFO,
+    SHIPPED_SPM_INFO,
+    SHIPPED_SPM_WEIGHTS,
+    SHIPPED_STAGES_FOLDER,
+    digest_files,
+    resource_dir,
+)
 from spotune.utils.io import atomic_save_safetensors, atomic_write_json
 
 
@@ -155,18 +168,71 @@ def ship_lrm(run: str | Path, data: str | Path | None, out: str | Path, overwrit
     return out
 
 
+def ship_stage(stage: str | Path, out_root: str | Path | None = None, overwrite: bool = False) -> Path:
+    """Copy a finished demo stage (``CACHE/toyworld/<stage>-<key>``) into the package's prebuilt stages
+    (``resources/toyworld/stages`` unless ``out_root``), where the demo takes it instead of building it when
+    its settings give the same key (:mod:`spotune.toyworld.shipped_stages` says how paths travel).
+
+    An earlier shipped folder of the same stage (another key) is replaced only with ``overwrite``.
+    """
+    from spotune.toyworld.shipped_stages import pack_stage
+    from spotune.utils.io import atomic_directory
+
+    stage = Path(stage)
+    info_file = stage / "stage.json"
+    if not info_file.is_file():
+        raise SpotuneError(f"{stage}: not a finished demo stage (no stage.json); pass a folder of the demo's cache, "
+                           "CACHE/toyworld/<stage>-<key>")
+    info = json.loads(info_file.read_text())
+    name, key = info.get("stage"), info.get("key")
+    if stage.name != f"{name}-{key}":
+        raise SpotuneError(f"{stage}: its stage.json names stage {name!r} with key {key!r}, not this folder's name")
+    out_root = Path(out_root) if out_root is not None else resource_dir() / SHIPPED_STAGES_FOLDER
+    target = out_root / stage.name
+    earlier = sorted(p for p in out_root.glob(f"{name}-*") if p.is_dir()) if out_root.is_dir() else []
+    if earlier and not overwrite:
+        raise SpotuneError(f"{out_root} already ships stage {name} ({', '.join(p.name for p in earlier)}); pass "
+                           "--overwrite to replace it")
+    out_root.mkdir(parents=True, exist_ok=True)
+    staging = out_root / f".{stage.name}.new"
+    if staging.exists():
+        shutil.rmtree(staging)
+    with atomic_directory(staging) as tmp:
+        pack_stage(stage, tmp, [stage.resolve(), stage.resolve().parent / f".partial-{stage.name}"])
+        info["shipped"] = True
+        atomic_write_json(tmp / "stage.json", info)
+    for old in earlier:  # the new folder is whole before any old one goes
+        shutil.rmtree(old)
+    staging.rename(target)
+    return target
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(description="Ship a train-spm run's SPM (fp16) with its provenance.")
-    parser.add_argument("run")
-    parser.add_argument("data", help="the preference-data folder it was trained on (for the record)")
-    parser.add_argument("out")
+    parser = argparse.ArgumentParser(description="Ship a train-spm run's SPM (fp16) with its provenance, a train-spm "
+                                     "model=lrm run's LRM (--lrm), or a finished demo stage (--stage).")
+    parser.add_argument("run", nargs="?")
+    parser.add_argument("data", nargs="?", help="the preference-data folder it was trained on (for the record)")
+    parser.add_argument("out", nargs="?")
     parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--stage", default=None, metavar="STAGE_FOLDER",
+                        help="a finished demo stage (CACHE/toyworld/<stage>-<key>) to ship in resources/toyworld/stages")
     parser.add_argument("--lrm", action="store_true", help="the run is a train-spm model=lrm run: ship the LRM folder")
     parser.add_argument("--base-model", default=None, help="base model folder (default: the shipped resources/toyworld/base)")
     parser.add_argument("--pickscore", default=None, help="PickScore folder (default: the shipped resources/toyworld/pickscore)")
     args = parser.parse_args(argv)
+    if args.stage is not None:
+        if args.run is not None:
+            parser.error("--stage takes the stage folder alone (no RUN DATA OUT)")
+        try:
+            print(ship_stage(args.stage, overwrite=args.overwrite))
+        except (SpotuneError, OSError) as exc:
+            print(f"shipping: {exc}", file=sys.stderr)
+            return 1
+        return 0
+    if args.out is None:
+        parser.error("RUN DATA OUT are required (or --stage STAGE_FOLDER)")
     if args.lrm:
         try:
             print(ship_lrm(args.run, args.data, args.out, args.overwrite))

@@ -57,16 +57,23 @@ class ThreadChoice:
     reason: str  # one line for the progress output
 
 
-def choose_threads(requested: int, window_s: float = 0.3) -> ThreadChoice:
+def choose_threads(requested: int, window_s: float = 0.3, looks: int = 4) -> ThreadChoice:
     """``requested`` threads, or with 0 the cores free now (at least 1, at most :func:`usable_cores`).
 
-    A core counts as free when at least 80% of it was idle over ``window_s``; where idleness cannot be measured,
-    the 1-minute load average stands in.
+    A core counts as free when at least 80% of it was idle over a ``window_s`` window. A busy machine is looked
+    at again, up to ``looks`` windows, and the idlest window counts: a command that ran for a moment (a shell,
+    an editor saving) is not a load, and taking fewer threads for it would change the run's speed and, through
+    the order of float sums, the last bits of its results. Where idleness cannot be measured, the 1-minute load
+    average stands in.
     """
     cores = usable_cores()
     if requested > 0:
         return ThreadChoice(requested, f"{requested} thread(s) as set ({cores} usable core(s))")
     idle = idle_cores(window_s)
+    for _ in range(looks - 1):
+        if idle is None or idle + 0.2 >= cores:
+            break
+        idle = max(idle, idle_cores(window_s) or 0.0)
     source = "idle"
     if idle is None:
         try:

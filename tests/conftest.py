@@ -13,6 +13,18 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # One thread: tiny models gain nothing from more, and on a loaded 2-core machine two threads per
 # process made tiny-model tests tens of times slower.
 torch.set_num_threads(1)
+# Processes a test starts (the CLI under SIGTERM, accelerate's workers) take one thread too: ./dev test runs two
+# pytest workers side by side, and a third thread on 2 cores makes every OpenMP region wait for a busy core.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Give the next test one thread again, whatever this one set (the demo's ``threads=2`` sets torch's count
+    for its process, which outlives the test in a pytest worker)."""
+    yield
+    if torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
 
 SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 

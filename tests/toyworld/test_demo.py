@@ -39,7 +39,7 @@ def demo_run(tmp_path_factory):
                           "preference_threshold": 0.0})
     args = [
         "spm=train", f"cache_dir={tmp / 'cache'}", "train_pairs=8", "eval_pairs=4", "data_inference_steps=2", "pickscore_steps=2", "spm_steps=2",
-        "spo_iterations=1", "eval_seeds_per_prompt=1", "eval_inference_steps=2", "grid_columns=5", "threads=2",
+        "spo_iterations=1", "eval_seeds_per_prompt=1", "eval_inference_steps=2", "grid_columns=5", "threads=1",
         "progress=false", f"spm_config={spm}", f"spo_config={spo}",
     ]
     out = tmp / "out"

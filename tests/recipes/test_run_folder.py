@@ -46,9 +46,19 @@ def test_lock_is_exclusive_names_its_holder_and_is_released(tmp_path):
     lock = RunLock(tmp_path / "run", "spotune train")
     with pytest.raises(RunLockedError, match=f"in use by process {os.getpid()} \\(spotune train, since"):
         RunLock(tmp_path / "run", "spotune train")
+    (tmp_path / "run" / "config.yaml").write_text("a run's file")
     lock.release()
     RunLock(tmp_path / "run", "spotune train").release()  # free again
     assert (tmp_path / "run" / LOCK_FILE).is_file()  # the file stays: deleting it would break the lock
+
+
+def test_a_command_refused_in_its_setup_leaves_no_folder_it_made(tmp_path, capsys):
+    """A new output folder that nothing but the lock went into is removed with it; an existing one stays."""
+    assert train(tmp_path / "new", "judge_checkpoint=/no/such/file") == 1
+    assert "takes no judge_checkpoint" in capsys.readouterr().err and not (tmp_path / "new").exists()
+    (tmp_path / "mine").mkdir()
+    RunLock(tmp_path / "mine", "spotune train").release()
+    assert (tmp_path / "mine").is_dir()  # the user's folder: only its (emptied) lock file was added
 
 
 def test_a_second_train_is_refused_while_the_first_runs_and_accepted_after_kill_9(tmp_path, capsys):

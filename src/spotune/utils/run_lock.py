@@ -3,8 +3,10 @@
 ``fcntl.flock`` on ``RUN/.spotune.lock``: the kernel releases it when the holding process ends, however
 it ends (``kill -9`` included), so a crashed run never leaves a lock that needs deleting by hand. The
 file also records the holder's PID and host, so a refused second run can say who holds the folder.
-The lock file itself stays in the folder: deleting it would let a process that opened the old file and
-one that creates a new one both "hold" the lock.
+The lock file itself stays in a folder that holds a run: deleting it would let a process that opened the old
+file and one that creates a new one both "hold" the lock. A folder the lock made itself and nothing else
+wrote into (a run refused during its setup, after the lock was taken) is removed on release, lock file and
+all, so a refused command leaves no empty run folder behind.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ class RunLock:
     def __init__(self, folder: str | Path, command: str) -> None:
         self._fd: int | None = None  # set once held; __del__ may run on a lock that never was
         self.folder = Path(folder)
+        self._made_folder = not self.folder.exists()  # removed on release if nothing but the lock went into it
         self.folder.mkdir(parents=True, exist_ok=True)
         self.path = self.folder / LOCK_FILE
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
@@ -63,15 +66,27 @@ class RunLock:
         return self._fd is not None
 
     def release(self) -> None:
-        """Free the lock (idempotent); the file stays, emptied, for the next run."""
+        """Free the lock (idempotent); the file stays, emptied, for the next run, unless the folder is one this
+        lock made and holds nothing else: then the file and the folder go, while the lock is still held."""
         if self._fd is None:
             return
         fd, self._fd = self._fd, None
         try:
             os.ftruncate(fd, 0)
+            if self._made_folder:
+                self._remove_untouched_folder()
             fcntl.flock(fd, fcntl.LOCK_UN)
         finally:
             os.close(fd)
+
+    def _remove_untouched_folder(self) -> None:
+        try:
+            if [p.name for p in self.folder.iterdir()] != [LOCK_FILE]:
+                return
+            self.path.unlink()
+            self.folder.rmdir()  # fails, harmlessly, if a file arrived in between
+        except OSError:
+            pass
 
     def __del__(self) -> None:  # a lost reference must not keep the folder locked in a long-lived process
         self.release()

@@ -246,7 +246,6 @@ class StageCache:
             with atomic_directory(folder) as tmp:
                 unpack_stage(shipped, tmp, folder)
             info = json.loads((folder / "stage.json").read_text())
-            logger.info("%s: shipped (%s)", name, shipped)
             return StageRecord(name, folder, key, 0.0, float(info.get("seconds", 0.0)), True, shipped=True)
         t0 = time.perf_counter()
         # A training stage is built under a fixed name that a Ctrl-C or SIGTERM leaves in place: its run folder

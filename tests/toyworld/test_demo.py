@@ -390,11 +390,13 @@ def test_a_shipped_stage_is_copied_into_the_cache_with_this_machines_paths(tmp_p
     assert str(tmp_path) not in (packed / "run" / "state.json").read_text()
 
     cache = StageCache(tmp_path / "machine-b", shipped=shipped_root)
+    (cache.partial_folder("trajectory", key) / "run").mkdir(parents=True)  # an interrupted build of the same stage
     record = cache.get_or_build("trajectory", payload, build=lambda folder: pytest.fail("built, not copied"))
     assert (record.shipped, record.cached, record.build_seconds, record.folder) == (True, True, 99.0, tmp_path / "machine-b" / built.name)
     state = json.loads((record.folder / "run" / "state.json").read_text())
     assert state == {"base_model": str(resource_dir() / "base"), "output_dir": str(record.folder / "run")}
     assert (record.folder / "run" / "weights.bin").read_bytes() == bytes(range(256))
+    assert not cache.partial_folder("trajectory", key).exists()  # superseded by the shipped folder
     again = cache.get_or_build("trajectory", payload, build=lambda folder: pytest.fail("built, not cached"))
     assert again.shipped and again.folder == record.folder
     other = cache.get_or_build("trajectory", {"config": {"learning_rate": 3e-4}}, build=lambda folder: {"trained": 1})

@@ -245,6 +245,8 @@ class StageCache:
 
             with atomic_directory(folder) as tmp:
                 unpack_stage(shipped, tmp, folder)
+            # An interrupted build of the same key is superseded: the shipped folder is what it would have become.
+            shutil.rmtree(self.partial_folder(name, key), ignore_errors=True)
             info = json.loads((folder / "stage.json").read_text())
             return StageRecord(name, folder, key, 0.0, float(info.get("seconds", 0.0)), True, shipped=True)
         t0 = time.perf_counter()

@@ -234,9 +234,8 @@ class StageCache:
         key = stage_key(name, payload)
         folder = self.root / f"{name}-{key}"
         if (folder / "stage.json").is_file():
-            info = json.loads((folder / "stage.json").read_text())
             logger.info("%s: cached (%s)", name, folder)
-            return StageRecord(name, folder, key, 0.0, float(info.get("seconds", 0.0)), True, bool(info.get("shipped")))
+            return self._finished(name, folder, key)
         if folder.exists():  # an interrupted build left a folder without stage.json
             shutil.rmtree(folder)
         shipped = self.shipped_folder(name, key)
@@ -247,8 +246,7 @@ class StageCache:
                 unpack_stage(shipped, tmp, folder)
             # An interrupted build of the same key is superseded: the shipped folder is what it would have become.
             shutil.rmtree(self.partial_folder(name, key), ignore_errors=True)
-            info = json.loads((folder / "stage.json").read_text())
-            return StageRecord(name, folder, key, 0.0, float(info.get("seconds", 0.0)), True, shipped=True)
+            return self._finished(name, folder, key)
         t0 = time.perf_counter()
         # A training stage is built under a fixed name that a Ctrl-C or SIGTERM leaves in place: its run folder
         # keeps its checkpoints there, and the next demo resumes it (resume_settings).
@@ -259,6 +257,12 @@ class StageCache:
             atomic_write_json(tmp / "stage.json", {"stage": name, "key": key, "payload": payload, "seconds": seconds,
                                                    "threads": torch.get_num_threads(), "summary": summary})
         return StageRecord(name, folder, key, seconds, seconds, False)
+
+    @staticmethod
+    def _finished(name: str, folder: Path, key: str) -> StageRecord:
+        """The record of a complete folder this run did not build (cached, or copied from the package)."""
+        info = json.loads((folder / "stage.json").read_text())
+        return StageRecord(name, folder, key, 0.0, float(info.get("seconds", 0.0)), True, bool(info.get("shipped")))
 
     def partial_folder(self, name: str, key: str) -> Path:
         """Where stage ``name`` with ``key`` is built; an interrupted build stays there for the next run."""
@@ -297,8 +301,8 @@ class Demo:
     def __init__(self, config: DemoConfig) -> None:
         self.cfg = config
         self.out = Path(config.output)
-        self.cache = StageCache(cache_root(config), shipped=resource_dir() / SHIPPED_STAGES_FOLDER if config.shipped_stages else None)
         res = resource_dir()
+        self.cache = StageCache(cache_root(config), shipped=res / SHIPPED_STAGES_FOLDER if config.shipped_stages else None)
         self.base_dir = Path(config.base_model) if config.base_model else res / "base"
         self.clip_dir = Path(config.clip_model) if config.clip_model else res / "clip"
         self.pickscore_dir = Path(config.pickscore_model) if config.pickscore_model else res / "pickscore"

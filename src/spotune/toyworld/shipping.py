@@ -222,36 +222,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base-model", default=None, help="base model folder (default: the shipped resources/toyworld/base)")
     parser.add_argument("--pickscore", default=None, help="PickScore folder (default: the shipped resources/toyworld/pickscore)")
     args = parser.parse_args(argv)
-    if args.stage is not None:
-        if args.run is not None:
-            parser.error("--stage takes the stage folder alone (no RUN DATA OUT)")
-        try:
-            print(ship_stage(args.stage, overwrite=args.overwrite))
-        except (SpotuneError, OSError) as exc:
-            print(f"shipping: {exc}", file=sys.stderr)
-            return 1
-        return 0
-    if args.out is None:
+    if args.stage is not None and args.run is not None:
+        parser.error("--stage takes the stage folder alone (no RUN DATA OUT)")
+    if args.stage is None and args.out is None:
         parser.error("RUN DATA OUT are required (or --stage STAGE_FOLDER)")
+    try:
+        print(_ship(args))
+    except (SpotuneError, ValueError, OSError) as exc:
+        print(f"shipping: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _ship(args) -> Path:
+    """What ``main``'s arguments ask for: a demo stage, an LRM folder or an SPM; returns where it went."""
+    if args.stage is not None:
+        return ship_stage(args.stage, overwrite=args.overwrite)
     if args.lrm:
-        try:
-            print(ship_lrm(args.run, args.data, args.out, args.overwrite))
-        except (SpotuneError, ValueError) as exc:
-            print(f"shipping: {exc}", file=sys.stderr)
-            return 1
-        return 0
+        return ship_lrm(args.run, args.data, args.out, args.overwrite)
     base = args.base_model or resource_dir() / "base"
     pickscore = args.pickscore or resource_dir() / "pickscore"
     for what, folder, marker in (("--base-model", Path(base), "model_index.json"), ("--pickscore", Path(pickscore), "config.json")):
         if not (folder / marker).is_file():
-            print(f"shipping: {what} {folder} has no {marker} (expected a diffusers pipeline / CLIPModel folder)", file=sys.stderr)
-            return 1
-    try:
-        print(ship_spm(args.run, args.data, args.out, args.overwrite, base_model=base, pickscore=pickscore))
-    except (SpotuneError, ValueError) as exc:
-        print(f"shipping: {exc}", file=sys.stderr)
-        return 1
-    return 0
+            raise SpotuneError(f"{what} {folder} has no {marker} (expected a diffusers pipeline / CLIPModel folder)")
+    return ship_spm(args.run, args.data, args.out, args.overwrite, base_model=base, pickscore=pickscore)
 
 
 if __name__ == "__main__":
